@@ -1,0 +1,66 @@
+"""The method registry: names -> Method classes, built-ins plus third-party plugins.
+
+Add a method: write `peftkit/adapters/<method>.py` (a config dataclass + a `Method` subclass) and add one line
+to BUILTIN_METHODS. Third-party packages register under the entry-point group `peftkit.methods`:
+
+    [project.entry-points."peftkit.methods"]
+    mymethod = "mypackage.module:MyMethod"
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from peftkit.adapters.base import Method, MethodContext
+from peftkit.errors import PeftkitError, unknown_choice
+
+ENTRY_POINT_GROUP = "peftkit.methods"
+
+BUILTIN_METHODS: dict[str, str] = {
+    "full": "peftkit.adapters.full:FullFineTuning",
+    "bitfit": "peftkit.adapters.bitfit:BitFit",
+    "adapter": "peftkit.adapters.bottleneck:BottleneckAdapter",
+    "lora": "peftkit.adapters.lora:LoRA",
+    "dora": "peftkit.adapters.dora:DoRA",
+    "adalora": "peftkit.adapters.adalora:AdaLoRA",
+    "ia3": "peftkit.adapters.ia3:IA3",
+    "prompt": "peftkit.adapters.prompt:PromptTuning",
+    "ptuning": "peftkit.adapters.ptuning:PTuning",
+    "prefix": "peftkit.adapters.prefix:PrefixTuning",
+}
+
+_registered: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Register a Method subclass under `cls.name` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method) and cls.name):
+        raise PeftkitError(f"{cls!r} is not a peftkit Method with a name")
+    _registered[cls.name] = cls
+    return cls
+
+
+def _plugin_targets() -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_methods() -> list[str]:
+    return sorted({*BUILTIN_METHODS, *_plugin_targets(), *_registered})
+
+
+def get_method_class(name: str) -> type[Method]:
+    if name in _registered:
+        return _registered[name]
+    target = BUILTIN_METHODS.get(name) or _plugin_targets().get(name)
+    if target is None:
+        raise unknown_choice("method", name, available_methods())
+    module_name, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), attr)
+    return register_method(cls) if cls.name == name else cls
+
+
+def build_method(name: str, options=None) -> Method:
+    return get_method_class(name)(options)
+
+
+__all__ = ["Method", "MethodContext", "available_methods", "build_method", "get_method_class", "register_method"]

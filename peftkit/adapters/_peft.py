@@ -1,0 +1,45 @@
+"""Shared code for the methods peft implements: apply through `get_peft_model`, save in PEFT's own layout."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from peftkit.adapters.base import Method, MethodContext
+
+
+class PeftMethod(Method):
+    """A method whose weights peft injects, saves (`adapter_config.json` + `adapter_model.safetensors`) and loads."""
+
+    uses_peft = True
+    merge_blocker = None
+
+    def peft_config(self, ctx: MethodContext) -> Any:
+        """Return the peft config (LoraConfig, IA3Config, ...) for this run."""
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(ctx))
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(str(directory), safe_serialization=True)
+
+    def load(self, base: nn.Module, directory: Path, ctx: MethodContext) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        if self.merge_blocker:
+            return super().merge(model)
+        return model.merge_and_unload()
+
+
+def seq_cls_kwargs(ctx: MethodContext) -> dict[str, Any]:
+    """Arguments every peft config gets: sequence classification, with the head trained and saved."""
+    from peft import TaskType
+
+    return {"task_type": TaskType.SEQ_CLS, "modules_to_save": list(ctx.head_modules)}

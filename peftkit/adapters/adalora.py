@@ -1,0 +1,57 @@
+"""AdaLoRA (Zhang et al., 2023) through peft: SVD-shaped LoRA whose rank budget is reallocated during training.
+
+The budget moves only if `update_and_allocate` runs after every optimizer step (peft raises nothing when it is
+forgotten), so this method uses the loop's `after_optimizer_step` hook. Its schedule needs the run's total step
+count, which the loop passes in `MethodContext.total_steps`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from peftkit.adapters._peft import PeftMethod, seq_cls_kwargs
+from peftkit.adapters.base import MethodContext
+from peftkit.errors import PeftkitError
+
+
+@dataclass
+class AdaLoraOptions:
+    init_r: int = 12  # starting rank of every module
+    target_r: int = 8  # average rank after pruning
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] | None = None
+    tinit_ratio: float = 0.1  # share of steps before pruning starts
+    tfinal_ratio: float = 0.2  # share of steps at the end with the final budget fixed
+    delta_t: int = 10  # steps between budget reallocations
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.1
+
+
+class AdaLoRA(PeftMethod):
+    name = "adalora"
+    config_class = AdaLoraOptions
+    restore_best = False  # pruned ranks change over the run; an earlier snapshot would not match the final pattern
+
+    def peft_config(self, ctx: MethodContext) -> Any:
+        from peft import AdaLoraConfig
+
+        o = self.options
+        total = max(ctx.total_steps, 1)
+        tinit, tfinal = int(o.tinit_ratio * total), int(o.tfinal_ratio * total)
+        if tinit + tfinal >= total:
+            raise PeftkitError(
+                f"adalora needs steps to prune in: tinit ({tinit}) + tfinal ({tfinal}) must be below the "
+                f"run's {total} steps; lower method.tinit_ratio/method.tfinal_ratio or train longer"
+            )
+        return AdaLoraConfig(
+            init_r=o.init_r, target_r=o.target_r, lora_alpha=o.alpha, lora_dropout=o.dropout,
+            target_modules=o.target_modules, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=o.delta_t,
+            beta1=o.beta1, beta2=o.beta2, orth_reg_weight=o.orth_reg_weight, **seq_cls_kwargs(ctx),
+        )
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        model.base_model.update_and_allocate(step)

@@ -1,0 +1,94 @@
+"""The contract every adaptation method follows, and the helpers they share.
+
+A method is a class with a config dataclass (`config_class`) and four jobs:
+`apply` (inject trainable parts, freeze the rest), `save` / `load` (weights only, safetensors),
+and optionally `merge` (fold into the base) and `after_optimizer_step` (the one hook the loop calls).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.io import load_tensors, save_tensors
+
+WEIGHTS_FILE = "peftkit_weights.safetensors"  # weights of methods peft does not have
+
+
+@dataclass
+class MethodContext:
+    """What a method may need to know about the run when it is applied."""
+
+    model_path: str  # resolved base model directory or Hub id (prompt tuning's text init reads its tokenizer)
+    head_modules: list[str]  # top-level names of the task head, e.g. ["classifier"] (BERT) or ["score"] (GPT-2)
+    total_steps: int = 1  # optimizer steps in the run (AdaLoRA's rank schedule needs it)
+
+
+class Method:
+    """Base class: subclasses set `name`, `config_class` and implement `apply`."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    uses_peft: ClassVar[bool] = False  # saved in PEFT's own adapter layout
+    merge_blocker: ClassVar[str | None] = "this method adds modules that cannot be folded into the base weights"
+    restore_best: ClassVar[bool] = True  # whether the loop may roll back to the best evaluation at the end
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.config_class()
+
+    def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called by the loop after every optimizer step, before gradients are cleared. Default: nothing."""
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write the trainable weights (and only those) as safetensors."""
+        save_tensors(directory / WEIGHTS_FILE, trainable_state(model))
+
+    def load(self, base: nn.Module, directory: Path, ctx: MethodContext) -> nn.Module:
+        model = self.apply(base, ctx)
+        weights = load_tensors(directory / WEIGHTS_FILE)
+        result = model.load_state_dict(weights, strict=False)
+        if result.unexpected_keys:
+            raise PeftkitError(
+                f"{directory / WEIGHTS_FILE} holds weights this model has no place for "
+                f"(e.g. {result.unexpected_keys[0]}); was it trained on another base model?"
+            )
+        missing = set(trainable_state(model)) - set(weights)
+        if missing:
+            raise PeftkitError(f"{directory / WEIGHTS_FILE} lacks trained weights, e.g. {sorted(missing)[0]}")
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Return a plain transformers model with the adaptation folded in."""
+        raise PeftkitError(f"method {self.name!r} cannot be merged: {self.merge_blocker}")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def trainable_state(model: nn.Module) -> dict[str, Any]:
+    """The parameters that require grad, by name: what a method trains, saves and checkpoints."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_head(model: nn.Module, head_modules: list[str]) -> None:
+    """Train the task head: every method does, prompt methods included."""
+    for name in head_modules:
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(True)
+
+
+def is_head_parameter(name: str, head_modules: list[str]) -> bool:
+    """True for parameters of the task head, also under peft's `base_model.model.` and `modules_to_save` prefixes."""
+    parts = name.split(".")
+    return any(h in parts for h in head_modules)

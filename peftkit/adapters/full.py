@@ -1,0 +1,24 @@
+"""Full fine-tuning: every parameter trains. The baseline every other method is measured against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from peftkit.adapters.base import Method, MethodContext
+
+
+@dataclass
+class FullConfig:
+    """Full fine-tuning has no options of its own; the learning rate lives in `train`."""
+
+
+class FullFineTuning(Method):
+    name = "full"
+    config_class = FullConfig
+    merge_blocker = "a fully fine-tuned model is already a whole model; its adapter folder holds all weights"
+
+    def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model

@@ -1,0 +1,30 @@
+"""P-tuning (Liu et al., 2021) through peft: virtual tokens produced by a small trainable prompt encoder (MLP)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from peftkit.adapters._peft import PeftMethod
+from peftkit.adapters.base import MethodContext
+
+
+@dataclass
+class PTuningOptions:
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 128
+    encoder_type: str = "MLP"  # MLP or LSTM
+
+
+class PTuning(PeftMethod):
+    name = "ptuning"
+    config_class = PTuningOptions
+    merge_blocker = "p-tuning adds virtual tokens to the input; there are no weight updates to fold in"
+
+    def peft_config(self, ctx: MethodContext) -> Any:
+        from peft import PromptEncoderConfig, TaskType
+
+        o = self.options
+        return PromptEncoderConfig(
+            task_type=TaskType.SEQ_CLS, num_virtual_tokens=o.num_virtual_tokens,
+            encoder_hidden_size=o.encoder_hidden_size, encoder_reparameterization_type=o.encoder_type,
+        )

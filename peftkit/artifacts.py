@@ -1,0 +1,149 @@
+"""The adapter folder: what a run ships and what `peftkit.load` reads back.
+
+Every folder has `peftkit.json` (method, options, base model, task labels and input fields). Weights are in
+PEFT's own layout (`adapter_config.json` + `adapter_model.safetensors`, head included) for methods peft has, so
+stock `peft.PeftModel.from_pretrained(base, folder)` loads them; otherwise in `peftkit_weights.safetensors`.
+Only safetensors and JSON are read: no pickle, no code from the folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from peftkit.adapters import Method, MethodContext, build_method, get_method_class
+from peftkit.config import ModelConfig, build_dataclass
+from peftkit.errors import PeftkitError
+from peftkit.fingerprint import model_fingerprint, short
+from peftkit.io import atomic_directory, atomic_write_json, read_json
+from peftkit.modeling import head_modules, load_model, load_tokenizer, portable_model_name, resolve_model_path
+
+META_FILE = "peftkit.json"
+FORMAT_VERSION = 1
+
+
+def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_model: str, task: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write the adapter folder atomically: either the whole folder appears, or nothing changes."""
+    directory = Path(directory)
+    with atomic_directory(directory, overwrite=True) as tmp:
+        method.save(model, tmp)
+        if method.uses_peft:
+            config_path = tmp / "adapter_config.json"
+            config = read_json(config_path)
+            config["base_model_name_or_path"] = portable_model_name(base_model)
+            atomic_write_json(config_path, config)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": method.name,
+            "method_options": dataclasses.asdict(method.options),
+            "peft_format": method.uses_peft,
+            "base_model": portable_model_name(base_model),
+            "base_fingerprint": model_fingerprint(base_model),
+            "task": task,
+            **(extra or {}),
+        }
+        atomic_write_json(tmp / META_FILE, meta)
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PeftkitError(f"adapter folder {directory} does not exist")
+    if not (directory / META_FILE).exists():
+        raise PeftkitError(f"{directory} is not a peftkit adapter folder (no {META_FILE}); for a run folder pass RUN_DIR/adapter")
+    meta = read_json(directory / META_FILE)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PeftkitError(f"{directory / META_FILE} has format_version {meta.get('format_version')!r}; this peftkit reads {FORMAT_VERSION}")
+    return meta
+
+
+@dataclass
+class LoadedAdapter:
+    """A base model with an adapter applied, ready for inference, plus what is needed to feed it."""
+
+    model: nn.Module
+    tokenizer: Any
+    meta: dict[str, Any]
+    method: Method
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.meta["task"]["label_names"]
+
+
+def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: bool = False) -> LoadedAdapter:
+    """Load an adapter folder onto its base model (or onto `base`, a model folder or Hub id).
+
+    Refuses a base whose weights differ from the one the adapter was trained on (unless `allow_base_mismatch`),
+    and turns damaged files into a PeftkitError naming the file.
+    """
+    directory = Path(adapter_dir)
+    meta = read_meta(directory)
+    base_name = base or meta["base_model"]
+    verify_base(meta, base_name, allow_base_mismatch)
+    check_files(directory, meta)
+    model_cfg = ModelConfig(name_or_path=base_name)
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(model_cfg, len(meta["task"]["label_names"]), tokenizer.pad_token_id)
+    model, method = attach(model, directory, meta, resolve_model_path(base_name))
+    return LoadedAdapter(model, tokenizer, meta, method)
+
+
+def attach(model: nn.Module, directory: Path, meta: dict[str, Any], model_path: str) -> tuple[nn.Module, Method]:
+    """Apply the adapter in `directory` to an already loaded base model (serve shares one base this way)."""
+    method_class = get_method_class(meta["method"])
+    options = build_dataclass(method_class.config_class, meta.get("method_options", {}), f"{META_FILE} method_options")
+    method = build_method(meta["method"], options)
+    ctx = MethodContext(model_path, head_modules(model))
+    try:
+        model = method.load(model, Path(directory), ctx)
+    except PeftkitError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # peft/safetensors/torch load errors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PeftkitError(f"cannot load adapter {directory} ({type(e).__name__}: {first[:300]}); "
+                           "is the folder damaged or trained on another base?") from None
+    model.eval()
+    return model, method
+
+
+def verify_base(meta: dict[str, Any], base_name: str, allow_mismatch: bool = False) -> str | None:
+    """Compare the fingerprint recorded at training time with the base about to be used; return the latter.
+    Skipped (no error) when either side is unknown, e.g. a Hub id that is not a local folder."""
+    expected = meta.get("base_fingerprint")
+    actual = model_fingerprint(base_name)
+    if expected and actual and expected != actual and not allow_mismatch:
+        raise PeftkitError(
+            f"adapter was trained on base {meta.get('base_model')} (fingerprint {short(expected)}), "
+            f"this base is {portable_model_name(base_name)} ({short(actual)}); pass --allow-base-mismatch to load anyway"
+        )
+    return actual
+
+
+def check_files(directory: Path, meta: dict[str, Any]) -> None:
+    """Fail early and clearly on a damaged folder: JSON that does not parse, safetensors that are truncated."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if meta.get("peft_format"):
+        config = read_json(directory / "adapter_config.json")
+        if not isinstance(config, dict) or "peft_type" not in config:
+            raise PeftkitError(f"{directory / 'adapter_config.json'} is not a peft adapter config (no peft_type)")
+        weights = [directory / "adapter_model.safetensors"]
+    else:
+        from peftkit.adapters.base import WEIGHTS_FILE
+
+        weights = [directory / WEIGHTS_FILE]
+    for path in weights:
+        if not path.is_file():
+            raise PeftkitError(f"missing weights file {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # SafetensorError: bad header, or data shorter than the header promises
+            raise PeftkitError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None

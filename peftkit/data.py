@@ -1,0 +1,269 @@
+"""Tasks: where rows come from (a data folder, a user's JSONL/CSV file, or the Hugging Face Hub), tokenised once.
+
+A task folder holds train.jsonl, validation.jsonl, optional test.jsonl and meta.json (label_names), with rows
+{"text": ..., "label": ...} or, for sentence pairs, {"text": ..., "text_pair": ..., "label": ...}.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.config import TaskConfig
+from peftkit.errors import PeftkitError, unknown_choice
+
+DATA_ENV = "PEFTKIT_DATA"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class BuiltinTask:
+    """Where a built-in task lives on the Hub when no data folder is set, and which metrics it reports."""
+
+    hf_path: str
+    hf_name: str | None
+    text: str
+    text_pair: str | None
+    metrics: tuple[str, ...]
+    num_labels: int
+
+
+BUILTIN_TASKS: dict[str, BuiltinTask] = {
+    "sst2": BuiltinTask("glue", "sst2", "sentence", None, ("accuracy",), 2),
+    "banking77": BuiltinTask("PolyAI/banking77", None, "text", None, ("accuracy", "macro_f1"), 77),
+    "financial_phrasebank": BuiltinTask("takala/financial_phrasebank", "sentences_50agree", "sentence", None, ("accuracy", "macro_f1"), 3),
+    "rte": BuiltinTask("glue", "rte", "sentence1", "sentence2", ("accuracy",), 2),
+    "mrpc": BuiltinTask("glue", "mrpc", "sentence1", "sentence2", ("accuracy", "f1"), 2),
+}
+
+
+@dataclass
+class Task:
+    """Rows of every split, normalised to {'text', 'text_pair'?, 'label'} with integer labels."""
+
+    name: str
+    label_names: list[str]
+    is_pair: bool
+    metrics: tuple[str, ...]
+    splits: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        if name not in self.splits:
+            raise unknown_choice(f"split of task {self.name!r}", name, self.splits)
+        return self.splits[name]
+
+    def describe(self) -> dict[str, Any]:
+        """What an adapter folder records about its task (enough to predict without the data)."""
+        return {"name": self.name, "label_names": self.label_names, "is_pair": self.is_pair, "metrics": list(self.metrics)}
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def data_dir(cfg: TaskConfig) -> Path | None:
+    value = cfg.data_dir or os.environ.get(DATA_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
+    """Find the task named by `cfg.name` and read its splits."""
+    path = Path(cfg.name).expanduser()
+    root = data_dir(cfg)
+    if path.suffix.lower() in (".jsonl", ".json", ".csv"):
+        task = _file_task(cfg, path, seed)
+    elif path.is_dir() and (path / "train.jsonl").exists():
+        task = _folder_task(cfg, path)
+    elif root is not None and (root / cfg.name).is_dir():
+        task = _folder_task(cfg, root / cfg.name)
+    elif cfg.name in BUILTIN_TASKS and root is None:
+        task = _hub_task(cfg, BUILTIN_TASKS[cfg.name], seed)
+    elif cfg.name in BUILTIN_TASKS:
+        raise PeftkitError(f"task {cfg.name!r} is not in the data folder {root} (from --data-dir / ${DATA_ENV}); expected {root / cfg.name}/train.jsonl")
+    else:
+        raise unknown_choice("task (or a .jsonl/.csv path, or a task folder)", cfg.name, BUILTIN_TASKS)
+    rng = random.Random(seed)
+    if cfg.max_train_examples and len(task.splits["train"]) > cfg.max_train_examples:
+        task.splits["train"] = rng.sample(task.splits["train"], cfg.max_train_examples)
+    for split in ("validation", "test"):
+        rows = task.splits.get(split)
+        if cfg.max_eval_examples and rows and len(rows) > cfg.max_eval_examples:
+            task.splits[split] = random.Random(seed).sample(rows, cfg.max_eval_examples)
+    return task
+
+
+def _folder_task(cfg: TaskConfig, folder: Path) -> Task:
+    meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
+    pair_field = cfg.text_pair_field or ("text_pair" if "text_pair" in meta.get("fields", {}) else None)
+    raw = {s: read_rows(folder / f"{s}.jsonl") for s in SPLITS if (folder / f"{s}.jsonl").exists()}
+    if "validation" not in raw:
+        raise PeftkitError(f"task folder {folder} has no validation.jsonl")
+    if pair_field is None and raw["train"] and "text_pair" in raw["train"][0]:
+        pair_field = "text_pair"
+    label_names = cfg.label_names or meta.get("label_names") or _distinct_labels(raw["train"], cfg.label_field)
+    builtin = BUILTIN_TASKS.get(folder.name)
+    return _normalise(folder.name, raw, cfg, pair_field, label_names, builtin.metrics if builtin else None)
+
+
+def _file_task(cfg: TaskConfig, path: Path, seed: int) -> Task:
+    train = read_rows(path)
+    raw = {"train": train}
+    if cfg.validation_file:
+        raw["validation"] = read_rows(Path(cfg.validation_file))
+    else:  # hold out a seeded 10% so the loop can still pick its best step
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        cut = max(1, len(train) // 10)
+        raw = {"train": [train[i] for i in order[cut:]], "validation": [train[i] for i in order[:cut]]}
+    if cfg.test_file:
+        raw["test"] = read_rows(Path(cfg.test_file))
+    label_names = cfg.label_names or _distinct_labels(train, cfg.label_field)
+    return _normalise(path.stem, raw, cfg, cfg.text_pair_field, label_names, None)
+
+
+def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int) -> Task:
+    """Fallback for a user online with no data folder: the task's Hugging Face `datasets` id."""
+    try:
+        import datasets
+    except ImportError:
+        raise PeftkitError(
+            f"task {cfg.name!r}: no data folder set (--data-dir or ${DATA_ENV}) and the 'datasets' package is missing "
+            f"for the Hub fallback ({spec.hf_path}); pip install 'peftkit[hub]' or point --data-dir at the data"
+        ) from None
+    try:
+        ds = datasets.load_dataset(spec.hf_path, spec.hf_name)
+    except Exception as e:
+        raise PeftkitError(f"task {cfg.name!r}: no data folder set and the Hub copy {spec.hf_path} could not be loaded ({type(e).__name__}); set --data-dir or ${DATA_ENV}") from None
+    label_names = ds["train"].features["label"].names
+    raw = {s: [dict(r) for r in ds[s]] for s in SPLITS if s in ds}
+    raw = {s: rows for s, rows in raw.items() if rows and rows[0]["label"] >= 0}  # GLUE hides test labels (-1)
+    if "validation" not in raw:  # financial_phrasebank ships one split: hold out 10% as in meta.json
+        rows = raw["train"]
+        random.Random(seed).shuffle(rows)
+        cut = max(1, len(rows) // 10)
+        raw = {"train": rows[2 * cut:], "validation": rows[:cut], "test": rows[cut:2 * cut]}
+    fields = TaskConfig(**{**cfg.__dict__, "text_field": spec.text, "text_pair_field": spec.text_pair})
+    return _normalise(cfg.name, raw, fields, spec.text_pair, label_names, spec.metrics)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Read a JSONL or CSV file into dicts, with the line number in any error."""
+    if not path.is_file():
+        raise PeftkitError(f"data file {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PeftkitError(f"{path}:{number} is not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _distinct_labels(rows: list[dict], label_field: str) -> list[str]:
+    values = {str(r.get(label_field)) for r in rows if r.get(label_field) is not None}
+    return sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+
+
+def _normalise(name: str, raw: dict[str, list[dict]], cfg: TaskConfig, pair_field: str | None,
+               label_names: list[str], metrics: tuple[str, ...] | None) -> Task:
+    index = {str(n): i for i, n in enumerate(label_names)}
+    splits = {}
+    for split, rows in raw.items():
+        out = []
+        for number, row in enumerate(rows, 1):
+            if cfg.text_field not in row:
+                raise unknown_choice(f"text field in {name}/{split} row {number}", cfg.text_field, row)
+            if pair_field and pair_field not in row:
+                raise unknown_choice(f"text_pair field in {name}/{split} row {number}", pair_field, row)
+            item = {"text": str(row[cfg.text_field])}
+            if pair_field:
+                item["text_pair"] = str(row[pair_field])
+            label = row.get(cfg.label_field)
+            if label is not None and label != "":
+                item["label"] = _label_index(label, index, label_names, f"{name}/{split} row {number}")
+            out.append(item)
+        splits[split] = out
+    if not splits.get("train") or "label" not in splits["train"][0]:
+        raise PeftkitError(f"task {name}: the train split is empty or has no {cfg.label_field!r} field")
+    default_metrics = ("accuracy", "f1") if len(label_names) == 2 else ("accuracy", "macro_f1")
+    return Task(name, [str(n) for n in label_names], pair_field is not None, metrics or default_metrics, splits)
+
+
+def _label_index(label: Any, index: dict[str, int], names: list[str], where: str) -> int:
+    if isinstance(label, bool):
+        label = int(label)
+    if isinstance(label, int) or (isinstance(label, str) and label.isdigit() and label not in index):
+        value = int(label)
+        if not 0 <= value < len(names):
+            raise PeftkitError(f"{where}: label {value} is outside 0..{len(names) - 1} ({len(names)} label names)")
+        return value
+    if str(label) not in index:
+        raise unknown_choice(f"label in {where}", str(label), names)
+    return index[str(label)]
+
+
+# --------------------------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class EncodedSplit:
+    """One split tokenised once, unpadded; batches are padded to their own longest row by `collate`."""
+
+    features: dict[str, list[list[int]]]
+    labels: list[int] | None
+
+    def __len__(self) -> int:
+        return len(self.features["input_ids"])
+
+
+def encode(rows: list[dict[str, Any]], tokenizer, max_length: int) -> EncodedSplit:
+    texts = [r["text"] for r in rows]
+    pairs = [r["text_pair"] for r in rows] if rows and "text_pair" in rows[0] else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    keep = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    labels = [r["label"] for r in rows] if rows and all("label" in r for r in rows) else None
+    return EncodedSplit({k: enc[k] for k in keep}, labels)
+
+
+def collate(split: EncodedSplit, indices: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad the chosen rows to the longest of them (right padding)."""
+    longest = max(len(split.features["input_ids"][i]) for i in indices)
+    batch = {}
+    for key, values in split.features.items():
+        pad = pad_token_id if key == "input_ids" else 0
+        batch[key] = torch.tensor([values[i] + [pad] * (longest - len(values[i])) for i in indices], dtype=torch.long)
+    lengths = torch.tensor([len(split.features["input_ids"][i]) for i in indices])
+    batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+    if split.labels is not None:
+        batch["labels"] = torch.tensor([split.labels[i] for i in indices], dtype=torch.long)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def compute_metrics(predictions: list[int], labels: list[int], num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 always; binary F1 of label 1 for two-class tasks (MRPC's reported F1)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    out = {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", labels=list(range(num_labels)), zero_division=0)),
+    }
+    if num_labels == 2:
+        out["f1"] = float(f1_score(labels, predictions, average="binary", pos_label=1, zero_division=0))
+    return out

@@ -1,0 +1,18 @@
+"""One exception type for every user mistake, so the CLI can print one line and exit 2."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PeftkitError(Exception):
+    """A problem the user can fix (bad name, bad value, bad file). Printed without a traceback."""
+
+
+def unknown_choice(kind: str, name: str, choices: Iterable[str]) -> PeftkitError:
+    """Build the standard 'unknown X' error, naming close matches first and then every valid choice."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    listing = ", ".join(choices) if len(choices) <= 40 else ", ".join(choices[:40]) + ", ..."
+    return PeftkitError(f"unknown {kind} {name!r}.{hint} Valid: {listing}")

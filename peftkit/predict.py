@@ -1,0 +1,162 @@
+"""`peftkit predict`: label a JSONL/CSV file (or stdin) with an adapter, streaming in constant memory.
+
+Rows are read lazily and processed `--batch-size` at a time through the same `data.encode` and
+`inference.predict_logits` the training loop evaluates with, so predictions match evaluation exactly.
+The output file is written beside its final name and renamed into place at the end (atomic).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from peftkit.artifacts import LoadedAdapter, load
+from peftkit.data import encode
+from peftkit.errors import PeftkitError
+from peftkit.inference import predict_logits
+
+
+def iter_rows(source: str, stdin: IO[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (where, row) one row at a time from a .jsonl/.json/.csv path or '-' (JSONL on stdin)."""
+    if source == "-":
+        yield from _jsonl_rows(stdin or sys.stdin, "<stdin>")
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise PeftkitError(f"input file {path} does not exist")
+    with path.open(newline="" if path.suffix.lower() == ".csv" else None, encoding="utf-8") as f:
+        if path.suffix.lower() == ".csv":
+            for number, row in enumerate(csv.DictReader(f), 2):
+                yield f"{path}:{number}", row
+        else:
+            yield from _jsonl_rows(f, str(path))
+
+
+def _jsonl_rows(f: Iterable[str], name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    for number, line in enumerate(f, 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PeftkitError(f"{name}:{number} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise PeftkitError(f"{name}:{number} is not a JSON object")
+            yield f"{name}:{number}", row
+
+
+def input_fields(meta: dict[str, Any]) -> tuple[str, str | None]:
+    """The row fields this adapter reads: as the user named them at training time (built-in tasks: text/text_pair)."""
+    task = meta["task"]
+    text = task.get("text_field") or "text"
+    pair = (task.get("text_pair_field") or "text_pair") if task.get("is_pair") else None
+    return text, pair
+
+
+def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str | None) -> dict[str, Any]:
+    """Map a user's row onto encode's {'text', 'text_pair'?} shape, accepting the normalised names too."""
+    def pick(field: str, fallback: str) -> Any:
+        for name in (field, fallback):
+            if name in row and row[name] is not None:
+                return str(row[name])
+        raise PeftkitError(f"{where} has no {field!r} field (fields: {', '.join(map(str, row)) or 'none'})")
+
+    item = {"text": pick(text_field, "text")}
+    if pair_field:
+        item["text_pair"] = pick(pair_field, "text_pair")
+    return item
+
+
+def predict_rows(loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: int, bf16: bool = False) -> list[dict[str, Any]]:
+    """Prediction dicts for already normalised rows: label, label_name, probabilities by label name."""
+    if not rows:
+        return []
+    max_length = loaded.meta["task"].get("max_length") or 512
+    split = encode(rows, loaded.tokenizer, max_length)
+    device = next(loaded.model.parameters()).device
+    logits = predict_logits(loaded.model, split, batch_size, loaded.tokenizer.pad_token_id, device, bf16)
+    return format_predictions(logits, loaded.label_names)
+
+
+def format_predictions(logits: torch.Tensor, label_names: list[str]) -> list[dict[str, Any]]:
+    probs = torch.softmax(logits.float(), dim=-1)
+    out = []
+    for row in probs.tolist():
+        label = max(range(len(row)), key=row.__getitem__)
+        out.append({"label": label, "label_name": label_names[label],
+                    "probabilities": {name: round(p, 6) for name, p in zip(label_names, row)}})
+    return out
+
+
+def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size: int = 64, bf16: bool = False,
+                   progress: bool = True, stdin: IO[str] | None = None) -> int:
+    """Read, predict and write `batch_size` rows at a time; returns the number of rows written."""
+    from tqdm.auto import tqdm
+
+    text_field, pair_field = input_fields(loaded.meta)
+    written = 0
+    bar = tqdm(desc="predict", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    chunk: list[tuple[str, dict[str, Any]]] = []
+
+    def flush() -> None:
+        nonlocal written
+        items = [normalise(where, row, text_field, pair_field) for where, row in chunk]
+        for (_, row), prediction in zip(chunk, predict_rows(loaded, items, batch_size, bf16)):
+            if "id" in row:
+                prediction = {"id": row["id"], **prediction}
+            out.write(json.dumps(prediction) + "\n")
+        written += len(chunk)
+        bar.update(len(chunk))
+        chunk.clear()
+
+    with bar:
+        for item in iter_rows(source, stdin):
+            chunk.append(item)
+            if len(chunk) >= batch_size:
+                flush()
+        if chunk:
+            flush()
+    return written
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[IO[str]]:
+    """stdout for '-', else a temp file beside `path` renamed over it only when every row is written."""
+    if path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def predict_cli(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise PeftkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.input != "-" and args.output != "-" and Path(args.input).resolve() == Path(args.output).resolve():
+        raise PeftkitError("--output must differ from --input")
+    loaded = load(args.adapter_dir, base=args.base, allow_base_mismatch=args.allow_base_mismatch)
+    with atomic_output(args.output) as out:
+        n = predict_stream(loaded, args.input, out, args.batch_size, args.bf16, progress=sys.stderr.isatty() or args.output != "-")
+    if args.output != "-":
+        print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,149 @@
+"""`peftkit bench` end to end on a tiny BERT and two toy tasks: cells, resume, a failing cell, tables, plots, --report."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from peftkit.bench import PROFILES, aggregate, build_report, pareto_front
+from peftkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def three_class_task(tmp_path_factory) -> Path:
+    """A 3-class toy task, so one task reports accuracy + f1 (binary) and the other accuracy + macro_f1."""
+    folder = tmp_path_factory.mktemp("data3") / "toy3"
+    folder.mkdir()
+    rng = random.Random(1)
+    words = [["awful", "terrible"], ["okay", "average"], ["great", "excellent"]]
+    for split, n in (("train", 120), ("validation", 30), ("test", 30)):
+        rows = []
+        for _ in range(n):
+            label = rng.randrange(3)
+            rows.append({"text": f"the service was {rng.choice(words[label])}", "label": label})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "meta.json").write_text(json.dumps({"label_names": ["negative", "neutral", "positive"]}))
+    return folder
+
+
+def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir, three_class_task, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--profile", "smoke", "--tasks", f"{toy_task_dir},{three_class_task}",
+            "--methods", "lora,bitfit,prefix", "--model", str(tiny_model_dir("bert")), "--out", str(out)]
+
+    assert main(argv) == 1  # the grid has failed cells (prefix on BERT), so the exit code says so
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert len(cells) == 6
+    for task in ("toy", "toy3"):
+        for method in ("lora", "bitfit"):
+            cell = cells[f"{task}__{method}__seed0"]
+            assert cell["status"] == "ok", cell["error"]
+            assert cell["error"] is None
+            assert 0 <= cell["validation"]["accuracy"] <= 1 and cell["test"]["accuracy"] is not None
+            assert 0 < cell["trainable_params"] < cell["total_params"] and 0 < cell["trainable_pct"] < 100
+            assert cell["adapter_bytes"] > 0 and cell["latency_ms_per_example"] > 0
+            assert cell["peak_memory_mb"] >= 0 and cell["model_state_mb"] > 0 and cell["memory_kind"] == "process_peak_rss"
+            assert cell["train_seconds"] > 0 and cell["train_examples_per_s"] > 0 and cell["steps"] == 8
+            manifest = cell["manifest"]
+            assert manifest["profile"] == "smoke" and manifest["command"].startswith("peftkit bench --profile smoke")
+            assert manifest["config"]["train"]["max_steps"] == 8 and manifest["config"]["train"]["seed"] == 0
+            assert manifest["config"]["method"]["name"] == method and "lr" in manifest["config"]["train"]
+            assert {"torch", "transformers", "peft", "torch_threads", "cpu", "gpu"} <= set(cell["environment"])
+            assert {"git_commit", "cpu_model", "cpu_count"} <= set(manifest)
+        failed = cells[f"{task}__prefix__seed0"]
+        assert failed["status"] == "failed" and "prefix tuning" in failed["error"]
+        assert failed["manifest"]["config"]["method"]["name"] == "prefix"
+    assert cells["toy3__lora__seed0"]["task_metrics"] == ["accuracy", "macro_f1"]
+    assert cells["toy__lora__seed0"]["task_metrics"] == ["accuracy", "f1"]
+    # weights were measured, then dropped: the results folder stays small
+    assert not list(out.rglob("*.safetensors"))
+    assert max(p.stat().st_size for p in out.rglob("*") if p.is_file()) < 1_000_000
+
+    # the aggregates: every file, every column
+    _check_report(out)
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("toy", "toy3") for m in ("lora", "bitfit", "prefix")}
+    lora = next(r for r in rows if r["task"] == "toy3" and r["method"] == "lora")
+    for column in ("validation_accuracy_mean", "validation_macro_f1_mean", "test_accuracy_mean", "trainable_params",
+                   "trainable_pct", "adapter_mb", "peak_memory_mb", "model_state_mb", "train_seconds",
+                   "train_examples_per_s", "latency_ms_per_example", "lr"):
+        assert lora[column] not in ("", None), column
+    assert lora["validation_f1_mean"] == ""  # binary F1 is not a metric of a 3-class task
+    prefix = next(r for r in rows if r["task"] == "toy" and r["method"] == "prefix")
+    assert prefix["ok"] == "0" and "prefix tuning" in prefix["errors"]
+    markdown = (out / "results.md").read_text()
+    for text in ("## Summary", "## Budgets", "## toy", "## toy3", "## Failed cells", "trainable %", "peak mem MB",
+                 "latency ms", "plots/toy-params.png"):
+        assert text in markdown, text
+
+    # resume: every cell has a result, so nothing trains and no cell file is rewritten
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "6 cells (6 already done, 0 run now), 2 failed" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == mtimes
+
+    # --report rebuilds tables and plots from the cell files alone
+    for name in ("results.json", "results.csv", "results.md"):
+        (out / name).unlink()
+    for png in (out / "plots").glob("*.png"):
+        png.unlink()
+    assert main(["bench", "--report", str(out)]) == 0
+    _check_report(out)
+
+
+def _check_report(out: Path) -> None:
+    for name in ("results.json", "results.csv", "results.md"):
+        assert (out / name).stat().st_size > 0, name
+    for task in ("toy", "toy3"):
+        for kind in ("params", "memory"):
+            assert (out / "plots" / f"{task}-{kind}.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((out / "results.json").read_text())
+    assert {"profiles", "environment", "budgets", "summary", "rows", "cells"} <= set(report)
+    assert report["budgets"]["toy"]["steps"] == 8 and report["summary"]["lora"]["toy"]["metric"] == "accuracy"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "nightly"], "unknown bench profile 'nightly'"),
+    (["--methods", "lorra", "--tasks", "sst2"], "Did you mean 'lora'"),
+    (["--tasks", "sst3", "--methods", "lora"], "unknown task"),
+    (["--seeds", "zero"], "--seeds must be comma-separated integers"),
+])
+def test_bench_rejects_bad_choices_before_training(args, message, tmp_path, capsys):
+    assert main(["bench", "--profile", "smoke", *args, "--out", str(tmp_path / "out")]) == 2  # the last --profile wins
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_of_an_empty_folder_is_a_user_error(tmp_path, capsys):
+    assert main(["bench", "--report", str(tmp_path)]) == 2
+    assert "no cell results" in capsys.readouterr().err
+
+
+def test_aggregate_means_stds_and_pareto(tmp_path):
+    def cell(seed: int, accuracy: float, params: int) -> dict:
+        return {"cell": f"t__lora__seed{seed}", "task": "t", "method": "lora", "seed": seed, "status": "ok", "error": None,
+                "task_metrics": ["accuracy"], "validation": {"accuracy": accuracy}, "test": None,
+                "trainable_params": params, "trainable_pct": 1.0, "adapter_bytes": 2**20, "peak_memory_mb": 10.0,
+                "model_state_mb": 5.0, "train_seconds": 1.0, "train_examples_per_s": 2.0, "latency_ms_per_example": 0.5,
+                "memory_kind": "process_peak_rss", "steps": 3, "manifest": {"config": {"train": {"lr": 1e-3}}}}
+
+    [row] = aggregate([cell(0, 0.80, 100), cell(1, 0.90, 100)])
+    assert row["validation_accuracy_mean"] == pytest.approx(0.85)
+    assert row["validation_accuracy_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert row["adapter_mb"] == pytest.approx(1.0) and row["seeds"] == [0, 1]
+    # (params, accuracy): the 3rd point is beaten by the 2nd (fewer params, higher accuracy)
+    assert pareto_front([(10, 0.5), (100, 0.8), (1000, 0.7), (5, 0.4)]) == [3, 0, 1]
+
+
+def test_profiles_cover_the_grid():
+    cpu = PROFILES["cpu"]
+    assert len(cpu.tasks) == 5 and len(cpu.methods) >= 6 and cpu.seeds == (0,)
+    assert sum(len(s) == 3 for s in cpu.more_seeds.values()) == 2 and "sst2" in cpu.more_seeds
+    assert PROFILES["full"].seeds == (0, 1, 2) and PROFILES["full"].bf16_on_cuda
+    for profile in PROFILES.values():
+        assert all(o.count("=") >= 1 and o.split("=")[0].count(".") == 1 for o in profile.overrides)

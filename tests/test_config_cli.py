@@ -1,0 +1,93 @@
+"""Recipes parse and resolve; overrides are typed and checked; CLI mistakes are one clean line with exit 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from peftkit.cli import main
+from peftkit.config import apply_overrides, list_recipes, load_config
+from peftkit.errors import PeftkitError
+
+TASKS = ("sst2", "banking77", "financial_phrasebank", "rte", "mrpc")
+
+
+def test_every_task_has_the_core_recipes_and_all_recipes_resolve():
+    recipes = list_recipes()
+    for task in TASKS:
+        for method in ("full", "adapter", "lora", "adalora", "prompt"):
+            assert f"{task}-{method}" in recipes
+    assert len(recipes) >= 30
+    for name in recipes:
+        config = load_config(recipe=name)
+        assert config.recipe == name and config.task.name in TASKS
+        assert name.split("-")[1] in (config.method.name, "adapter", "prompt", "lora")
+
+
+def test_override_types_are_checked_and_converted():
+    config = load_config(recipe="sst2-lora", overrides=["train.lr=1e-4", "method.r=16", "train.bf16=true",
+                                                         "method.target_modules=query,key", "task.max_train_examples=100"])
+    assert config.train.lr == 1e-4 and config.method.options.r == 16 and config.train.bf16 is True
+    assert config.method.options.target_modules == ["query", "key"]
+    with pytest.raises(PeftkitError, match="train.batch_size must be an integer"):
+        load_config(recipe="sst2-lora", overrides=["train.batch_size=big"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lrr=1e-4"], "unknown key in train 'lrr'. Did you mean 'lr'"),
+    (["method.rank=4"], "unknown key in method \\(lora\\) 'rank'"),
+    (["trian.lr=1"], "unknown config section 'trian'. Did you mean 'train'"),
+    (["lr=1"], "must look like section.key=value"),
+    (["method.name=lorra"], "unknown method 'lorra'. Did you mean 'lora'"),
+])
+def test_bad_overrides_name_the_problem(overrides, message):
+    with pytest.raises(PeftkitError, match=message):
+        load_config(recipe="sst2-lora", overrides=overrides)
+
+
+def test_apply_overrides_does_not_mutate_the_recipe():
+    data = {"train": {"lr": 1.0}}
+    apply_overrides(data, ["train.lr=2"])
+    assert data == {"train": {"lr": 1.0}}
+
+
+def test_user_config_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("task: {name: sst2}\nmethod: {name: ia3}\ntrain: {max_steps: 10}\n")
+    config = load_config(config_file=str(path))
+    assert config.method.name == "ia3" and config.train.max_steps == 10 and config.recipe == "mine"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "sst2-lorra"], "unknown recipe 'sst2-lorra'. Did you mean 'sst2-lora'"),
+    (["train", "sst2-lora", "train.lrr=1"], "Did you mean 'lr'"),
+    (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+    (["eval", "/nonexistent-run"], "not a run folder"),
+])
+def test_cli_errors_are_one_line_exit_2(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and err.startswith("peftkit: error:")
+
+
+def test_cli_error_has_no_traceback_in_a_real_process():
+    result = subprocess.run([sys.executable, "-m", "peftkit", "train", "sst2-lorra"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "sst2-lora" in result.stderr
+
+
+def test_recipes_command_lists_names_and_trainable_share(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "sst2-lora" in out and "0.327" in out  # LoRA r=8 on query/value of MiniLM: 74,498 / 22.79M
+    assert "100.000" in out  # full fine-tuning
+
+
+def test_train_and_eval_commands_on_a_tiny_model(tiny_model_dir, toy_task_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "sst2-lora", f"task.name={toy_task_dir}", f"model.name_or_path={tiny_model_dir('bert')}",
+                 "train.max_steps=3", "train.progress=false", "task.max_length=32", "--run-dir", str(run)])
+    assert code == 0 and "validation accuracy" in capsys.readouterr().out
+    assert main(["eval", str(run), "--split", "test"]) == 0
+    assert '"split": "test"' in capsys.readouterr().out

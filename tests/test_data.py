@@ -1,0 +1,83 @@
+"""Tasks from folders, user JSONL/CSV files and string labels; dynamic padding; metrics."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftkit.config import TaskConfig
+from peftkit.data import collate, compute_metrics, encode, load_task
+from peftkit.errors import PeftkitError
+from peftkit.modeling import resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("default"))
+
+
+def test_real_task_folders_read_with_label_names(shared_data):
+    for name, labels, pair in (("sst2", 2, False), ("banking77", 77, False), ("financial_phrasebank", 3, False),
+                               ("rte", 2, True), ("mrpc", 2, True)):
+        task = load_task(TaskConfig(name=name, data_dir=str(shared_data), max_train_examples=50))
+        assert task.num_labels == labels and task.is_pair == pair
+        assert len(task.splits["train"]) == 50 and task.splits["validation"]
+    assert load_task(TaskConfig(name="mrpc", data_dir=str(shared_data))).metrics == ("accuracy", "f1")
+
+
+def test_data_dir_from_environment(shared_data, monkeypatch):
+    monkeypatch.setenv("PEFTKIT_DATA", str(shared_data))
+    assert load_task(TaskConfig(name="rte")).splits["validation"]
+
+
+def test_missing_task_in_data_dir_and_unknown_task(tmp_path):
+    with pytest.raises(PeftkitError, match="not in the data folder"):
+        load_task(TaskConfig(name="sst2", data_dir=str(tmp_path)))
+    with pytest.raises(PeftkitError, match="Did you mean 'sst2'"):
+        load_task(TaskConfig(name="sst3", data_dir=str(tmp_path)))
+
+
+def test_user_csv_with_string_labels_and_custom_columns(tmp_path):
+    path = tmp_path / "tickets.csv"
+    path.write_text("body,topic\n" + "".join(f"message {i},{['billing', 'login'][i % 2]}\n" for i in range(40)))
+    task = load_task(TaskConfig(name=str(path), text_field="body", label_field="topic"))
+    assert task.label_names == ["billing", "login"]
+    assert len(task.splits["validation"]) == 4 and len(task.splits["train"]) == 36
+    assert {r["label"] for r in task.splits["train"]} == {0, 1}
+
+
+def test_user_jsonl_pairs_and_bad_label(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"q": f"a{i}", "d": f"b{i}", "y": i % 3}) + "\n" for i in range(30)))
+    task = load_task(TaskConfig(name=str(path), text_field="q", text_pair_field="d", label_field="y"))
+    assert task.is_pair and task.num_labels == 3
+    with pytest.raises(PeftkitError, match="label 2 is outside 0..1"):
+        load_task(TaskConfig(name=str(path), text_field="q", label_field="y", label_names=["x", "z"]))
+    with pytest.raises(PeftkitError, match="text field .* 'txt'"):
+        load_task(TaskConfig(name=str(path), text_field="txt", label_field="y"))
+
+
+def test_broken_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n{oops\n')
+    with pytest.raises(PeftkitError, match="bad.jsonl:2 is not valid JSON"):
+        load_task(TaskConfig(name=str(path)))
+
+
+def test_dynamic_padding_pads_to_the_longest_row_in_the_batch(tokenizer):
+    rows = [{"text": "short", "label": 0}, {"text": "a much longer sentence than the other one", "label": 1}]
+    split = encode(rows, tokenizer, max_length=64)
+    batch = collate(split, [0, 1], tokenizer.pad_token_id)
+    longest = len(split.features["input_ids"][1])
+    assert batch["input_ids"].shape == (2, longest)
+    assert batch["attention_mask"][0].sum() == len(split.features["input_ids"][0])
+    assert batch["labels"].tolist() == [0, 1]
+    assert collate(split, [0], tokenizer.pad_token_id)["input_ids"].shape[1] == len(split.features["input_ids"][0])
+
+
+def test_metrics():
+    m = compute_metrics([0, 1, 1, 0], [0, 1, 0, 0], 2)
+    assert m["accuracy"] == 0.75 and m["f1"] == pytest.approx(2 / 3)
+    assert "f1" not in compute_metrics([0, 1, 2], [0, 1, 1], 3)

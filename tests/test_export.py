@@ -1,0 +1,202 @@
+"""Export, merged export, weighted merge, base fingerprints and damaged folders (tiny BERT, a few steps each)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.artifacts import load, read_meta
+from peftkit.cli import main
+from peftkit.errors import PeftkitError
+from peftkit.export import export_adapter, export_merged, merge_adapters
+from peftkit.fingerprint import model_fingerprint
+from shipping_runs import TinyRuns, logits_of
+
+ALL_METHODS = ["full", "bitfit", "adapter", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
+PEFT_METHODS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
+MERGEABLE = ["lora", "dora", "adalora", "ia3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_dir(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PEFTKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, toy_task_dir) -> TinyRuns:
+    return TinyRuns(tmp_path_factory.mktemp("ship"), tiny_model_dir("bert"), toy_task_dir)
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory, tiny_model_dir) -> Path:
+    """Same architecture and tokenizer as the tiny BERT, different random weights."""
+    from transformers import AutoConfig, AutoModel
+
+    src = tiny_model_dir("bert")
+    out = tmp_path_factory.mktemp("other-bert")
+    torch.manual_seed(1)
+    AutoModel.from_config(AutoConfig.from_pretrained(src)).save_pretrained(out)
+    for f in src.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def base_model(path, num_labels=2, seed=7):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)  # a different head init than training: the adapter must bring its own head
+    return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_export_round_trip_identical_predictions(method, runs, tmp_path):
+    run = runs.run(method)
+    original = load(run / "adapter")
+    out = export_adapter(run, tmp_path / "export")
+    meta = read_meta(out)
+    assert meta["base_fingerprint"] == model_fingerprint(runs.model_dir)
+    assert meta["task"]["label_names"] == ["negative", "positive"] and meta["task"]["text_field"] == "text"
+    card = (out / "README.md").read_text()
+    assert method in card and "Trainable parameters" in card and "peftkit.load" in card
+    exported = load(out)
+    assert torch.equal(logits_of(exported.model, exported.tokenizer), logits_of(original.model, original.tokenizer))
+    files = {f.name for f in out.iterdir()}
+    if method in PEFT_METHODS:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == meta["base_model"]
+        assert ".venv" not in config["base_model_name_or_path"] and "site-packages" not in config["base_model_name_or_path"]
+    else:
+        assert "peftkit_weights.safetensors" in files and "adapter_config.json" not in files
+    assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_stock_peft_loads_export_with_identical_logits(method, runs, tmp_path):
+    from peft import PeftModel
+
+    run = runs.run(method)
+    out = export_adapter(run, tmp_path / "export")
+    ours = load(out)
+    stock = PeftModel.from_pretrained(base_model(runs.model_dir), str(out)).eval()
+    assert torch.equal(logits_of(stock, ours.tokenizer), logits_of(ours.model, ours.tokenizer))
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merged_export_matches_adapter_via_plain_transformers(method, runs, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = runs.run(method)
+    adapted = load(run / "adapter")
+    expected = logits_of(adapted.model, adapted.tokenizer)
+    out = export_merged(run, tmp_path / "merged")
+    plain = AutoModelForSequenceClassification.from_pretrained(str(out))
+    assert plain.config.id2label == {0: "negative", 1: "positive"}
+    assert not any("lora" in n or "ia3" in n for n, _ in plain.named_parameters())
+    got = logits_of(plain, AutoTokenizer.from_pretrained(str(out)))
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
+
+
+@pytest.mark.parametrize("method,why", [("prompt", "virtual tokens"), ("adapter", "non-linear"), ("bitfit", "biases")])
+def test_merge_refused_with_reason(method, why, runs, tmp_path, capsys):
+    run = runs.run(method)
+    assert main(["export", str(run), "--out", str(tmp_path / "m"), "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be merged" in err and why in err and method in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_cli_writes_folder(runs, tmp_path, capsys):
+    run = runs.run("lora")
+    assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 0
+    assert "fingerprint" in capsys.readouterr().out
+    assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2  # never overwrites silently
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_fingerprint_refuses_other_base_unless_allowed(runs, other_base, tmp_path, capsys):
+    out = export_adapter(runs.run("lora"), tmp_path / "e")
+    assert model_fingerprint(other_base) != model_fingerprint(runs.model_dir)
+    with pytest.raises(PeftkitError, match="allow-base-mismatch") as info:
+        load(out, base=str(other_base))
+    assert "fingerprint" in str(info.value)
+    loaded = load(out, base=str(other_base), allow_base_mismatch=True)
+    assert logits_of(loaded.model, loaded.tokenizer).shape == (4, 2)
+    # the CLI refuses too, and accepts the expert flag
+    (tmp_path / "in.jsonl").write_text('{"text": "great"}\n')
+    args = ["predict", str(out), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"), "--base", str(other_base)]
+    assert main(args) == 2 and "fingerprint" in capsys.readouterr().err
+    assert main(args + ["--allow-base-mismatch"]) == 0
+
+
+def test_fingerprint_cached_and_hub_ids_skip(runs, monkeypatch, tmp_path):
+    import peftkit.fingerprint as fp
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "c"))
+    first = model_fingerprint(runs.model_dir)
+    calls = []
+    monkeypatch.setattr(fp, "_hash_files", lambda files: calls.append(files) or "x")
+    assert model_fingerprint(runs.model_dir) == first and not calls  # served from the cache
+    assert json.loads((tmp_path / "c" / "fingerprints.json").read_text())
+    assert model_fingerprint("someone/not-a-local-folder") is None
+
+
+@pytest.mark.parametrize("damage", ["truncate_peft", "bad_config_json", "truncate_peftkit", "bad_meta_json", "garbage_header"])
+def test_damaged_folders_raise_clear_errors(damage, runs, tmp_path):
+    method = "adapter" if damage == "truncate_peftkit" else "lora"
+    out = export_adapter(runs.run(method), tmp_path / "e")
+    target = {"truncate_peft": "adapter_model.safetensors", "bad_config_json": "adapter_config.json",
+              "truncate_peftkit": "peftkit_weights.safetensors", "bad_meta_json": "peftkit.json",
+              "garbage_header": "adapter_model.safetensors"}[damage]
+    path = out / target
+    data = path.read_bytes()
+    if damage.startswith("truncate"):
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage_header":
+        path.write_bytes(b"\xff" * 16 + data[16:])
+    else:
+        path.write_text(data.decode()[:-20])
+    with pytest.raises(PeftkitError) as info:
+        load(out)
+    assert target in str(info.value)
+
+
+def test_weighted_merge_of_adapter_with_itself_reproduces_it(runs, tmp_path, capsys):
+    run = runs.run("lora")
+    original = load(run / "adapter")
+    expected = logits_of(original.model, original.tokenizer)
+    single, note = merge_adapters([run], [1.0], "linear", out=tmp_path / "one")
+    assert "head" in note
+    got = load(single)
+    assert torch.allclose(logits_of(got.model, got.tokenizer), expected, atol=1e-5)
+    # two copies at 0.5 each, concatenated: delta = 0.5·BA + 0.5·BA
+    assert main(["merge", str(run / "adapter"), str(run / "adapter"), "--weights", "0.5,0.5", "--how", "cat",
+                 "--out", str(tmp_path / "two")]) == 0
+    assert "head: taken from" in capsys.readouterr().out
+    two = load(tmp_path / "two")
+    assert torch.allclose(logits_of(two.model, two.tokenizer), expected, atol=1e-5)
+    assert read_meta(tmp_path / "two")["method_options"]["r"] == 16
+
+
+def test_weighted_merge_combines_two_and_refuses_bad_input(runs, tmp_path, capsys):
+    a, b = runs.run("lora", seed=0), runs.run("lora", seed=1)
+    out, _ = merge_adapters([a, b], [0.5, 0.5], "ties", density=0.5, out=tmp_path / "ties")
+    merged = load(out)
+    la, lm = logits_of(load(a / "adapter").model, merged.tokenizer), logits_of(merged.model, merged.tokenizer)
+    assert lm.shape == la.shape and not torch.equal(lm, la)
+    assert main(["merge", str(a), str(runs.run("ia3")), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "plain LoRA adapters only" in capsys.readouterr().err
+    assert main(["merge", str(a), str(runs.run("lora", r=4)), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--how cat" in capsys.readouterr().err
+    assert main(["merge", str(a), str(b), "--weights", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "one per adapter" in capsys.readouterr().err
+    assert main(["merge", str(a), "--weights", "1", "--how", "mean", "--out", str(tmp_path / "x")]) == 2
+    assert "linear, ties" in capsys.readouterr().err

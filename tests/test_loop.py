@@ -1,0 +1,125 @@
+"""The shared loop: exact resume, accumulation, head learning rate, run folder contents, evaluation kept best."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftkit.adapters.lora import LoRA
+from peftkit.io import load_tensors
+from peftkit.train import BatchOrder, Ranks, build_optimizer, train
+
+
+def adapter_weights(run_dir):
+    return load_tensors(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_run_folder_has_config_metrics_summary_adapter(tiny_run_config, tmp_path):
+    summary = train(tiny_run_config("lora", eval_every=2), run_dir=tmp_path / "run")
+    run = tmp_path / "run"
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "adapter"} <= {p.name for p in run.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "peftkit.json"} <= {p.name for p in (run / "adapter").iterdir()}
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["trainable_params"] == summary["trainable_params"] > 0
+    for key in ("final", "best", "test", "trainable_pct", "peak_memory_mb", "train_seconds", "train_examples_per_s", "environment", "seed"):
+        assert key in saved, key
+    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"split"' in l]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")], "a temp file was left behind"
+
+
+def test_same_seed_same_weights_other_seed_differs(tiny_run_config, tmp_path):
+    train(tiny_run_config("lora", seed=1), run_dir=tmp_path / "a")
+    train(tiny_run_config("lora", seed=1), run_dir=tmp_path / "b")
+    train(tiny_run_config("lora", seed=2), run_dir=tmp_path / "c")
+    a, b, c = (adapter_weights(tmp_path / x) for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_after_crash_is_bitwise_identical(tiny_run_config, tmp_path, monkeypatch):
+    steps = dict(max_steps=8, checkpoint_every=3, eval_every=4)
+    train(tiny_run_config("lora", **steps), run_dir=tmp_path / "straight")
+
+    original = LoRA.after_optimizer_step
+
+    def crash_at_step_5(self, model, step):
+        if step == 4:  # after the checkpoint at step 3, in the middle of the run
+            raise RuntimeError("simulated crash")
+        return original(self, model, step)
+
+    monkeypatch.setattr(LoRA, "after_optimizer_step", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_run_config("lora", **steps), run_dir=tmp_path / "crashed")
+    assert not (tmp_path / "crashed" / "adapter").exists()
+    monkeypatch.setattr(LoRA, "after_optimizer_step", original)
+
+    summary = train(tiny_run_config("lora", **steps), resume=tmp_path / "crashed")
+    straight, resumed = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "crashed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert summary["steps"] == 8
+    steps_logged = [json.loads(l)["step"] for l in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines() if "task_loss" in l]
+    assert steps_logged == list(range(1, 9)), "the resumed log must not repeat or skip steps"
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tiny_run_config, tiny_model_dir, tmp_path):
+    """Without dropout, 2 accumulated batches of 4 give the same update as one batch of 8 (same rows, same order)."""
+    still = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    runs = {}
+    for name, train_opts in (("big", dict(batch_size=8)), ("accum", dict(batch_size=4, grad_accum_steps=2))):
+        config = tiny_run_config("lora", method_options={"dropout": 0.0}, max_steps=3, **train_opts)
+        config.model.name_or_path = still
+        train(config, run_dir=tmp_path / name)
+        runs[name] = adapter_weights(tmp_path / name)
+    big, accum = runs["big"], runs["accum"]
+    assert big.keys() == accum.keys()
+    assert all(torch.allclose(big[k], accum[k], atol=1e-6) for k in big)
+    assert any(not torch.equal(big[k], torch.zeros_like(big[k])) for k in big if "lora_B" in k)
+
+
+def test_batch_order_is_a_permutation_and_ranks_do_not_overlap():
+    from peftkit.checkpoint import TrainState
+
+    state = TrainState()
+    order = BatchOrder(10, 3, seed=0, ranks=Ranks())
+    seen = [i for _ in range(order.batches_per_epoch) for i in order.next(state)]
+    assert sorted(seen) == list(range(10))
+    s0, s1 = TrainState(), TrainState()
+    r0, r1 = BatchOrder(12, 3, 0, Ranks(0, 2, 0)), BatchOrder(12, 3, 0, Ranks(1, 2, 1))
+    rows0 = [i for _ in range(r0.batches_per_epoch) for i in r0.next(s0)]
+    rows1 = [i for _ in range(r1.batches_per_epoch) for i in r1.next(s1)]
+    assert not set(rows0) & set(rows1) and sorted(rows0 + rows1) == list(range(12))
+
+
+def test_head_gets_its_own_learning_rate(tiny_model_dir):
+    from peftkit.adapters import MethodContext, build_method
+    from peftkit.config import ModelConfig, TrainConfig
+    from peftkit.modeling import load_model
+
+    model = build_method("lora").apply(load_model(ModelConfig(str(tiny_model_dir("bert"))), 2, 0), MethodContext("x", ["classifier"]))
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4, head_lr=3e-3), ["classifier"])
+    by_lr = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            by_lr.setdefault(group["lr"], []).append(names[id(p)])
+    assert set(by_lr) == {1e-4, 3e-3}
+    assert all("classifier" in n for n in by_lr[3e-3]) and not any("classifier" in n for n in by_lr[1e-4])
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_run_config, tmp_path):
+    summary = train(tiny_run_config("lora", bf16=True), run_dir=tmp_path / "run")
+    assert summary["bf16"] is True and summary["steps"] == 4
+
+
+def test_quantization_without_cuda_is_a_clear_error(tiny_run_config, tmp_path):
+    from peftkit.errors import PeftkitError
+
+    config = tiny_run_config("lora")
+    config.model.quantization = "4bit"
+    if torch.cuda.is_available():
+        pytest.skip("this check is for machines without CUDA")
+    with pytest.raises(PeftkitError, match="needs a CUDA GPU"):
+        train(config, run_dir=tmp_path / "run")

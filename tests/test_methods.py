@@ -1,0 +1,198 @@
+"""Every method applies, trains only what it should, counts like the formula says, and round-trips exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftkit.adapters import MethodContext, available_methods, build_method
+from peftkit.artifacts import load
+from peftkit.data import encode, load_task
+from peftkit.errors import PeftkitError
+from peftkit.modeling import count_parameters, head_modules, load_model
+from peftkit.config import ModelConfig
+from peftkit.train import train
+
+ADALORA_TINY = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0, "init_r": 4, "target_r": 2, "delta_t": 1}
+H, L, FF, LABELS = 32, 2, 64, 2  # the tiny BERT of conftest
+HEAD = H * LABELS + LABELS
+
+
+def apply_method(tiny_model_dir, name, kind="bert", **options):
+    from peftkit.adapters import get_method_class
+
+    model = load_model(ModelConfig(str(tiny_model_dir(kind))), LABELS, pad_token_id=0)
+    method = build_method(name, get_method_class(name).config_class(**options))
+    return method.apply(model, MethodContext(str(tiny_model_dir(kind)), head_modules(model), total_steps=10))
+
+
+def trainable_names(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("name, options, expected", [
+    ("lora", {"r": 4, "target_modules": ["query", "value"]}, L * 2 * 4 * (H + H) + HEAD),
+    ("dora", {"r": 4, "target_modules": ["query", "value"]}, L * 2 * (4 * (H + H) + H) + HEAD),  # + magnitude vector
+    ("adapter", {"placement": "houlsby", "reduction_factor": 16}, L * 2 * ((H * 2 + 2) + (2 * H + H)) + HEAD),
+    ("adapter", {"placement": "pfeiffer", "reduction_factor": 16}, L * ((H * 2 + 2) + (2 * H + H)) + HEAD),
+    ("adapter", {"bottleneck_size": 8}, L * 2 * ((H * 8 + 8) + (8 * H + H)) + HEAD),
+    ("prompt", {"num_virtual_tokens": 20}, 20 * H + HEAD),
+    # IA3 on BERT (peft's default): key and value scale their H outputs; "output.dense" matches both the attention
+    # output (H inputs) and the feed-forward output (FF inputs), both treated as feed-forward and scaled on the input
+    ("ia3", {}, L * (H + H + H + FF) + HEAD),
+    # BitFit: embeddings LN + per layer (q,k,v, attn out, attn LN, intermediate, out, out LN) + pooler + head
+    ("bitfit", {}, H + L * (3 * H + H + H + FF + H + H) + H + HEAD),
+])
+def test_trainable_count_matches_formula(tiny_model_dir, name, options, expected):
+    model = apply_method(tiny_model_dir, name, **options)
+    assert count_parameters(model).trainable == expected
+
+
+@pytest.mark.parametrize("name, allowed", [
+    ("lora", ("lora_", "classifier")),
+    ("adapter", ("bottleneck_adapter", "classifier")),
+    ("bitfit", (".bias", "classifier")),
+    ("ia3", ("ia3_l", "classifier")),
+    ("prompt", ("prompt_encoder", "classifier")),
+    ("ptuning", ("prompt_encoder", "classifier")),
+    ("adalora", ("lora_", "classifier")),
+])
+def test_only_intended_parameters_get_gradients(tiny_model_dir, name, allowed):
+    options = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0} if name == "adalora" else {}
+    model = apply_method(tiny_model_dir, name, **options)
+    names = trainable_names(model)
+    assert names and all(any(a in n for a in allowed) for n in names), names
+    assert any("classifier" in n for n in names), "the task head must train"
+    out = model(input_ids=torch.randint(1000, 2000, (2, 6)), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
+
+
+def test_full_trains_everything(tiny_model_dir):
+    model = apply_method(tiny_model_dir, "full")
+    assert count_parameters(model).trainable == count_parameters(model).total
+
+
+ALL_TRAINABLE = ["full", "bitfit", "adapter", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
+
+
+@pytest.mark.parametrize("method", ALL_TRAINABLE)
+def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp_path):
+    from peftkit.artifacts import save_adapter
+
+    options = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0} if method == "adalora" else {}
+    model = apply_method(tiny_model_dir, method, **options)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stand-in for training: move every trainable weight, the head included
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    model.eval()
+    x = torch.randint(1000, 2000, (3, 7))
+    expected = model(input_ids=x).logits
+    save_adapter(model, build_method(method, model_options(method, options)), tmp_path / "a",
+                 base_model=str(tiny_model_dir("bert")), task={"label_names": ["neg", "pos"]})
+    loaded = load(tmp_path / "a")
+    assert torch.equal(loaded.model(input_ids=x).logits, expected)
+
+
+def model_options(name, options):
+    from peftkit.adapters import get_method_class
+
+    return get_method_class(name).config_class(**options)
+
+
+@pytest.mark.parametrize("method", ALL_TRAINABLE)
+def test_trained_adapter_reloads_to_the_loops_own_validation_numbers(method, tiny_run_config, tmp_path):
+    """After real training (AdaLoRA's rank pruning included) the shipped folder reproduces the kept model."""
+    from peftkit.inference import evaluate
+
+    config = tiny_run_config(method, method_options=ADALORA_TINY if method == "adalora" else None, seed=7, max_steps=6)
+    summary = train(config, run_dir=tmp_path / "run")
+    loaded = load(tmp_path / "run" / "adapter")
+    split = encode(load_task(config.task).splits["validation"], loaded.tokenizer, 32)
+    metrics = evaluate(loaded.model, split, 2, 64, loaded.tokenizer.pad_token_id, torch.device("cpu"))
+    assert metrics["loss"] == pytest.approx(summary["best"]["loss"], abs=1e-6)
+    assert metrics["accuracy"] == summary["best"]["accuracy"]
+
+
+def test_adalora_reallocates_rank_budget(tiny_run_config, tmp_path):
+    config = tiny_run_config("adalora", method_options=ADALORA_TINY, max_steps=8)
+    train(config, run_dir=tmp_path / "run")
+    adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    pattern = adapter_config["rank_pattern"]
+    assert pattern, "update_and_allocate never ran: no rank pattern"
+    kept = [sum(mask) for mask in pattern.values()]
+    assert sum(kept) == 2 * len(kept)  # budget = target_r per module on average
+    assert min(kept) < 4  # some module lost rank from init_r=4
+
+
+def test_adalora_logs_regulariser_separately(tiny_run_config, tmp_path):
+    train(tiny_run_config("adalora", method_options=ADALORA_TINY), run_dir=tmp_path / "run")
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "task_loss" in r]
+    assert steps and all(r["regulariser"] > 0 for r in steps)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["adapter", "lora", "ia3", "prompt"])
+def test_decoders_train_and_round_trip(kind, method, tiny_run_config, tmp_path):
+    config = tiny_run_config(method, kind, seed=3)
+    summary = train(config, run_dir=tmp_path / "run")
+    assert summary["trainable_params"] > 0
+    loaded = load(tmp_path / "run" / "adapter")
+    assert loaded.model.config.model_type == kind
+
+
+def test_bitfit_on_llama_without_biases_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(PeftkitError, match="no bias"):
+        apply_method(tiny_model_dir, "bitfit", kind="llama")
+
+
+def test_adapter_on_unknown_architecture_names_supported(tiny_model_dir):
+    model = load_model(ModelConfig(str(tiny_model_dir("bert"))), 2, 0)
+    model.config.model_type = "mystery"
+    with pytest.raises(PeftkitError, match="supported: .*bert.*gpt2.*llama"):
+        build_method("adapter").apply(model, MethodContext("x", ["classifier"]))
+
+
+def test_adapter_starts_as_identity(tiny_model_dir):
+    base = load_model(ModelConfig(str(tiny_model_dir("bert"))), 2, 0).eval()
+    x = torch.randint(1000, 2000, (2, 6))
+    before = base(input_ids=x).logits
+    adapted = build_method("adapter").apply(base, MethodContext("x", ["classifier"]))
+    assert torch.equal(before, adapted(input_ids=x).logits)
+
+
+def test_prefix_on_bert_is_a_clear_error_not_a_forward_crash(tiny_model_dir):
+    with pytest.raises(PeftkitError, match="past_key_values.*prompt or ptuning"):
+        apply_method(tiny_model_dir, "prefix")
+
+
+def test_unknown_method_suggests_close_match():
+    from peftkit.adapters import get_method_class
+
+    with pytest.raises(PeftkitError, match="'lora'"):
+        get_method_class("lorra")
+    assert {"full", "bitfit", "adapter", "lora", "dora", "adalora", "ia3", "prompt", "ptuning", "prefix"} <= set(available_methods())
+
+
+def test_third_party_method_registers_through_entry_point(tmp_path, monkeypatch, tiny_model_dir):
+    """A plugin package declares `[project.entry-points."peftkit.methods"]`; peftkit finds it by name."""
+    (tmp_path / "myplugin.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from peftkit.adapters.base import Method, freeze, unfreeze_head\n"
+        "@dataclass\nclass HeadOnlyConfig:\n    pass\n"
+        "class HeadOnly(Method):\n    name = 'headonly'\n    config_class = HeadOnlyConfig\n"
+        "    def apply(self, model, ctx):\n        freeze(model); unfreeze_head(model, ctx.head_modules); return model\n")
+    dist = tmp_path / "myplugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[peftkit.methods]\nheadonly = myplugin:HeadOnly\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "headonly" in available_methods()
+    model = apply_method(tiny_model_dir, "headonly")
+    assert count_parameters(model).trainable == HEAD

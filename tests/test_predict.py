@@ -1,0 +1,89 @@
+"""`peftkit predict`: JSONL, CSV and stdin in, JSONL predictions out, matching the adapter's own logits."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+from peftkit.artifacts import load
+from peftkit.cli import main
+from shipping_runs import TEXTS, TinyRuns, logits_of
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model_dir, toy_task_dir):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PEFTKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield TinyRuns(tmp_path_factory.mktemp("pred"), tiny_model_dir("bert"), toy_task_dir).run("lora") / "adapter"
+    mp.undo()
+
+
+def read_preds(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check(preds, adapter):
+    loaded = load(adapter)
+    probs = torch.softmax(logits_of(loaded.model, loaded.tokenizer, TEXTS), -1)
+    assert len(preds) == len(TEXTS)
+    for row, p in zip(preds, probs):
+        assert set(row) >= {"label", "label_name", "probabilities"}
+        assert abs(sum(row["probabilities"].values()) - 1) < 1e-4
+        assert row["label"] == int(p.argmax()) and row["label_name"] == ["negative", "positive"][row["label"]]
+        assert abs(row["probabilities"]["positive"] - float(p[1])) < 1e-5
+
+
+def test_predict_jsonl_keeps_ids_in_small_batches(adapter, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)) + "\n")
+    out = tmp_path / "out" / "preds.jsonl"
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(out), "--batch-size", "3"]) == 0
+    preds = read_preds(out)
+    check(preds, adapter)
+    assert [p["id"] for p in preds] == ["r0", "r1", "r2", "r3"]
+    assert not [f for f in out.parent.iterdir() if f.name != "preds.jsonl"]  # no temp files left behind
+
+
+def test_predict_csv_and_bf16(adapter, tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("text,other\n" + "".join(f'"{t}",x\n' for t in TEXTS))
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(out)]) == 0
+    check(read_preds(out), adapter)
+    assert "id" not in read_preds(out)[0]
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "b.jsonl"), "--bf16"]) == 0
+    assert [p["label"] for p in read_preds(tmp_path / "b.jsonl")] and len(read_preds(tmp_path / "b.jsonl")) == 4
+
+
+def test_predict_stdin_to_stdout(adapter, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(json.dumps({"text": t}) + "\n" for t in TEXTS)))
+    assert main(["predict", str(adapter), "--input", "-", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    check([json.loads(line) for line in out.splitlines()], adapter)
+
+
+def test_predict_streams_instead_of_reading_everything(adapter, monkeypatch, tmp_path):
+    import peftkit.predict as predict
+
+    seen = []
+    real = predict.predict_rows
+    monkeypatch.setattr(predict, "predict_rows", lambda loaded, rows, *a, **k: seen.append(len(rows)) or real(loaded, rows, *a, **k))
+    src = tmp_path / "big.jsonl"
+    src.write_text("".join(json.dumps({"text": TEXTS[i % 4]}) + "\n" for i in range(25)))
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "8"]) == 0
+    assert seen == [8, 8, 8, 1] and len(read_preds(tmp_path / "o.jsonl")) == 25
+
+
+@pytest.mark.parametrize("content,message", [('{"text": "ok"}\n{oops\n', "in.jsonl:2 is not valid JSON"),
+                                              ('{"sentence": "x"}\n', "no 'text' field")])
+def test_predict_bad_input_is_one_clear_error(adapter, tmp_path, capsys, content, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text(content)
+    out = tmp_path / "o.jsonl"
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # atomic: no half-written output
+    assert main(["predict", str(adapter), "--input", str(tmp_path / "missing.jsonl")]) == 2

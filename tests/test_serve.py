@@ -1,0 +1,160 @@
+"""The HTTP server: classify, list, health, mixed adapters in one stream, bad inputs (4xx), hot-load/unload."""
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import torch
+
+from peftkit.artifacts import load
+from peftkit.serve import AdapterHub, create_app
+from shipping_runs import TEXTS, TinyRuns, logits_of, three_label_task
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, toy_task_dir):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PEFTKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    root = tmp_path_factory.mktemp("serve")
+    runs = TinyRuns(root, tiny_model_dir("bert"), toy_task_dir)
+    runs.toy3 = three_label_task(root, toy_task_dir)
+    yield runs
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def adapters(runs):
+    return {"a": runs.run("lora", seed=0) / "adapter", "b": runs.run("lora", seed=1) / "adapter",
+            "c": runs.run("lora", seed=2, task=runs.toy3) / "adapter", "ia3": runs.run("ia3") / "adapter",
+            "bottleneck": runs.run("adapter") / "adapter"}
+
+
+@pytest.fixture(scope="module")
+def client(runs, adapters):
+    from fastapi.testclient import TestClient
+
+    hub = AdapterHub(str(runs.model_dir))
+    app = create_app(str(runs.model_dir), {k: str(v) for k, v in adapters.items() if k != "bottleneck"},
+                     admin_token=TOKEN, max_batch=8, max_chars=200, hub=hub)
+    with TestClient(app) as c:
+        yield c
+
+
+def expected_probs(adapter_dir):
+    loaded = load(adapter_dir)
+    return torch.softmax(logits_of(loaded.model, loaded.tokenizer), -1)
+
+
+def test_health_list_and_docs(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+    assert set(listed) == {"a", "b", "c", "ia3"}
+    assert listed["c"]["labels"] == ["negative", "positive", "neutral"] and listed["ia3"]["method"] == "ia3"
+    assert listed["a"]["mixed_batch"] and not listed["ia3"]["mixed_batch"] and "accuracy" in listed["a"]["metrics"]["validation"]
+    assert "/v1/classify" in client.get("/openapi.json").json()["paths"]
+
+
+def test_classify_matches_each_adapter_loaded_alone(client, adapters):
+    for name in ("a", "b", "c", "ia3"):
+        body = client.post("/v1/classify", json={"adapter": name, "texts": TEXTS}).json()
+        assert body["adapter"] == name
+        want = expected_probs(adapters[name])
+        for pred, p in zip(body["predictions"], want):
+            assert pred["label"] == int(p.argmax())
+            got = torch.tensor(list(pred["probabilities"].values()))
+            assert torch.allclose(got, p, atol=1e-5), (name, got, p)
+
+
+def test_concurrent_mixed_adapters_batch_together(client, adapters):
+    want = {n: expected_probs(adapters[n]) for n in ("a", "b", "c", "ia3")}
+    assert not torch.allclose(want["a"], want["b"], atol=1e-4)  # the two LoRAs really differ
+    batcher = client.app.state.batcher
+    before = batcher.batches
+    names = ["a", "b", "a", "c", "ia3", "b"] * 4
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda n: (n, client.post("/v1/classify", json={"adapter": n, "texts": TEXTS[:2]})), names))
+    for name, reply in replies:
+        assert reply.status_code == 200
+        got = torch.tensor([list(p["probabilities"].values()) for p in reply.json()["predictions"]])
+        assert torch.allclose(got, want[name][:2], atol=1e-5), name
+    assert batcher.batches - before < len(names)  # the micro-batcher grouped some requests
+
+
+def test_mixed_lora_forward_uses_each_adapters_own_head(client, adapters):
+    hub = client.app.state.hub
+    out = hub.predict([("a", TEXTS, None), ("b", TEXTS, None)])
+    for name, preds in zip("ab", out):
+        got = torch.tensor([list(p["probabilities"].values()) for p in preds])
+        assert torch.allclose(got, expected_probs(adapters[name]), atol=1e-5)
+
+
+@pytest.mark.parametrize("payload,status,message", [
+    ({"adapter": "nope", "texts": ["x"]}, 404, "unknown adapter"),
+    ({"adapter": "a", "texts": []}, 422, "texts is empty"),
+    ({"adapter": "a", "texts": ["x"] * 9}, 413, "limit is 8"),
+    ({"adapter": "a", "texts": ["x" * 201]}, 413, "limit is 200"),
+    ({"adapter": "a", "texts": ["x", "y"], "text_pairs": ["z"]}, 422, "single texts"),
+    ({"adapter": "a"}, 422, "texts"),
+    ({"adapter": "a", "texts": "not a list"}, 422, "texts"),
+    ({"texts": ["x"]}, 422, "adapter"),
+])
+def test_bad_inputs_are_4xx_with_a_message(client, payload, status, message):
+    reply = client.post("/v1/classify", json=payload)
+    assert reply.status_code == status and message in reply.json()["detail"]
+
+
+def test_malformed_json_is_422(client):
+    reply = client.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"})
+    assert reply.status_code == 422 and "invalid request" in reply.json()["detail"]
+
+
+def test_hot_load_and_unload_need_the_token(client, adapters):
+    body = {"name": "hot", "path": str(adapters["bottleneck"])}
+    assert client.post("/v1/adapters", json=body).status_code == 401
+    assert client.post("/v1/adapters", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    reply = client.post("/v1/adapters", json=body, headers=auth)
+    assert reply.status_code == 201 and reply.json()["method"] == "adapter"
+    assert client.post("/v1/adapters", json=body, headers=auth).status_code == 409
+    got = client.post("/v1/classify", json={"adapter": "hot", "texts": TEXTS}).json()["predictions"]
+    want = expected_probs(adapters["bottleneck"])
+    assert torch.allclose(torch.tensor([list(p["probabilities"].values()) for p in got]), want, atol=1e-5)
+    bad = client.post("/v1/adapters", json={"name": "bad", "path": "/does/not/exist"}, headers=auth)
+    assert bad.status_code == 400 and "does not exist" in bad.json()["detail"]
+    assert client.post("/v1/adapters", json={"name": "a.b", "path": body["path"]}, headers=auth).status_code == 400
+    assert client.delete("/v1/adapters/hot").status_code == 401
+    assert client.delete("/v1/adapters/hot", headers=auth).status_code == 200
+    assert client.post("/v1/classify", json={"adapter": "hot", "texts": ["x"]}).status_code == 404
+    assert client.delete("/v1/adapters/hot", headers=auth).status_code == 404
+    # unloading one LoRA of the shared PeftModel leaves the other working
+    assert client.delete("/v1/adapters/b", headers=auth).status_code == 200
+    got = client.post("/v1/classify", json={"adapter": "a", "texts": TEXTS}).json()["predictions"]
+    assert torch.allclose(torch.tensor([list(p["probabilities"].values()) for p in got]), expected_probs(adapters["a"]), atol=1e-5)
+    assert client.post("/v1/adapters", json={"name": "b", "path": str(adapters["b"])}, headers=auth).status_code == 201
+
+
+def test_admin_disabled_without_token(runs, adapters, client):
+    from fastapi.testclient import TestClient
+
+    app = create_app(str(runs.model_dir), {}, hub=client.app.state.hub)  # no admin token
+    c = TestClient(app)
+    assert c.post("/v1/adapters", json={"name": "x", "path": str(adapters["a"])}, headers={"Authorization": "Bearer "}).status_code == 403
+    assert c.delete("/v1/adapters/a").status_code == 403
+
+
+def test_base_mismatch_refused(runs, tmp_path):
+    from peftkit.errors import PeftkitError
+
+    hub = AdapterHub(str(runs.model_dir))
+    meta_path = runs.run("lora") / "adapter" / "peftkit.json"
+    import json
+    import shutil
+
+    shutil.copytree(meta_path.parent, tmp_path / "x")
+    meta = json.loads(meta_path.read_text())
+    meta["base_fingerprint"] = "0" * 64
+    (tmp_path / "x" / "peftkit.json").write_text(json.dumps(meta))
+    with pytest.raises(PeftkitError, match="allow-base-mismatch"):
+        hub.add("x", tmp_path / "x")
