@@ -87,6 +87,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     bar = progress_bar(total_steps, state.step, enabled=tcfg.progress and ranks.is_main, desc=config.recipe or "train")
     model.train()
     started, window_start, window_examples = time.perf_counter(), time.perf_counter(), 0
+    window_task_loss = window_total_loss = 0.0  # summed over the optimizer steps since the last log line
     while state.step < total_steps:
         task_loss_sum = total_loss_sum = 0.0
         for _ in range(tcfg.grad_accum_steps):
@@ -107,15 +108,19 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        window_task_loss, window_total_loss = window_task_loss + task_loss_sum, window_total_loss + total_loss_sum
 
         if state.step % tcfg.log_every == 0 or state.step == total_steps:
             now = time.perf_counter()
-            record = {"step": state.step, "epoch": state.epoch, "task_loss": round(task_loss_sum, 5),
-                      "regulariser": round(total_loss_sum - task_loss_sum, 5), "lr": scheduler.get_last_lr()[0],
+            steps_in_window = (state.step - 1) % tcfg.log_every + 1
+            task_loss = window_task_loss / steps_in_window
+            record = {"step": state.step, "epoch": state.epoch, "task_loss": round(task_loss, 5),
+                      "regulariser": round((window_total_loss - window_task_loss) / steps_in_window, 5),
+                      "lr": scheduler.get_last_lr()[0],
                       "examples_per_s": round(window_examples / max(now - window_start, 1e-9), 2)}
             log.write(record)
-            bar.set_postfix(loss=f"{task_loss_sum:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.0f}")
-            window_start, window_examples = now, 0
+            bar.set_postfix(loss=f"{task_loss:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.0f}")
+            window_start, window_examples, window_task_loss, window_total_loss = now, 0, 0.0, 0.0
         bar.update(1)
         if (tcfg.eval_every and state.step % tcfg.eval_every == 0) or state.step == total_steps:
             metrics = evaluate(model, splits["validation"], task.num_labels, tcfg.eval_batch_size, tokenizer.pad_token_id, device, tcfg.bf16)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from peftkit.bench import PROFILES, aggregate, build_report, pareto_front
+from peftkit.bench import PROFILES, aggregate, pareto_front
 from peftkit.cli import main
 
 

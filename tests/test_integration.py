@@ -27,7 +27,7 @@ def test_lora_learns_sst2(sst2_lora_run):
     assert summary["validation_examples"] == 872
     assert summary["best"]["accuracy"] > 0.75, summary["best"]  # chance is 0.51
     losses = [json.loads(l)["task_loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if "task_loss" in l]
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2, losses  # the training loss fell
+    assert len(losses) == 10 and losses[-1] < 0.8 * losses[0], losses  # 25-step mean training loss fell
     assert summary["trainable_params"] == 74_498  # r=8 on query/value (73,728) + head (770)
 
 
