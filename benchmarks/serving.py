@@ -89,11 +89,11 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
 def memory_table(lora_adapter: Path, n: int = 10) -> None:
     import gc
 
-    from peftkit.serve import AdapterHub
+    from peftkit.serve import ServedAdapters
 
     gc.collect()
     before = rss_mb()
-    hub = AdapterHub("default")
+    hub = ServedAdapters("default")
     hub.add("lora0", lora_adapter)
     hub.predict([("lora0", ["warm up"], None)])
     gc.collect()
@@ -103,8 +103,8 @@ def memory_table(lora_adapter: Path, n: int = 10) -> None:
     hub.predict([(f"lora{i}", ["warm up"], None) for i in range(n)])
     gc.collect()
     many = rss_mb()
-    print(f"## Memory of serving LoRA adapters on one base (process RSS)\n")
-    print(f"| adapters | RSS (MB) | over process before the base |")
+    print("## Memory of serving LoRA adapters on one base (process RSS)\n")
+    print("| adapters | RSS (MB) | over process before the base |")
     print("|---|---|---|")
     print(f"| 1 | {one:.0f} | {one - before:.0f} |")
     print(f"| {n} | {many:.0f} | {many - before:.0f} |")

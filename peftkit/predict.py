@@ -10,9 +10,7 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -22,6 +20,7 @@ import torch
 from peftkit.artifacts import LoadedAdapter, load
 from peftkit.data import encode
 from peftkit.errors import PeftkitError
+from peftkit.io import atomic_open
 from peftkit.inference import predict_logits
 
 
@@ -134,19 +133,8 @@ def atomic_output(path: str) -> Iterator[IO[str]]:
         yield sys.stdout
         sys.stdout.flush()
         return
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        yield f
 
 
 def predict_cli(args: argparse.Namespace) -> int:

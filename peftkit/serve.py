@@ -70,7 +70,7 @@ class Pool:
     adapters: set[str] = field(default_factory=set)
 
 
-class AdapterHub:
+class ServedAdapters:
     """Loads the base once and attaches, detaches and runs adapters on it. Not async: callers hold `lock`."""
 
     def __init__(self, base: str = "default", allow_base_mismatch: bool = False):
@@ -238,7 +238,7 @@ class _Job:
 class MicroBatcher:
     """Groups requests that arrive within `max_wait` seconds (up to `max_batch` texts) into one model pass."""
 
-    def __init__(self, hub: AdapterHub, max_batch: int = 64, max_wait: float = 0.005):
+    def __init__(self, hub: ServedAdapters, max_batch: int = 64, max_wait: float = 0.005):
         self.hub, self.max_batch, self.max_wait = hub, max_batch, max_wait
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
@@ -319,7 +319,7 @@ class LoadRequest(BaseModel):
 
 def create_app(base: str = "default", adapters: dict[str, str | Path] | None = None, admin_token: str | None = None,
                max_batch: int = 64, max_chars: int = 10000, allow_base_mismatch: bool = False, max_wait: float = 0.005,
-               hub: AdapterHub | None = None):
+               hub: ServedAdapters | None = None):
     """Build the FastAPI app; `hub` lets tests share one loaded base between apps."""
     from contextlib import asynccontextmanager
 
@@ -327,7 +327,7 @@ def create_app(base: str = "default", adapters: dict[str, str | Path] | None = N
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    hub = hub or AdapterHub(base, allow_base_mismatch)
+    hub = hub or ServedAdapters(base, allow_base_mismatch)
     for name, path in (adapters or {}).items():
         hub.add(name, path)
     batcher = MicroBatcher(hub, max_batch, max_wait)

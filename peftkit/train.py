@@ -160,7 +160,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         "train_examples_per_s": round(state.examples_seen / max(state.train_seconds, 1e-9), 2),
         **peak, "model_state_mb": model_state_mb(model),
         "device": str(device), "bf16": tcfg.bf16, "world_size": ranks.world,
-        "environment": environment(),
+        "environment": environment(), "run_dir": str(run_dir),
     }
     if ranks.is_main:
         task_info = {**task.describe(), "text_field": config.task.text_field, "text_pair_field": config.task.text_pair_field,
@@ -168,7 +168,6 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         save_adapter(model, method, run_dir / "adapter", base_model=config.model.name_or_path, task=task_info,
                      extra={"metrics": {"validation": kept_metrics, "test": test_metrics}, **params.as_dict()})
         summary["adapter_bytes"] = sum(f.stat().st_size for f in (run_dir / "adapter").iterdir() if f.suffix == ".safetensors")
-        summary["run_dir"] = str(run_dir)
         atomic_write_json(run_dir / "summary.json", summary)
     ranks.finish()
     return summary

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peftkit.artifacts import load
-from peftkit.serve import AdapterHub, create_app
+from peftkit.serve import ServedAdapters, create_app
 from shipping_runs import TEXTS, TinyRuns, logits_of, three_label_task
 
 TOKEN = "s3cret"
@@ -35,7 +35,7 @@ def adapters(runs):
 def client(runs, adapters):
     from fastapi.testclient import TestClient
 
-    hub = AdapterHub(str(runs.model_dir))
+    hub = ServedAdapters(str(runs.model_dir))
     app = create_app(str(runs.model_dir), {k: str(v) for k, v in adapters.items() if k != "bottleneck"},
                      admin_token=TOKEN, max_batch=8, max_chars=200, hub=hub)
     with TestClient(app) as c:
@@ -147,7 +147,7 @@ def test_admin_disabled_without_token(runs, adapters, client):
 def test_base_mismatch_refused(runs, tmp_path):
     from peftkit.errors import PeftkitError
 
-    hub = AdapterHub(str(runs.model_dir))
+    hub = ServedAdapters(str(runs.model_dir))
     meta_path = runs.run("lora") / "adapter" / "peftkit.json"
     import json
     import shutil
