@@ -227,7 +227,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(recipe: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Resolve a recipe name or a user's YAML file, apply overrides and validate everything."""
     if config_file:
-        data, name = read_yaml(config_file), Path(config_file).stem
+        data = read_yaml(config_file)
+        name = data.get("recipe") or Path(config_file).stem  # a run's config.yaml keeps its recipe's name
     elif recipe:
         recipes = list_recipes()
         if recipe not in recipes:

@@ -91,3 +91,13 @@ def test_train_and_eval_commands_on_a_tiny_model(tiny_model_dir, toy_task_dir, t
     assert code == 0 and "validation accuracy" in capsys.readouterr().out
     assert main(["eval", str(run), "--split", "test"]) == 0
     assert '"split": "test"' in capsys.readouterr().out
+
+
+def test_resume_from_the_cli_continues_a_run(tiny_model_dir, toy_task_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "sst2-lora", f"task.name={toy_task_dir}", f"model.name_or_path={tiny_model_dir('bert')}",
+            "train.max_steps=4", "train.checkpoint_every=2", "train.progress=false", "task.max_length=32"]
+    assert main([*args, "--run-dir", str(run)]) == 0
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "sst2-lora:" in capsys.readouterr().out.splitlines()[-1]  # the recipe name survives the resume
