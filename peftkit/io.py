@@ -16,6 +16,12 @@ from safetensors.torch import load_file, save_file
 from peftkit.errors import PeftkitError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
     """A text file at a temp name beside `path`, fsynced and renamed over `path` only if the block succeeds."""
@@ -23,6 +29,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; shipped files should be readable like any other
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
@@ -62,6 +69,7 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old")

@@ -123,3 +123,16 @@ def test_quantization_without_cuda_is_a_clear_error(tiny_run_config, tmp_path):
         pytest.skip("this check is for machines without CUDA")
     with pytest.raises(PeftkitError, match="needs a CUDA GPU"):
         train(config, run_dir=tmp_path / "run")
+
+
+def test_written_files_follow_the_umask_not_mkstemp_0600(tiny_run_config, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        train(tiny_run_config("adapter"), run_dir=tmp_path / "run")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "run" / "adapter", tmp_path / "run" / "adapter" / "peftkit.json", tmp_path / "run" / "summary.json"):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path  # group/other can read a shipped adapter
