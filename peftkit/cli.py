@@ -182,8 +182,12 @@ def cmd_train(args) -> int:
         if not (run_dir / "config.yaml").exists():
             raise PeftkitError(f"{run_dir} is not a run folder (no config.yaml)")
         config = load_config(config_file=str(run_dir / "config.yaml"), overrides=args.overrides + ([args.recipe] if args.recipe else []))
+    elif args.config and args.recipe and "=" not in args.recipe:
+        raise PeftkitError(f"give a recipe name or --config FILE, not both (got {args.recipe!r} and --config {args.config})")
+    elif args.config:  # argparse puts the first override into the recipe slot
+        config = load_config(config_file=args.config, overrides=([args.recipe] if args.recipe else []) + args.overrides)
     else:
-        config = load_config(recipe=args.recipe, config_file=args.config, overrides=args.overrides)
+        config = load_config(recipe=args.recipe, overrides=args.overrides)
     if args.data_dir:
         config.task.data_dir = args.data_dir
     summary = train(config, run_dir=args.run_dir, resume=args.resume)

@@ -31,7 +31,7 @@ class TaskConfig:
     test_file: str | None = None
     max_length: int = 128
     max_train_examples: int | None = None  # seeded subsample of train, for CPU-sized budgets
-    max_eval_examples: int | None = None  # first N rows of validation/test
+    max_eval_examples: int | None = None  # a seeded sample of N rows of validation/test
 
 
 @dataclass

@@ -79,7 +79,7 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     """Find the task named by `cfg.name` and read its splits."""
     path = Path(cfg.name).expanduser()
     root = data_dir(cfg)
-    if path.suffix.lower() in (".jsonl", ".json", ".csv"):
+    if path.suffix.lower() in (".jsonl", ".csv"):
         task = _file_task(cfg, path, seed)
     elif path.is_dir() and (path / "train.jsonl").exists():
         task = _folder_task(cfg, path)
@@ -185,6 +185,8 @@ def _normalise(name: str, raw: dict[str, list[dict]], cfg: TaskConfig, pair_fiel
     for split, rows in raw.items():
         out = []
         for number, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise PeftkitError(f"{name}/{split} row {number} is not a JSON object (one object per line expected)")
             if cfg.text_field not in row:
                 raise unknown_choice(f"text field in {name}/{split} row {number}", cfg.text_field, row)
             if pair_field and pair_field not in row:
@@ -206,7 +208,9 @@ def _normalise(name: str, raw: dict[str, list[dict]], cfg: TaskConfig, pair_fiel
 def _label_index(label: Any, index: dict[str, int], names: list[str], where: str) -> int:
     if isinstance(label, bool):
         label = int(label)
-    if isinstance(label, int) or (isinstance(label, str) and label.isdigit() and label not in index):
+    if str(label) in index:  # a label name, also when names are numbers ("1".."5") read from the data
+        return index[str(label)]
+    if isinstance(label, int) or (isinstance(label, str) and label.isdigit()):
         value = int(label)
         if not 0 <= value < len(names):
             raise PeftkitError(f"{where}: label {value} is outside 0..{len(names) - 1} ({len(names)} label names)")
@@ -262,7 +266,8 @@ def compute_metrics(predictions: list[int], labels: list[int], num_labels: int) 
 
     out = {
         "accuracy": float(accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, average="macro", labels=list(range(num_labels)), zero_division=0)),
+        # over the classes present in labels or predictions: a class absent from both is no evidence either way
+        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
     }
     if num_labels == 2:
         out["f1"] = float(f1_score(labels, predictions, average="binary", pos_label=1, zero_division=0))

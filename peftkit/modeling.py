@@ -1,6 +1,7 @@
 """Base model and tokenizer: any Hugging Face encoder or decoder, with a sequence-classification head."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def quantization_kwargs(kind: str) -> dict:
     else:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                                  bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
-    return {"quantization_config": bnb, "device_map": {"": 0}}
+    return {"quantization_config": bnb, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}  # torchrun: own GPU
 
 
 def head_modules(model: nn.Module) -> list[str]:

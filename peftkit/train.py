@@ -46,13 +46,18 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         raise PeftkitError("train.bf16=true but this GPU has no bf16 support; set train.bf16=false")
     if tcfg.metric_for_best not in ("accuracy", "macro_f1", "f1", "loss"):
         raise PeftkitError(f"unknown train.metric_for_best {tcfg.metric_for_best!r}; valid: accuracy, macro_f1, f1, loss")
+    check_budget(tcfg)
     ranks.init_process_group(device)
     run_dir = Path(resume) if resume else ranks.agree(Path(run_dir) if run_dir else new_run_dir(config))
 
     # Task, tokenised once.
     tokenizer = load_tokenizer(config.model)
     task = load_task(config.task, seed=tcfg.seed)
+    if tcfg.metric_for_best == "f1" and task.num_labels != 2:
+        raise PeftkitError(f"train.metric_for_best=f1 is the binary F1; task {task.name!r} has {task.num_labels} labels, use macro_f1")
     splits = {name: encode(rows, tokenizer, config.task.max_length) for name, rows in task.splits.items()}
+    if splits["validation"].labels is None:
+        raise PeftkitError(f"the validation split of task {task.name!r} has rows without labels; the loop needs them to evaluate")
     order = BatchOrder(len(splits["train"]), tcfg.batch_size, tcfg.seed, ranks)
     steps_per_epoch = max(1, math.ceil(order.batches_per_epoch / tcfg.grad_accum_steps))
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
@@ -61,6 +66,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     method = build_method(config.method.name, config.method.options)
     model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed)
     heads = head_modules(model)
+    if tcfg.checkpoint_every and not method.resumable:
+        raise PeftkitError(f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every")
     model = method.apply(model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps))
     if not config.model.quantization:
         model.to(device)
@@ -78,6 +85,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         if latest is None:
             raise PeftkitError(f"{run_dir} has no checkpoint to resume from (train.checkpoint_every was not set?)")
         state, best_weights = load_checkpoint(latest, model, optimizer, scheduler)
+        if state.step >= total_steps:
+            raise PeftkitError(f"{run_dir} is already at step {state.step}, not below this run's {total_steps} steps; raise train.max_steps to continue")
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ranks.is_main, truncate_after=state.step if resume else 0)
     if ranks.is_main:
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
@@ -88,6 +97,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     model.train()
     started, window_start, window_examples = time.perf_counter(), time.perf_counter(), 0
     window_task_loss = window_total_loss = 0.0  # summed over the optimizer steps since the last log line
+    window_steps = 0
     while state.step < total_steps:
         task_loss_sum = total_loss_sum = 0.0
         for _ in range(tcfg.grad_accum_steps):
@@ -109,18 +119,18 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         window_task_loss, window_total_loss = window_task_loss + task_loss_sum, window_total_loss + total_loss_sum
+        window_steps += 1
 
         if state.step % tcfg.log_every == 0 or state.step == total_steps:
             now = time.perf_counter()
-            steps_in_window = (state.step - 1) % tcfg.log_every + 1
-            task_loss = window_task_loss / steps_in_window
+            task_loss = window_task_loss / window_steps
             record = {"step": state.step, "epoch": state.epoch, "task_loss": round(task_loss, 5),
-                      "regulariser": round((window_total_loss - window_task_loss) / steps_in_window, 5),
+                      "regulariser": round((window_total_loss - window_task_loss) / window_steps, 5),
                       "lr": scheduler.get_last_lr()[0],
                       "examples_per_s": round(window_examples / max(now - window_start, 1e-9), 2)}
             log.write(record)
             bar.set_postfix(loss=f"{task_loss:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.0f}")
-            window_start, window_examples, window_task_loss, window_total_loss = now, 0, 0.0, 0.0
+            window_start, window_examples, window_task_loss, window_total_loss, window_steps = now, 0, 0.0, 0.0, 0
         bar.update(1)
         if (tcfg.eval_every and state.step % tcfg.eval_every == 0) or state.step == total_steps:
             metrics = evaluate(model, splits["validation"], task.num_labels, tcfg.eval_batch_size, tokenizer.pad_token_id, device, tcfg.bf16)
@@ -218,6 +228,16 @@ class BatchOrder:
         return indices or self._perm[:self.batch_size]
 
 
+def check_budget(tcfg: TrainConfig) -> None:
+    """Counts that divide or index the loop must be positive; say so before anything loads."""
+    for name in ("batch_size", "grad_accum_steps", "log_every", "eval_batch_size", "max_steps", "eval_every", "checkpoint_every"):
+        value = getattr(tcfg, name)
+        if value is not None and value < 1:
+            raise PeftkitError(f"train.{name} must be at least 1, got {value}" + (" (use null to turn it off)" if name in ("eval_every", "checkpoint_every", "max_steps") else ""))
+    if tcfg.epochs <= 0 and not tcfg.max_steps:
+        raise PeftkitError(f"train.epochs must be positive, got {tcfg.epochs}")
+
+
 def is_better(value: float, best: float | None, metric: str) -> bool:
     return best is None or (value < best if metric == "loss" else value > best)
 
@@ -231,13 +251,21 @@ class MetricsLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if truncate_after and path.exists():  # resuming: drop records past the checkpoint
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= truncate_after]
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= truncate_after]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a half-written last line (process killed mid-append) counts as past the end."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def new_run_dir(config: RunConfig) -> Path:
@@ -267,6 +295,8 @@ class Ranks:
 
     def init_process_group(self, device: torch.device) -> None:
         if self.world > 1 and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # NCCL (and broadcast_object_list) use the current device
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     def agree(self, path: Path) -> Path:

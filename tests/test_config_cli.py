@@ -101,3 +101,13 @@ def test_resume_from_the_cli_continues_a_run(tiny_model_dir, toy_task_dir, tmp_p
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000002"
     assert main(["train", "--resume", str(run)]) == 0
     assert "sst2-lora:" in capsys.readouterr().out.splitlines()[-1]  # the recipe name survives the resume
+
+
+def test_overrides_after_config_file_are_applied(tmp_path, tiny_model_dir, toy_task_dir):
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"task: {{name: {toy_task_dir}, max_length: 32}}\nmodel: {{name_or_path: {tiny_model_dir('bert')}}}\n"
+                    "method: {name: lora}\ntrain: {max_steps: 2, progress: false}\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(path), "train.max_steps=3", "--run-dir", str(run)]) == 0
+    assert "max_steps: 3" in (run / "config.yaml").read_text()
+    assert main(["train", "sst2-lora", "--config", str(path)]) == 2

@@ -81,3 +81,15 @@ def test_metrics():
     m = compute_metrics([0, 1, 1, 0], [0, 1, 0, 0], 2)
     assert m["accuracy"] == 0.75 and m["f1"] == pytest.approx(2 / 3)
     assert "f1" not in compute_metrics([0, 1, 2], [0, 1, 1], 3)
+
+
+def test_numeric_labels_in_jsonl_are_names_like_in_csv(tmp_path):
+    path = tmp_path / "stars.jsonl"
+    path.write_text("".join(json.dumps({"text": f"review {i}", "label": 1 + i % 5}) + "\n" for i in range(50)))
+    task = load_task(TaskConfig(name=str(path)))
+    assert task.label_names == ["1", "2", "3", "4", "5"]
+    assert {r["label"] for r in task.splits["train"]} == {0, 1, 2, 3, 4}
+
+
+def test_macro_f1_ignores_classes_absent_from_both_sides():
+    assert compute_metrics([0, 1, 2], [0, 1, 2], 77)["macro_f1"] == 1.0

@@ -136,3 +136,67 @@ def test_written_files_follow_the_umask_not_mkstemp_0600(tiny_run_config, tmp_pa
         os.umask(old)
     for path in (tmp_path / "run" / "adapter", tmp_path / "run" / "adapter" / "peftkit.json", tmp_path / "run" / "summary.json"):
         assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path  # group/other can read a shipped adapter
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"log_every": 0}, "train.log_every must be at least 1"),
+    ({"batch_size": 0}, "train.batch_size must be at least 1"),
+    ({"eval_every": 0}, "use null to turn it off"),
+])
+def test_zero_budgets_are_clear_errors(tiny_run_config, tmp_path, override, message):
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=message):
+        train(tiny_run_config("lora", **override), run_dir=tmp_path / "run")
+
+
+def test_adalora_refuses_checkpoints_it_could_not_resume_exactly(tiny_run_config, tmp_path):
+    from peftkit.errors import PeftkitError
+
+    config = tiny_run_config("adalora", method_options={"tinit_ratio": 0.0, "tfinal_ratio": 0.0}, checkpoint_every=2)
+    with pytest.raises(PeftkitError, match="rank allocator"):
+        train(config, run_dir=tmp_path / "run")
+
+
+def test_resume_past_the_budget_is_a_clear_error(tiny_run_config, tmp_path):
+    from peftkit.errors import PeftkitError
+
+    train(tiny_run_config("lora", max_steps=4, checkpoint_every=3), run_dir=tmp_path / "run")
+    with pytest.raises(PeftkitError, match="already at step 3"):
+        train(tiny_run_config("lora", max_steps=2, checkpoint_every=3), resume=tmp_path / "run")
+
+
+def test_logged_loss_after_resume_averages_the_steps_actually_in_the_window(tiny_run_config, tmp_path, monkeypatch):
+    from peftkit.adapters.lora import LoRA
+
+    steps = dict(max_steps=8, checkpoint_every=3, log_every=4)
+    train(tiny_run_config("lora", **steps), run_dir=tmp_path / "straight")
+    original = LoRA.after_optimizer_step
+
+    def crash(self, model, step):
+        if step == 4:
+            raise RuntimeError("crash")
+        return original(self, model, step)
+
+    monkeypatch.setattr(LoRA, "after_optimizer_step", crash)
+    with pytest.raises(RuntimeError):
+        train(tiny_run_config("lora", **steps), run_dir=tmp_path / "crashed")
+    monkeypatch.setattr(LoRA, "after_optimizer_step", original)
+    train(tiny_run_config("lora", **steps), resume=tmp_path / "crashed")
+
+    def logged(run):
+        return {r["step"]: r["task_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "task_loss" in r}
+
+    straight, resumed = logged(tmp_path / "straight"), logged(tmp_path / "crashed")
+    assert straight[8] > 0 and resumed[8] > 0.6 * straight[8]  # steps 4..8 (one missing) averaged, not divided by 4
+
+
+def test_binary_f1_as_best_metric_on_three_labels_is_a_clear_error(tiny_run_config, tmp_path):
+    from peftkit.errors import PeftkitError
+
+    path = tmp_path / "three.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}", "label": i % 3}) + "\n" for i in range(30)))
+    config = tiny_run_config("lora", metric_for_best="f1")
+    config.task.name = str(path)
+    with pytest.raises(PeftkitError, match="has 3 labels, use macro_f1"):
+        train(config, run_dir=tmp_path / "run")

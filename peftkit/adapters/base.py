@@ -35,6 +35,11 @@ class Method:
     uses_peft: ClassVar[bool] = False  # saved in PEFT's own adapter layout
     merge_blocker: ClassVar[str | None] = "this method adds modules that cannot be folded into the base weights"
     restore_best: ClassVar[bool] = True  # whether the loop may roll back to the best evaluation at the end
+    resume_blocker: ClassVar[str | None] = None  # why checkpoints of this method would not resume exactly, if so
+
+    @property
+    def resumable(self) -> bool:
+        return self.resume_blocker is None
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.config_class()
