@@ -171,7 +171,7 @@ def parse_list(value: str | None) -> list[str] | None:
 def validate_choices(profile_name: str, tasks: list[str], methods: list[str], seeds: list[str] | None) -> list[int] | None:
     """Check everything the grid names before anything trains, so a typo costs seconds, not an hour."""
     from peftkit.adapters import available_methods
-    from peftkit.data import BUILTIN_TASKS
+    from peftkit.data import BUILTIN_TASKS, is_task_source
 
     if profile_name not in PROFILES:
         raise unknown_choice("bench profile", profile_name, PROFILES)
@@ -182,9 +182,7 @@ def validate_choices(profile_name: str, tasks: list[str], methods: list[str], se
     if not tasks or not methods:
         raise PeftkitError("the grid is empty: give at least one task (--tasks) and one method (--methods)")
     for task in tasks:
-        path = Path(task).expanduser()
-        is_data = (path.is_dir() and (path / "train.jsonl").exists()) or (path.is_file() and path.suffix in (".jsonl", ".json", ".csv"))
-        if task not in BUILTIN_TASKS and not is_data:
+        if task not in BUILTIN_TASKS and not is_task_source(task):
             raise unknown_choice("task (or a task folder / .jsonl / .csv file)", task, BUILTIN_TASKS)
     known = available_methods()
     for method in methods:

@@ -9,9 +9,11 @@ import csv
 import json
 import os
 import random
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -20,6 +22,7 @@ from peftkit.errors import PeftkitError, unknown_choice
 
 DATA_ENV = "PEFTKIT_DATA"
 SPLITS = ("train", "validation", "test")
+TASK_FILE_SUFFIXES = (".jsonl", ".csv")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,12 @@ class Task:
 # --------------------------------------------------------------------------------------------- loading
 
 
+def is_task_source(name: str) -> bool:
+    """True when `name` is an existing task folder or JSONL/CSV file rather than a built-in task name."""
+    path = Path(name).expanduser()
+    return (path.is_file() and path.suffix.lower() in TASK_FILE_SUFFIXES) or (path.is_dir() and (path / "train.jsonl").exists())
+
+
 def data_dir(cfg: TaskConfig) -> Path | None:
     value = cfg.data_dir or os.environ.get(DATA_ENV)
     return Path(value).expanduser() if value else None
@@ -79,7 +88,7 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     """Find the task named by `cfg.name` and read its splits."""
     path = Path(cfg.name).expanduser()
     root = data_dir(cfg)
-    if path.suffix.lower() in (".jsonl", ".csv"):
+    if path.suffix.lower() in TASK_FILE_SUFFIXES:
         task = _file_task(cfg, path, seed)
     elif path.is_dir() and (path / "train.jsonl").exists():
         task = _folder_task(cfg, path)
@@ -155,22 +164,40 @@ def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int) -> Task:
     return _normalise(cfg.name, raw, fields, spec.text_pair, label_names, spec.metrics)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Read a JSONL or CSV file into dicts, with the line number in any error."""
+def iter_rows(source: str | Path, stdin: IO[str] | None = None, what: str = "data") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (where, row) one row at a time from a JSONL or CSV file, or '-' for JSONL on stdin.
+
+    Streaming, so `peftkit predict` runs in constant memory; `where` (file:line) goes into every error.
+    """
+    if str(source) == "-":
+        yield from _jsonl_rows(stdin or sys.stdin, "<stdin>")
+        return
+    path = Path(source)
     if not path.is_file():
-        raise PeftkitError(f"data file {path} does not exist")
+        raise PeftkitError(f"{what} file {path} does not exist")
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise PeftkitError(f"{path}:{number} is not valid JSON ({e.msg})") from None
-    return rows
+            for number, row in enumerate(csv.DictReader(f), 2):
+                yield f"{path}:{number}", row
+    else:
+        with path.open(encoding="utf-8") as f:
+            yield from _jsonl_rows(f, str(path))
+
+
+def _jsonl_rows(lines: Iterable[str], name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PeftkitError(f"{name}:{number} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise PeftkitError(f"{name}:{number} is not a JSON object (one object per line expected)")
+            yield f"{name}:{number}", row
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [row for _, row in iter_rows(path)]
 
 
 def _distinct_labels(rows: list[dict], label_field: str) -> list[str]:
@@ -185,8 +212,6 @@ def _normalise(name: str, raw: dict[str, list[dict]], cfg: TaskConfig, pair_fiel
     for split, rows in raw.items():
         out = []
         for number, row in enumerate(rows, 1):
-            if not isinstance(row, dict):
-                raise PeftkitError(f"{name}/{split} row {number} is not a JSON object (one object per line expected)")
             if cfg.text_field not in row:
                 raise unknown_choice(f"text field in {name}/{split} row {number}", cfg.text_field, row)
             if pair_field and pair_field not in row:

@@ -8,48 +8,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from peftkit.artifacts import LoadedAdapter, load
-from peftkit.data import encode
+from peftkit.data import encode, iter_rows
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_open
 from peftkit.inference import predict_logits
-
-
-def iter_rows(source: str, stdin: IO[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (where, row) one row at a time from a .jsonl/.json/.csv path or '-' (JSONL on stdin)."""
-    if source == "-":
-        yield from _jsonl_rows(stdin or sys.stdin, "<stdin>")
-        return
-    path = Path(source)
-    if not path.is_file():
-        raise PeftkitError(f"input file {path} does not exist")
-    with path.open(newline="" if path.suffix.lower() == ".csv" else None, encoding="utf-8") as f:
-        if path.suffix.lower() == ".csv":
-            for number, row in enumerate(csv.DictReader(f), 2):
-                yield f"{path}:{number}", row
-        else:
-            yield from _jsonl_rows(f, str(path))
-
-
-def _jsonl_rows(f: Iterable[str], name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    for number, line in enumerate(f, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PeftkitError(f"{name}:{number} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise PeftkitError(f"{name}:{number} is not a JSON object")
-            yield f"{name}:{number}", row
 
 
 def input_fields(meta: dict[str, Any]) -> tuple[str, str | None]:
@@ -117,7 +88,7 @@ def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size:
         chunk.clear()
 
     with bar:
-        for item in iter_rows(source, stdin):
+        for item in iter_rows(source, stdin, what="input"):
             chunk.append(item)
             if len(chunk) >= batch_size:
                 flush()

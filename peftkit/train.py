@@ -75,6 +75,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if params.trainable == 0:
         raise PeftkitError(f"method {method.name!r} left no trainable parameters in this model")
     optimizer = build_optimizer(model, tcfg, heads)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # what the optimizer and clipping touch
     warmup = int(tcfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total_steps - s) / max(total_steps - warmup, 1))))
 
@@ -112,7 +113,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             state.examples_seen += len(batch["labels"]) * ranks.world
             window_examples += len(batch["labels"]) * ranks.world
         if tcfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
         optimizer.step()
         method.after_optimizer_step(model, state.step)  # the one method hook (AdaLoRA reallocates its rank budget)
         scheduler.step()
