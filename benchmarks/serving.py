@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--requests", type=int, default=320)
     args = parser.parse_args()
-    from peftkit.cli import quiet_libraries
+    from peftkit.console import quiet_libraries
     from peftkit.data import read_rows
 
     quiet_libraries()

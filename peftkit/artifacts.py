@@ -18,48 +18,51 @@ from peftkit.adapters import Method, MethodContext, build_method, get_method_cla
 from peftkit.config import ModelConfig, build_dataclass
 from peftkit.errors import PeftkitError
 from peftkit.fingerprint import model_fingerprint, short
+from peftkit.formats import AdapterMeta, TaskInfo
 from peftkit.io import atomic_directory, atomic_write_json, read_json
-from peftkit.modeling import head_modules, load_model, load_tokenizer, portable_model_name, resolve_model_path
+from peftkit.modeling import (
+    ParameterCount,
+    head_modules,
+    load_model,
+    load_tokenizer,
+    portable_model_name,
+    resolve_model_path,
+)
 
 META_FILE = "peftkit.json"
 FORMAT_VERSION = 1
 
 
-def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_model: str, task: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> Path:
+def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_model: str, task: TaskInfo,
+                 metrics: dict[str, Any] | None = None, params: ParameterCount | None = None) -> AdapterMeta:
     """Write the adapter folder atomically: either the whole folder appears, or nothing changes."""
     directory = Path(directory)
     with atomic_directory(directory, overwrite=True) as tmp:
         method.save(model, tmp)
         if method.uses_peft:
-            config_path = tmp / "adapter_config.json"
-            config = read_json(config_path)
-            config["base_model_name_or_path"] = portable_model_name(base_model)
-            atomic_write_json(config_path, config)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "method": method.name,
-            "method_options": dataclasses.asdict(method.options),
-            "peft_format": method.uses_peft,
-            "base_model": portable_model_name(base_model),
-            "base_fingerprint": model_fingerprint(base_model),
-            "task": task,
-            **(extra or {}),
-        }
-        atomic_write_json(tmp / META_FILE, meta)
-    return directory
+            set_peft_base_name(tmp, base_model)
+        meta = AdapterMeta(
+            method=method.name, method_options=dataclasses.asdict(method.options), peft_format=method.uses_peft,
+            base_model=portable_model_name(base_model), base_fingerprint=model_fingerprint(base_model), task=task,
+            metrics=metrics, adapter_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+            **({"trainable_params": params.trainable, "total_params": params.total,
+                "trainable_pct": round(params.trainable_pct, 4)} if params else {}),
+        )
+        meta.write(tmp)
+    return meta
+
+
+def set_peft_base_name(directory: Path, base_model: str) -> None:
+    """Point adapter_config.json at the portable base name (never an absolute path into a virtualenv)."""
+    path = Path(directory) / "adapter_config.json"
+    config = read_json(path)
+    config["base_model_name_or_path"] = portable_model_name(base_model)
+    atomic_write_json(path, config)
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise PeftkitError(f"adapter folder {directory} does not exist")
-    if not (directory / META_FILE).exists():
-        raise PeftkitError(f"{directory} is not a peftkit adapter folder (no {META_FILE}); for a run folder pass RUN_DIR/adapter")
-    meta = read_json(directory / META_FILE)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PeftkitError(f"{directory / META_FILE} has format_version {meta.get('format_version')!r}; this peftkit reads {FORMAT_VERSION}")
-    return meta
+    """peftkit.json as a dict (validated and version-checked through AdapterMeta)."""
+    return AdapterMeta.read(directory).to_dict()
 
 
 @dataclass
@@ -97,7 +100,7 @@ def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: 
 def attach(model: nn.Module, directory: Path, meta: dict[str, Any], model_path: str) -> tuple[nn.Module, Method]:
     """Apply the adapter in `directory` to an already loaded base model (serve shares one base this way)."""
     method_class = get_method_class(meta["method"])
-    options = build_dataclass(method_class.config_class, meta.get("method_options", {}), f"{META_FILE} method_options")
+    options = build_dataclass(method_class.options_class, meta.get("method_options", {}), f"{META_FILE} method_options")
     method = build_method(meta["method"], options)
     ctx = MethodContext(model_path, head_modules(model))
     try:

@@ -16,10 +16,8 @@ import io
 import math
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -31,7 +29,7 @@ from typing import Any
 from peftkit.config import RunConfig, apply_overrides, list_recipes, load_config
 from peftkit.errors import PeftkitError, unknown_choice
 from peftkit.io import atomic_write_json, atomic_write_text, read_json
-from peftkit.train import cpu_model
+from peftkit.measure import machine_manifest
 
 # --------------------------------------------------------------------------------------------- profiles
 
@@ -329,7 +327,7 @@ def _in_child(config: dict[str, Any], run_dir: str, latency_examples: int, laten
 
 
 def _child_main(send, config: dict[str, Any], run_dir: str, latency_examples: int, latency_batch_size: int) -> None:
-    from peftkit.cli import quiet_libraries
+    from peftkit.console import quiet_libraries
 
     quiet_libraries()
     try:
@@ -349,7 +347,7 @@ def measure_cell(config: RunConfig, run_dir: Path, latency_examples: int, latenc
     from peftkit.artifacts import read_meta
     from peftkit.train import train
 
-    s = train(config, run_dir=run_dir)
+    s = train(config, run_dir=run_dir).to_dict()
     latency = inference_latency(config, run_dir / "adapter", latency_examples, latency_batch_size)
     task_metrics = read_meta(run_dir / "adapter")["task"]["metrics"]
     for heavy in ("adapter", "checkpoints"):  # keep config.yaml, metrics.jsonl, summary.json; weights can be MBs
@@ -398,21 +396,6 @@ def inference_latency(config: RunConfig, adapter_dir: Path, examples: int, batch
     seconds = time.perf_counter() - started
     return {"ms_per_example": round(1000 * seconds / max(len(split), 1), 3), "examples": len(split),
             "batch_size": batch_size, "seconds": round(seconds, 3), "device": str(device), "bf16": config.train.bf16}
-
-
-def machine_manifest() -> dict[str, Any]:
-    """What the per-run `environment` lacks: the exact CPU model, core count, git commit, data folder, command."""
-    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain")),
-            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "peftkit_data": os.environ.get("PEFTKIT_DATA")}
-
-
-def _git(*args: str) -> str | None:
-    try:
-        result = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (result.stdout.strip() or None) if result.returncode == 0 else None
 
 
 # --------------------------------------------------------------------------------------------- the report
@@ -703,29 +686,3 @@ def _scatter(points: list[dict[str, Any]], x_key: str, x_label: str, log_x: bool
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(buffer.getvalue())
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def bench_cli(args) -> int:
-    """`peftkit bench ...` (train the grid, then report) or `peftkit bench --report DIR` (report only)."""
-    if args.report:
-        report = build_report(args.report)
-        print(f"rebuilt {Path(args.report) / 'results.md'} from {len(report['cells'])} cell files")
-        return 0
-    counts = run_bench(args.profile, parse_list(args.tasks), parse_list(args.methods), parse_list(args.seeds),
-                       args.out, args.model, args.data_dir, progress=True, command=_command_line(args))
-    out = Path(args.out or f"benchmarks/results/{args.profile}")
-    print(f"bench {args.profile}: {counts['planned']} cells ({counts['skipped']} already done, {counts['ran']} run now), "
-          f"{counts['failed']} failed; tables: {out / 'results.md'}")
-    return 1 if counts["failed"] else 0
-
-
-def _command_line(args) -> str:
-    """The bench command as typed (flags in a fixed order), for the manifest and results.md."""
-    parts = ["peftkit", "bench", "--profile", args.profile]
-    for flag in ("tasks", "methods", "seeds", "out", "data_dir", "model"):
-        if getattr(args, flag):
-            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    return " ".join(parts)

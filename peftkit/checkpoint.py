@@ -16,7 +16,7 @@ from torch import nn
 
 from peftkit.adapters.base import trainable_state
 from peftkit.errors import PeftkitError
-from peftkit.io import atomic_directory, atomic_write_text, load_tensors, read_json, save_tensors, atomic_write_json
+from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
 
 LATEST = "latest"
 

@@ -3,14 +3,13 @@
 `export_adapter` copies the run's adapter folder (PEFT layout for peft methods, peftkit safetensors otherwise),
 completes peftkit.json (labels, input fields, base fingerprint, metrics) and writes a model card.
 `export_merged` folds a mergeable adapter into the base and saves a plain transformers model.
-`merge_adapters` combines LoRA adapters of one base with peft's `add_weighted_adapter`.
+`combine_adapters` combines LoRA adapters of one base with peft's `add_weighted_adapter`.
 Every output folder appears atomically (io.atomic_directory): all of it, or nothing.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -159,7 +158,7 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- merge
 
 
-def merge_adapters(adapter_dirs: list[str | Path], weights: list[float], how: str = "linear", density: float = 0.5,
+def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], how: str = "linear", density: float = 0.5,
                    out: str | Path = "merged", overwrite: bool = False) -> tuple[Path, str]:
     """Combine LoRA adapters trained on one base into one LoRA adapter (peft `add_weighted_adapter`).
 
@@ -252,28 +251,3 @@ def _head_wrappers(model) -> list:
     from peft.utils import ModulesToSaveWrapper
 
     return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def export_cli(args: argparse.Namespace) -> int:
-    if args.merge:
-        out = export_merged(args.run_dir, args.out, allow_base_mismatch=args.allow_base_mismatch)
-        print(f"wrote merged model {out} (load with transformers.AutoModelForSequenceClassification.from_pretrained)")
-    else:
-        out = export_adapter(args.run_dir, args.out)
-        meta = read_meta(out)
-        print(f"wrote adapter {out} ({meta['method']}, {meta.get('adapter_bytes', 0) / 1024:.1f} KiB, "
-              f"base {meta['base_model']} fingerprint {short(meta.get('base_fingerprint'))})")
-    return 0
-
-
-def merge_cli(args: argparse.Namespace) -> int:
-    try:
-        weights = [float(w) for w in args.weights.split(",")]
-    except ValueError:
-        raise PeftkitError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
-    out, note = merge_adapters(args.adapters, weights, args.how, args.density, args.out)
-    print(f"wrote merged LoRA adapter {out} ({args.how}, weights {weights}); {note}")
-    return 0

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from peftkit.data import EncodedSplit, collate, compute_metrics
+from peftkit.data import EncodedSplit, collate, compute_metrics, encode
+from peftkit.errors import PeftkitError
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -39,3 +42,28 @@ def evaluate(model: nn.Module, split: EncodedSplit, num_labels: int, batch_size:
     metrics = compute_metrics(logits.argmax(-1).tolist(), split.labels, num_labels)
     metrics["loss"] = float(nn.functional.cross_entropy(logits, labels))
     return metrics
+
+
+def evaluate_run(run_dir: str | Path, split: str = "validation", device: str = "auto", batch_size: int = 64,
+                 data_dir: str | None = None) -> dict[str, Any]:
+    """Score a finished run's adapter on a split of its task (read again from the run's config.yaml)."""
+    from peftkit.artifacts import load
+    from peftkit.config import load_config
+    from peftkit.data import load_task
+    from peftkit.modeling import resolve_device
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise PeftkitError(f"{run_dir} is not a run folder (no config.yaml)")
+    config = load_config(config_file=str(run_dir / "config.yaml"))
+    if data_dir:
+        config.task.data_dir = data_dir
+    loaded = load(run_dir / "adapter")
+    target = resolve_device(device)
+    loaded.model.to(target)
+    task = load_task(config.task, seed=config.train.seed)
+    encoded = encode(task.split(split), loaded.tokenizer, config.task.max_length)
+    if encoded.labels is None:
+        raise PeftkitError(f"split {split!r} of task {task.name!r} has no labels to evaluate against")
+    metrics = evaluate(loaded.model, encoded, task.num_labels, batch_size, loaded.tokenizer.pad_token_id, target)
+    return {"split": split, "examples": len(encoded), **metrics}

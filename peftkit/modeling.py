@@ -57,7 +57,6 @@ def load_tokenizer(cfg: ModelConfig):
 def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed: int = 0) -> nn.Module:
     """Pretrained body + a fresh classification head, seeded so the head starts the same for the same seed."""
     from transformers import AutoModelForSequenceClassification
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a 90 MB model is noise
@@ -127,6 +126,26 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return ParameterCount(trainable, total)
+
+
+def trainable_pct_without_weights(cfg) -> str:
+    """A recipe's trainable share of parameters, from its method applied to a weightless (meta-device) model."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from peftkit.adapters import MethodContext, build_method
+    from peftkit.data import BUILTIN_TASKS
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    num_labels = BUILTIN_TASKS[cfg.task.name].num_labels if cfg.task.name in BUILTIN_TASKS else 2
+    try:
+        model_config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(model_config)
+            ctx = MethodContext(path, head_modules(model), total_steps=1000)
+            model = build_method(cfg.method.name, cfg.method.options).apply(model, ctx)
+        return f"{count_parameters(model).trainable_pct:.3f}"
+    except Exception:  # a listing must not fail because one recipe's model is not available offline
+        return "?"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -6,21 +6,19 @@ The output file is written beside its final name and renamed into place at the e
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-from peftkit.artifacts import LoadedAdapter, load
+from peftkit.artifacts import LoadedAdapter
 from peftkit.data import encode, iter_rows
 from peftkit.errors import PeftkitError
-from peftkit.io import atomic_open
 from peftkit.inference import predict_logits
+from peftkit.io import atomic_open
 
 
 def input_fields(meta: dict[str, Any]) -> tuple[str, str | None]:
@@ -106,16 +104,3 @@ def atomic_output(path: str) -> Iterator[IO[str]]:
         return
     with atomic_open(path) as f:
         yield f
-
-
-def predict_cli(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise PeftkitError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.input != "-" and args.output != "-" and Path(args.input).resolve() == Path(args.output).resolve():
-        raise PeftkitError("--output must differ from --input")
-    loaded = load(args.adapter_dir, base=args.base, allow_base_mismatch=args.allow_base_mismatch)
-    with atomic_output(args.output) as out:
-        n = predict_stream(loaded, args.input, out, args.batch_size, args.bf16, progress=sys.stderr.isatty() or args.output != "-")
-    if args.output != "-":
-        print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
-    return 0

@@ -13,7 +13,6 @@ A micro-batcher (asyncio queue, ~5 ms wait, bounded batch) groups concurrent req
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import copy
 import re
@@ -417,26 +416,3 @@ def create_app(base: str = "default", adapters: dict[str, str | Path] | None = N
         return {"unloaded": name}
 
     return app
-
-
-def parse_adapter_args(values: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise PeftkitError(f"--adapter {value!r} must be NAME=DIR")
-        if name in out:
-            raise PeftkitError(f"--adapter name {name!r} given twice")
-        out[name] = path
-    return out
-
-
-def serve_cli(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    if args.max_batch < 1 or args.max_chars < 1:
-        raise PeftkitError("--max-batch and --max-chars must be at least 1")
-    app = create_app(args.base, parse_adapter_args(args.adapter), admin_token=args.admin_token,
-                     max_batch=args.max_batch, max_chars=args.max_chars, allow_base_mismatch=args.allow_base_mismatch)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,14 +27,24 @@ from peftkit.adapters.base import is_head_parameter, trainable_state
 from peftkit.artifacts import save_adapter
 from peftkit.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.config import RunConfig, TrainConfig
+from peftkit.console import progress_bar
 from peftkit.data import collate, encode, load_task
 from peftkit.errors import PeftkitError
+from peftkit.formats import RunSummary, TaskInfo
 from peftkit.inference import autocast, evaluate
-from peftkit.io import atomic_write_json, atomic_write_text
-from peftkit.modeling import count_parameters, head_modules, load_model, load_tokenizer, resolve_device, resolve_model_path
+from peftkit.io import atomic_write_text
+from peftkit.measure import MemoryMeter, environment, model_state_mb
+from peftkit.modeling import (
+    count_parameters,
+    head_modules,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_path,
+)
 
 
-def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunSummary:
     """Train `config` and return its summary (also written to RUN_DIR/summary.json)."""
     tcfg = config.train
     ranks = Ranks.from_env()
@@ -160,26 +169,26 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     test_metrics = None
     if "test" in splits and splits["test"].labels is not None:
         test_metrics = evaluate(model, splits["test"], task.num_labels, tcfg.eval_batch_size, tokenizer.pad_token_id, device, tcfg.bf16)
-    summary = {
-        "recipe": config.recipe, "task": task.name, "method": method.name, "model": config.model.name_or_path,
-        "seed": tcfg.seed, "steps": state.step, "examples_seen": state.examples_seen,
-        "train_examples": len(splits["train"]), "validation_examples": len(splits["validation"]),
-        "final": final_metrics, "best": {"step": kept_step, **kept_metrics},
-        "test": test_metrics, "kept": "best" if method.restore_best else "final",
-        **params.as_dict(),
-        "train_seconds": round(state.train_seconds, 2),
-        "train_examples_per_s": round(state.examples_seen / max(state.train_seconds, 1e-9), 2),
-        **peak, "model_state_mb": model_state_mb(model),
-        "device": str(device), "bf16": tcfg.bf16, "world_size": ranks.world,
-        "environment": environment(), "run_dir": str(run_dir),
-    }
+    summary = RunSummary(
+        recipe=config.recipe, task=task.name, method=method.name, model=config.model.name_or_path,
+        seed=tcfg.seed, steps=state.step, examples_seen=state.examples_seen,
+        train_examples=len(splits["train"]), validation_examples=len(splits["validation"]),
+        final=final_metrics, best={"step": kept_step, **kept_metrics}, test=test_metrics,
+        kept="best" if method.restore_best else "final",
+        trainable_params=params.trainable, total_params=params.total, trainable_pct=round(params.trainable_pct, 4),
+        train_seconds=round(state.train_seconds, 2),
+        train_examples_per_s=round(state.examples_seen / max(state.train_seconds, 1e-9), 2),
+        **peak, model_state_mb=model_state_mb(model),
+        device=str(device), bf16=tcfg.bf16, world_size=ranks.world, environment=environment(), run_dir=str(run_dir),
+    )
     if ranks.is_main:
-        task_info = {**task.describe(), "text_field": config.task.text_field, "text_pair_field": config.task.text_pair_field,
-                     "max_length": config.task.max_length}
-        save_adapter(model, method, run_dir / "adapter", base_model=config.model.name_or_path, task=task_info,
-                     extra={"metrics": {"validation": kept_metrics, "test": test_metrics}, **params.as_dict()})
-        summary["adapter_bytes"] = sum(f.stat().st_size for f in (run_dir / "adapter").iterdir() if f.suffix == ".safetensors")
-        atomic_write_json(run_dir / "summary.json", summary)
+        task_info = TaskInfo(name=task.name, label_names=task.label_names, is_pair=task.is_pair, metrics=list(task.metrics),
+                             text_field=config.task.text_field, text_pair_field=config.task.text_pair_field,
+                             max_length=config.task.max_length)
+        meta = save_adapter(model, method, run_dir / "adapter", base_model=config.model.name_or_path, task=task_info,
+                            metrics={"validation": kept_metrics, "test": test_metrics}, params=params)
+        summary.adapter_bytes = meta.adapter_bytes
+        summary.write(run_dir)
     ranks.finish()
     return summary
 
@@ -312,79 +321,3 @@ class Ranks:
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-
-
-class MemoryMeter:
-    """Peak memory of the training phase: CUDA's max_memory_allocated, or on CPU the process's peak RSS
-    (reset through /proc/self/clear_refs, so it covers this run only) above the RSS at the start."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.baseline = torch.cuda.memory_allocated(device)
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-            self.baseline = _proc_status_kb("VmRSS") * 1024
-
-    def peak(self) -> dict[str, float]:
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _proc_status_kb("VmHWM") * 1024
-        mb = 1024 * 1024
-        return {"peak_memory_mb": round(peak / mb, 1), "baseline_memory_mb": round(self.baseline / mb, 1),
-                "peak_memory_above_baseline_mb": round(max(peak - self.baseline, 0) / mb, 1),
-                "memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"}
-
-
-def _proc_status_kb(field: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def model_state_mb(model: nn.Module) -> float:
-    """Tensor memory of model state: weights, plus gradient and two AdamW moments per trainable parameter."""
-    total = 0
-    for p in model.parameters():
-        total += p.numel() * p.element_size() * (4 if p.requires_grad else 1)
-    return round(total / (1024 * 1024), 1)
-
-
-def progress_bar(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict[str, Any]:
-    import peft
-    import transformers
-
-    from peftkit import __version__
-
-    return {"peftkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "cpu": cpu_model(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-

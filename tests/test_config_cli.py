@@ -16,13 +16,13 @@ TASKS = ("sst2", "banking77", "financial_phrasebank", "rte", "mrpc")
 def test_every_task_has_the_core_recipes_and_all_recipes_resolve():
     recipes = list_recipes()
     for task in TASKS:
-        for method in ("full", "adapter", "lora", "adalora", "prompt"):
+        for method in ("full", "bottleneck", "lora", "adalora", "prompt"):
             assert f"{task}-{method}" in recipes
     assert len(recipes) >= 30
     for name in recipes:
         config = load_config(recipe=name)
         assert config.recipe == name and config.task.name in TASKS
-        assert name.split("-")[1] in (config.method.name, "adapter", "prompt", "lora")
+        assert name.split("-")[1] in (config.method.name, "prompt", "lora")
 
 
 def test_override_types_are_checked_and_converted():

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from shipping_runs import TinyRuns, logits_of
 
 from peftkit.artifacts import load, read_meta
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
-from peftkit.export import export_adapter, export_merged, merge_adapters
+from peftkit.export import combine_adapters, export_adapter, export_merged
 from peftkit.fingerprint import model_fingerprint
-from shipping_runs import TinyRuns, logits_of
 
-ALL_METHODS = ["full", "bitfit", "adapter", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
+ALL_METHODS = ["full", "bitfit", "bottleneck", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
 PEFT_METHODS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
 MERGEABLE = ["lora", "dora", "adalora", "ia3"]
 
@@ -105,7 +105,7 @@ def test_merged_export_matches_adapter_via_plain_transformers(method, runs, tmp_
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
 
 
-@pytest.mark.parametrize("method,why", [("prompt", "virtual tokens"), ("adapter", "non-linear"), ("bitfit", "biases")])
+@pytest.mark.parametrize("method,why", [("prompt", "virtual tokens"), ("bottleneck", "non-linear"), ("bitfit", "biases")])
 def test_merge_refused_with_reason(method, why, runs, tmp_path, capsys):
     run = runs.run(method)
     assert main(["export", str(run), "--out", str(tmp_path / "m"), "--merge"]) == 2
@@ -151,7 +151,7 @@ def test_fingerprint_cached_and_hub_ids_skip(runs, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate_peft", "bad_config_json", "truncate_peftkit", "bad_meta_json", "garbage_header"])
 def test_damaged_folders_raise_clear_errors(damage, runs, tmp_path):
-    method = "adapter" if damage == "truncate_peftkit" else "lora"
+    method = "bottleneck" if damage == "truncate_peftkit" else "lora"
     out = export_adapter(runs.run(method), tmp_path / "e")
     target = {"truncate_peft": "adapter_model.safetensors", "bad_config_json": "adapter_config.json",
               "truncate_peftkit": "peftkit_weights.safetensors", "bad_meta_json": "peftkit.json",
@@ -173,12 +173,12 @@ def test_weighted_merge_of_adapter_with_itself_reproduces_it(runs, tmp_path, cap
     run = runs.run("lora")
     original = load(run / "adapter")
     expected = logits_of(original.model, original.tokenizer)
-    single, note = merge_adapters([run], [1.0], "linear", out=tmp_path / "one")
+    single, note = combine_adapters([run], [1.0], "linear", out=tmp_path / "one")
     assert "head" in note
     got = load(single)
     assert torch.allclose(logits_of(got.model, got.tokenizer), expected, atol=1e-5)
     # two copies at 0.5 each, concatenated: delta = 0.5·BA + 0.5·BA
-    assert main(["merge", str(run / "adapter"), str(run / "adapter"), "--weights", "0.5,0.5", "--how", "cat",
+    assert main(["combine", str(run / "adapter"), str(run / "adapter"), "--weights", "0.5,0.5", "--how", "cat",
                  "--out", str(tmp_path / "two")]) == 0
     assert "head: taken from" in capsys.readouterr().out
     two = load(tmp_path / "two")
@@ -188,15 +188,15 @@ def test_weighted_merge_of_adapter_with_itself_reproduces_it(runs, tmp_path, cap
 
 def test_weighted_merge_combines_two_and_refuses_bad_input(runs, tmp_path, capsys):
     a, b = runs.run("lora", seed=0), runs.run("lora", seed=1)
-    out, _ = merge_adapters([a, b], [0.5, 0.5], "ties", density=0.5, out=tmp_path / "ties")
+    out, _ = combine_adapters([a, b], [0.5, 0.5], "ties", density=0.5, out=tmp_path / "ties")
     merged = load(out)
     la, lm = logits_of(load(a / "adapter").model, merged.tokenizer), logits_of(merged.model, merged.tokenizer)
     assert lm.shape == la.shape and not torch.equal(lm, la)
-    assert main(["merge", str(a), str(runs.run("ia3")), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
+    assert main(["combine", str(a), str(runs.run("ia3")), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
     assert "plain LoRA adapters only" in capsys.readouterr().err
-    assert main(["merge", str(a), str(runs.run("lora", r=4)), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
+    assert main(["combine", str(a), str(runs.run("lora", r=4)), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
     assert "--how cat" in capsys.readouterr().err
-    assert main(["merge", str(a), str(b), "--weights", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert main(["combine", str(a), str(b), "--weights", "0.5", "--out", str(tmp_path / "x")]) == 2
     assert "one per adapter" in capsys.readouterr().err
-    assert main(["merge", str(a), "--weights", "1", "--how", "mean", "--out", str(tmp_path / "x")]) == 2
+    assert main(["combine", str(a), "--weights", "1", "--how", "mean", "--out", str(tmp_path / "x")]) == 2
     assert "linear, ties" in capsys.readouterr().err

@@ -8,10 +8,10 @@ import torch
 
 from peftkit.adapters import MethodContext, available_methods, build_method
 from peftkit.artifacts import load
+from peftkit.config import ModelConfig
 from peftkit.data import encode, load_task
 from peftkit.errors import PeftkitError
 from peftkit.modeling import count_parameters, head_modules, load_model
-from peftkit.config import ModelConfig
 from peftkit.train import train
 
 ADALORA_TINY = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0, "init_r": 4, "target_r": 2, "delta_t": 1}
@@ -23,7 +23,7 @@ def apply_method(tiny_model_dir, name, kind="bert", **options):
     from peftkit.adapters import get_method_class
 
     model = load_model(ModelConfig(str(tiny_model_dir(kind))), LABELS, pad_token_id=0)
-    method = build_method(name, get_method_class(name).config_class(**options))
+    method = build_method(name, get_method_class(name).options_class(**options))
     return method.apply(model, MethodContext(str(tiny_model_dir(kind)), head_modules(model), total_steps=10))
 
 
@@ -34,9 +34,9 @@ def trainable_names(model):
 @pytest.mark.parametrize("name, options, expected", [
     ("lora", {"r": 4, "target_modules": ["query", "value"]}, L * 2 * 4 * (H + H) + HEAD),
     ("dora", {"r": 4, "target_modules": ["query", "value"]}, L * 2 * (4 * (H + H) + H) + HEAD),  # + magnitude vector
-    ("adapter", {"placement": "houlsby", "reduction_factor": 16}, L * 2 * ((H * 2 + 2) + (2 * H + H)) + HEAD),
-    ("adapter", {"placement": "pfeiffer", "reduction_factor": 16}, L * ((H * 2 + 2) + (2 * H + H)) + HEAD),
-    ("adapter", {"bottleneck_size": 8}, L * 2 * ((H * 8 + 8) + (8 * H + H)) + HEAD),
+    ("bottleneck", {"placement": "houlsby", "reduction_factor": 16}, L * 2 * ((H * 2 + 2) + (2 * H + H)) + HEAD),
+    ("bottleneck", {"placement": "pfeiffer", "reduction_factor": 16}, L * ((H * 2 + 2) + (2 * H + H)) + HEAD),
+    ("bottleneck", {"bottleneck_size": 8}, L * 2 * ((H * 8 + 8) + (8 * H + H)) + HEAD),
     ("prompt", {"num_virtual_tokens": 20}, 20 * H + HEAD),
     # IA3 on BERT (peft's default): key and value scale their H outputs; "output.dense" matches both the attention
     # output (H inputs) and the feed-forward output (FF inputs), both treated as feed-forward and scaled on the input
@@ -51,7 +51,7 @@ def test_trainable_count_matches_formula(tiny_model_dir, name, options, expected
 
 @pytest.mark.parametrize("name, allowed", [
     ("lora", ("lora_", "classifier")),
-    ("adapter", ("bottleneck_adapter", "classifier")),
+    ("bottleneck", ("bottleneck_adapter", "classifier")),
     ("bitfit", (".bias", "classifier")),
     ("ia3", ("ia3_l", "classifier")),
     ("prompt", ("prompt_encoder", "classifier")),
@@ -76,12 +76,13 @@ def test_full_trains_everything(tiny_model_dir):
     assert count_parameters(model).trainable == count_parameters(model).total
 
 
-ALL_TRAINABLE = ["full", "bitfit", "adapter", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
+ALL_TRAINABLE = ["full", "bitfit", "bottleneck", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
 
 
 @pytest.mark.parametrize("method", ALL_TRAINABLE)
 def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp_path):
     from peftkit.artifacts import save_adapter
+    from peftkit.formats import TaskInfo
 
     options = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0} if method == "adalora" else {}
     model = apply_method(tiny_model_dir, method, **options)
@@ -94,7 +95,7 @@ def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp
     x = torch.randint(1000, 2000, (3, 7))
     expected = model(input_ids=x).logits
     save_adapter(model, build_method(method, model_options(method, options)), tmp_path / "a",
-                 base_model=str(tiny_model_dir("bert")), task={"label_names": ["neg", "pos"]})
+                 base_model=str(tiny_model_dir("bert")), task=TaskInfo(name="toy", label_names=["neg", "pos"]))
     loaded = load(tmp_path / "a")
     assert torch.equal(loaded.model(input_ids=x).logits, expected)
 
@@ -102,7 +103,7 @@ def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp
 def model_options(name, options):
     from peftkit.adapters import get_method_class
 
-    return get_method_class(name).config_class(**options)
+    return get_method_class(name).options_class(**options)
 
 
 @pytest.mark.parametrize("method", ALL_TRAINABLE)
@@ -115,8 +116,8 @@ def test_trained_adapter_reloads_to_the_loops_own_validation_numbers(method, tin
     loaded = load(tmp_path / "run" / "adapter")
     split = encode(load_task(config.task).splits["validation"], loaded.tokenizer, 32)
     metrics = evaluate(loaded.model, split, 2, 64, loaded.tokenizer.pad_token_id, torch.device("cpu"))
-    assert metrics["loss"] == pytest.approx(summary["best"]["loss"], abs=1e-6)
-    assert metrics["accuracy"] == summary["best"]["accuracy"]
+    assert metrics["loss"] == pytest.approx(summary.best["loss"], abs=1e-6)
+    assert metrics["accuracy"] == summary.best["accuracy"]
 
 
 def test_adalora_reallocates_rank_budget(tiny_run_config, tmp_path):
@@ -142,7 +143,7 @@ def test_adalora_logs_regulariser_separately(tiny_run_config, tmp_path):
 def test_decoders_train_and_round_trip(kind, method, tiny_run_config, tmp_path):
     config = tiny_run_config(method, kind, seed=3)
     summary = train(config, run_dir=tmp_path / "run")
-    assert summary["trainable_params"] > 0
+    assert summary.trainable_params > 0
     loaded = load(tmp_path / "run" / "adapter")
     assert loaded.model.config.model_type == kind
 
@@ -177,7 +178,7 @@ def test_unknown_method_suggests_close_match():
 
     with pytest.raises(PeftkitError, match="'lora'"):
         get_method_class("lorra")
-    assert {"full", "bitfit", "adapter", "lora", "dora", "adalora", "ia3", "prompt", "ptuning", "prefix"} <= set(available_methods())
+    assert {"full", "bitfit", "bottleneck", "lora", "dora", "adalora", "ia3", "prompt", "ptuning", "prefix"} <= set(available_methods())
 
 
 def test_third_party_method_registers_through_entry_point(tmp_path, monkeypatch, tiny_model_dir):
@@ -186,7 +187,7 @@ def test_third_party_method_registers_through_entry_point(tmp_path, monkeypatch,
         "from dataclasses import dataclass\n"
         "from peftkit.adapters.base import Method, freeze, unfreeze_head\n"
         "@dataclass\nclass HeadOnlyConfig:\n    pass\n"
-        "class HeadOnly(Method):\n    name = 'headonly'\n    config_class = HeadOnlyConfig\n"
+        "class HeadOnly(Method):\n    name = 'headonly'\n    options_class = HeadOnlyConfig\n"
         "    def apply(self, model, ctx):\n        freeze(model); unfreeze_head(model, ctx.head_modules); return model\n")
     dist = tmp_path / "myplugin-0.1.dist-info"
     dist.mkdir()

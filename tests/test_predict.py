@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from shipping_runs import TEXTS, TinyRuns, logits_of
 
 from peftkit.artifacts import load
 from peftkit.cli import main
-from shipping_runs import TEXTS, TinyRuns, logits_of
 
 
 @pytest.fixture(scope="module")

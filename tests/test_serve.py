@@ -5,10 +5,10 @@ import concurrent.futures
 
 import pytest
 import torch
+from shipping_runs import TEXTS, TinyRuns, logits_of, three_label_task
 
 from peftkit.artifacts import load
 from peftkit.serve import ServedAdapters, create_app
-from shipping_runs import TEXTS, TinyRuns, logits_of, three_label_task
 
 TOKEN = "s3cret"
 
@@ -28,7 +28,7 @@ def runs(tmp_path_factory, tiny_model_dir, toy_task_dir):
 def adapters(runs):
     return {"a": runs.run("lora", seed=0) / "adapter", "b": runs.run("lora", seed=1) / "adapter",
             "c": runs.run("lora", seed=2, task=runs.toy3) / "adapter", "ia3": runs.run("ia3") / "adapter",
-            "bottleneck": runs.run("adapter") / "adapter"}
+            "bottleneck": runs.run("bottleneck") / "adapter"}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_hot_load_and_unload_need_the_token(client, adapters):
     assert client.post("/v1/adapters", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
     auth = {"Authorization": f"Bearer {TOKEN}"}
     reply = client.post("/v1/adapters", json=body, headers=auth)
-    assert reply.status_code == 201 and reply.json()["method"] == "adapter"
+    assert reply.status_code == 201 and reply.json()["method"] == "bottleneck"
     assert client.post("/v1/adapters", json=body, headers=auth).status_code == 409
     got = client.post("/v1/classify", json={"adapter": "hot", "texts": TEXTS}).json()["predictions"]
     want = expected_probs(adapters["bottleneck"])

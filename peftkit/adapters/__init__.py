@@ -19,7 +19,7 @@ ENTRY_POINT_GROUP = "peftkit.methods"
 BUILTIN_METHODS: dict[str, str] = {
     "full": "peftkit.adapters.full:FullFineTuning",
     "bitfit": "peftkit.adapters.bitfit:BitFit",
-    "adapter": "peftkit.adapters.bottleneck:BottleneckAdapter",
+    "bottleneck": "peftkit.adapters.bottleneck:BottleneckAdapter",
     "lora": "peftkit.adapters.lora:LoRA",
     "dora": "peftkit.adapters.dora:DoRA",
     "adalora": "peftkit.adapters.adalora:AdaLoRA",
@@ -28,6 +28,9 @@ BUILTIN_METHODS: dict[str, str] = {
     "ptuning": "peftkit.adapters.ptuning:PTuning",
     "prefix": "peftkit.adapters.prefix:PrefixTuning",
 }
+
+# Old method names, still accepted in configs and recipe names ("adapter" also names this package and shipped folders).
+METHOD_ALIASES: dict[str, str] = {"adapter": "bottleneck"}
 
 _registered: dict[str, type[Method]] = {}
 
@@ -49,6 +52,7 @@ def available_methods() -> list[str]:
 
 
 def get_method_class(name: str) -> type[Method]:
+    name = METHOD_ALIASES.get(name, name)
     if name in _registered:
         return _registered[name]
     target = BUILTIN_METHODS.get(name) or _plugin_targets().get(name)
@@ -63,4 +67,4 @@ def build_method(name: str, options=None) -> Method:
     return get_method_class(name)(options)
 
 
-__all__ = ["Method", "MethodContext", "available_methods", "build_method", "get_method_class", "register_method"]
+__all__ = ["METHOD_ALIASES", "Method", "MethodContext", "available_methods", "build_method", "get_method_class", "register_method"]

@@ -1,6 +1,6 @@
 """The contract every adaptation method follows, and the helpers they share.
 
-A method is a class with a config dataclass (`config_class`) and four jobs:
+A method is a class with a config dataclass (`options_class`) and four jobs:
 `apply` (inject trainable parts, freeze the rest), `save` / `load` (weights only, safetensors),
 and optionally `merge` (fold into the base) and `after_optimizer_step` (the one hook the loop calls).
 """
@@ -28,10 +28,10 @@ class MethodContext:
 
 
 class Method:
-    """Base class: subclasses set `name`, `config_class` and implement `apply`."""
+    """Base class: subclasses set `name`, `options_class` and implement `apply`."""
 
     name: ClassVar[str] = ""
-    config_class: ClassVar[type] = object
+    options_class: ClassVar[type] = object
     uses_peft: ClassVar[bool] = False  # saved in PEFT's own adapter layout
     merge_blocker: ClassVar[str | None] = "this method adds modules that cannot be folded into the base weights"
     restore_best: ClassVar[bool] = True  # whether the loop may roll back to the best evaluation at the end
@@ -42,7 +42,7 @@ class Method:
         return self.resume_blocker is None
 
     def __init__(self, options: Any = None):
-        self.options = options if options is not None else self.config_class()
+        self.options = options if options is not None else self.options_class()
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         raise NotImplementedError

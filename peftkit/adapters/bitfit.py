@@ -10,13 +10,13 @@ from peftkit.errors import PeftkitError
 
 
 @dataclass
-class BitFitConfig:
+class BitFitOptions:
     """BitFit has no options: every `*.bias` parameter trains."""
 
 
 class BitFit(Method):
     name = "bitfit"
-    config_class = BitFitConfig
+    options_class = BitFitOptions
     merge_blocker = "BitFit changes base biases in place; its folder already holds the full set of trained biases"
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:

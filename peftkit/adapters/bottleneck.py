@@ -32,7 +32,7 @@ PLACEMENTS = ("houlsby", "pfeiffer")
 
 
 @dataclass
-class AdapterConfig:
+class BottleneckOptions:
     placement: str = "houlsby"  # houlsby: after attention and feed-forward; pfeiffer: after feed-forward only
     reduction_factor: int = 16  # bottleneck = hidden_size // reduction_factor
     bottleneck_size: int | None = None  # overrides reduction_factor when set
@@ -62,8 +62,8 @@ def _add_adapter_output(module: nn.Module, inputs: tuple, output: torch.Tensor) 
 
 
 class BottleneckAdapter(Method):
-    name = "adapter"
-    config_class = AdapterConfig
+    name = "bottleneck"
+    options_class = BottleneckOptions
     merge_blocker = "a bottleneck adapter is a non-linear module (down, activation, up), so no weight update equals it"
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:

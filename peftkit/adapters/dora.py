@@ -13,5 +13,5 @@ class DoraOptions(LoraOptions):
 
 class DoRA(LoRA):
     name = "dora"
-    config_class = DoraOptions
+    options_class = DoraOptions
     use_dora = True

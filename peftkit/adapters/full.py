@@ -9,13 +9,13 @@ from peftkit.adapters.base import Method, MethodContext
 
 
 @dataclass
-class FullConfig:
+class FullOptions:
     """Full fine-tuning has no options of its own; the learning rate lives in `train`."""
 
 
 class FullFineTuning(Method):
     name = "full"
-    config_class = FullConfig
+    options_class = FullOptions
     merge_blocker = "a fully fine-tuned model is already a whole model; its adapter folder holds all weights"
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:

@@ -19,7 +19,7 @@ class LoraOptions:
 
 class LoRA(PeftMethod):
     name = "lora"
-    config_class = LoraOptions
+    options_class = LoraOptions
     use_dora = False
 
     def peft_config(self, ctx: MethodContext) -> Any:

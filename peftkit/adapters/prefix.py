@@ -26,7 +26,7 @@ class PrefixOptions:
 
 class PrefixTuning(PeftMethod):
     name = "prefix"
-    config_class = PrefixOptions
+    options_class = PrefixOptions
     merge_blocker = "prefix tuning adds key/value prefixes to attention; there are no weight updates to fold in"
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:

@@ -24,7 +24,7 @@ class PromptOptions:
 
 class PromptTuning(PeftMethod):
     name = "prompt"
-    config_class = PromptOptions
+    options_class = PromptOptions
     merge_blocker = "prompt tuning adds virtual tokens to the input; there are no weight updates to fold in"
 
     def peft_config(self, ctx: MethodContext) -> Any:

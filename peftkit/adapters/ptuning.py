@@ -17,7 +17,7 @@ class PTuningOptions:
 
 class PTuning(PeftMethod):
     name = "ptuning"
-    config_class = PTuningOptions
+    options_class = PTuningOptions
     merge_blocker = "p-tuning adds virtual tokens to the input; there are no weight updates to fold in"
 
     def peft_config(self, ctx: MethodContext) -> Any:

@@ -1,0 +1,49 @@
+"""The `peftkit` command. One module per verb in this package (as torchtune's `_cli/`), each with:
+
+    HELP                      one line for `peftkit --help`
+    add_arguments(parser)     its flags (argparse), imported cheaply: no torch at parse time
+    run(args) -> int          parse-level checks, then one call into the library with typed arguments
+
+User mistakes (PeftkitError) print one line and exit 2; nothing prints a traceback for them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from peftkit.console import quiet_libraries
+from peftkit.errors import PeftkitError
+
+VERBS = ("recipes", "methods", "train", "eval", "bench", "export", "combine", "predict", "serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning: one loop, many methods.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for verb in VERBS:
+        module = importlib.import_module(f"peftkit.cli.{verb}")
+        p = sub.add_parser(verb, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except PeftkitError as e:
+        print(f"peftkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftkit: interrupted; files written so far are complete (all writes are atomic)", file=sys.stderr)
+        return 130
+
+
+__all__ = ["VERBS", "build_parser", "main"]

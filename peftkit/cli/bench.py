@@ -1,0 +1,55 @@
+"""`peftkit bench`: train the grid of tasks x methods x seeds and write tables and plots (or only --report them)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+HELP = "train methods x tasks and write accuracy/params/memory/time tables"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", help="comma-separated tasks (default: the profile's)")
+    parser.add_argument("--methods", help="comma-separated methods (default: the profile's)")
+    parser.add_argument("--profile", default="cpu", help="a profile name (see recipes/profiles/), e.g. smoke, cpu, full")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
+    parser.add_argument("--out", help="results folder (default: benchmarks/results/<profile>)")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--model", help="base model (default: the recipes')")
+    parser.add_argument("--report", metavar="DIR", help="only rebuild tables and plots from the cell files in DIR")
+
+
+def parse_list(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_seeds(value: str | None) -> list[int] | None:
+    try:
+        return None if value is None else [int(s) for s in parse_list(value)]
+    except ValueError:
+        raise PeftkitError(f"--seeds must be comma-separated integers, got {value!r}") from None
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The bench command as typed (flags in a fixed order), for the manifest and results.md."""
+    parts = ["peftkit", "bench", "--profile", args.profile]
+    for flag in ("tasks", "methods", "seeds", "out", "data_dir", "model"):
+        if getattr(args, flag):
+            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftkit.bench import build_report, run_bench
+
+    if args.report:
+        report = build_report(args.report)
+        print(f"rebuilt {Path(args.report) / 'results.md'} from {len(report['cells'])} cell files")
+        return 0
+    counts = run_bench(args.profile, parse_list(args.tasks), parse_list(args.methods), parse_seeds(args.seeds),
+                       args.out, args.model, args.data_dir, progress=True, command=command_line(args))
+    out = Path(args.out or f"benchmarks/results/{args.profile}")
+    print(f"bench {args.profile}: {counts['planned']} cells ({counts['skipped']} already done, {counts['ran']} run now), "
+          f"{counts['failed']} failed; tables: {out / 'results.md'}")
+    return 1 if counts["failed"] else 0

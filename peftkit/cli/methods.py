@@ -1,0 +1,24 @@
+"""`peftkit methods`: the registered adaptation methods, their weights format and whether they merge."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "list the registered adaptation methods"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftkit.adapters import available_methods, get_method_class
+    from peftkit.console import print_table
+
+    rows = []
+    for name in available_methods():
+        cls = get_method_class(name)
+        rows.append((name, "peft" if cls.uses_peft else "peftkit", "yes" if cls.merge_blocker is None else "no",
+                     (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]))
+    print_table(("method", "weights format", "merge", "what it is"), rows)
+    return 0

@@ -1,0 +1,36 @@
+"""`peftkit predict ADAPTER --input rows.jsonl --output preds.jsonl`: label a file (or stdin) with an adapter."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+HELP = "label a JSONL/CSV file (or - for stdin) with an adapter"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter_dir")
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", default="-")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
+    parser.add_argument("--allow-base-mismatch", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from peftkit.artifacts import load
+    from peftkit.predict import atomic_output, predict_stream
+
+    if args.batch_size < 1:
+        raise PeftkitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.input != "-" and args.output != "-" and Path(args.input).resolve() == Path(args.output).resolve():
+        raise PeftkitError("--output must differ from --input")
+    loaded = load(args.adapter_dir, base=args.base, allow_base_mismatch=args.allow_base_mismatch)
+    with atomic_output(args.output) as out:
+        n = predict_stream(loaded, args.input, out, args.batch_size, args.bf16, progress=sys.stderr.isatty() or args.output != "-")
+    if args.output != "-":
+        print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
+    return 0
