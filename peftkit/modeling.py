@@ -13,7 +13,6 @@ from peftkit.errors import PeftkitError
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 HEAD_MODULE_NAMES = ("classifier", "score")  # BERT-likes use `classifier`, decoders `score`
-QUANTIZATIONS = ("8bit", "4bit")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -80,8 +79,6 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed
 
 def quantization_kwargs(kind: str) -> dict:
     """bitsandbytes settings for QLoRA-style training. CUDA only: on CPU, 4-bit breaks train->eval->train (notes)."""
-    if kind not in QUANTIZATIONS:
-        raise PeftkitError(f"unknown model.quantization {kind!r}; valid: {', '.join(QUANTIZATIONS)} (or leave it unset)")
     if not torch.cuda.is_available():
         raise PeftkitError(f"model.quantization={kind} needs a CUDA GPU (bitsandbytes); this machine has none. Unset it to train in full precision")
     from transformers import BitsAndBytesConfig

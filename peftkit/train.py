@@ -53,9 +53,6 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         device = torch.device("cuda", ranks.local_rank)
     if tcfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PeftkitError("train.bf16=true but this GPU has no bf16 support; set train.bf16=false")
-    if tcfg.metric_for_best not in ("accuracy", "macro_f1", "f1", "loss"):
-        raise PeftkitError(f"unknown train.metric_for_best {tcfg.metric_for_best!r}; valid: accuracy, macro_f1, f1, loss")
-    check_budget(tcfg)
     ranks.init_process_group(device)
     run_dir = Path(resume) if resume else ranks.agree(Path(run_dir) if run_dir else new_run_dir(config))
 
@@ -102,6 +99,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
     wrapped = nn.parallel.DistributedDataParallel(model) if ranks.world > 1 else model
 
+    def score(split):  # the one evaluation every stage of the run uses
+        return evaluate(model, split, task.num_labels, tcfg.eval_batch_size, tokenizer.pad_token_id, device, tcfg.bf16)
+
     memory = MemoryMeter(device)
     bar = progress_bar(total_steps, state.step, enabled=tcfg.progress and ranks.is_main, desc=config.recipe or "train")
     model.train()
@@ -143,7 +143,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             window_start, window_examples, window_task_loss, window_total_loss, window_steps = now, 0, 0.0, 0.0, 0
         bar.update(1)
         if (tcfg.eval_every and state.step % tcfg.eval_every == 0) or state.step == total_steps:
-            metrics = evaluate(model, splits["validation"], task.num_labels, tcfg.eval_batch_size, tokenizer.pad_token_id, device, tcfg.bf16)
+            metrics = score(splits["validation"])
             log.write({"step": state.step, "split": "validation", **metrics})
             if is_better(metrics[tcfg.metric_for_best], state.best_metric, tcfg.metric_for_best):
                 state.best_metric, state.best_step = metrics[tcfg.metric_for_best], state.step
@@ -165,10 +165,10 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if best_weights is not None and state.best_step != state.step:
         model.load_state_dict(best_weights, strict=False)
         kept_step = state.best_step
-        kept_metrics = evaluate(model, splits["validation"], task.num_labels, tcfg.eval_batch_size, tokenizer.pad_token_id, device, tcfg.bf16)
+        kept_metrics = score(splits["validation"])
     test_metrics = None
     if "test" in splits and splits["test"].labels is not None:
-        test_metrics = evaluate(model, splits["test"], task.num_labels, tcfg.eval_batch_size, tokenizer.pad_token_id, device, tcfg.bf16)
+        test_metrics = score(splits["test"])
     summary = RunSummary(
         recipe=config.recipe, task=task.name, method=method.name, model=config.model.name_or_path,
         seed=tcfg.seed, steps=state.step, examples_seen=state.examples_seen,
@@ -236,16 +236,6 @@ class BatchOrder:
         state.batch_in_epoch += 1
         indices = self._perm[start:start + self.batch_size]
         return indices or self._perm[:self.batch_size]
-
-
-def check_budget(tcfg: TrainConfig) -> None:
-    """Counts that divide or index the loop must be positive; say so before anything loads."""
-    for name in ("batch_size", "grad_accum_steps", "log_every", "eval_batch_size", "max_steps", "eval_every", "checkpoint_every"):
-        value = getattr(tcfg, name)
-        if value is not None and value < 1:
-            raise PeftkitError(f"train.{name} must be at least 1, got {value}" + (" (use null to turn it off)" if name in ("eval_every", "checkpoint_every", "max_steps") else ""))
-    if tcfg.epochs <= 0 and not tcfg.max_steps:
-        raise PeftkitError(f"train.epochs must be positive, got {tcfg.epochs}")
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:

@@ -76,16 +76,22 @@ def test_full_trains_everything(tiny_model_dir):
     assert count_parameters(model).trainable == count_parameters(model).total
 
 
-ALL_TRAINABLE = ["full", "bitfit", "bottleneck", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
+def apply_or_skip(tiny_model_dir, method, **options):
+    """Apply a registered method to the tiny BERT; a method that cannot run there must say why in one line."""
+    try:
+        return apply_method(tiny_model_dir, method, **options)
+    except PeftkitError as e:
+        assert "\n" not in str(e) and len(str(e)) > 20
+        pytest.skip(f"{method} does not apply to a BERT classifier: {e}")
 
 
-@pytest.mark.parametrize("method", ALL_TRAINABLE)
+@pytest.mark.parametrize("method", available_methods())  # the registry: a new method is tested without edits here
 def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp_path):
     from peftkit.artifacts import save_adapter
     from peftkit.formats import TaskInfo
 
     options = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0} if method == "adalora" else {}
-    model = apply_method(tiny_model_dir, method, **options)
+    model = apply_or_skip(tiny_model_dir, method, **options)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # stand-in for training: move every trainable weight, the head included
         for p in model.parameters():
@@ -106,11 +112,12 @@ def model_options(name, options):
     return get_method_class(name).options_class(**options)
 
 
-@pytest.mark.parametrize("method", ALL_TRAINABLE)
-def test_trained_adapter_reloads_to_the_loops_own_validation_numbers(method, tiny_run_config, tmp_path):
+@pytest.mark.parametrize("method", available_methods())
+def test_trained_adapter_reloads_to_the_loops_own_validation_numbers(method, tiny_model_dir, tiny_run_config, tmp_path):
     """After real training (AdaLoRA's rank pruning included) the shipped folder reproduces the kept model."""
     from peftkit.inference import evaluate
 
+    apply_or_skip(tiny_model_dir, method, **({"tinit_ratio": 0.0, "tfinal_ratio": 0.0} if method == "adalora" else {}))
     config = tiny_run_config(method, method_options=ADALORA_TINY if method == "adalora" else None, seed=7, max_steps=6)
     summary = train(config, run_dir=tmp_path / "run")
     loaded = load(tmp_path / "run" / "adapter")

@@ -9,28 +9,29 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from torch import nn
 
 from peftkit.adapters._peft import PeftMethod, seq_cls_kwargs
 from peftkit.adapters.base import MethodContext
+from peftkit.config import NonNegative, Positive, Probability, Range
 from peftkit.errors import PeftkitError
 
 
 @dataclass
 class AdaLoraOptions:
-    init_r: int = 12  # starting rank of every module
-    target_r: int = 8  # average rank after pruning
-    alpha: int = 32
-    dropout: float = 0.1
+    init_r: Positive = 12  # starting rank of every module
+    target_r: Positive = 8  # average rank after pruning
+    alpha: Annotated[float, Range(gt=0)] = 32
+    dropout: Probability = 0.1
     target_modules: list[str] | None = None
-    tinit_ratio: float = 0.1  # share of steps before pruning starts
-    tfinal_ratio: float = 0.2  # share of steps at the end with the final budget fixed
-    delta_t: int = 10  # steps between budget reallocations
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.1
+    tinit_ratio: Probability = 0.1  # share of steps before pruning starts
+    tfinal_ratio: Probability = 0.2  # share of steps at the end with the final budget fixed
+    delta_t: Positive = 10  # steps between budget reallocations
+    beta1: Probability = 0.85
+    beta2: Probability = 0.85
+    orth_reg_weight: NonNegative = 0.1
 
 
 class AdaLoRA(PeftMethod):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
 from peftkit.adapters.base import Method, MethodContext, freeze, unfreeze_head
-from peftkit.errors import PeftkitError, unknown_choice
+from peftkit.config import Positive, Range
+from peftkit.errors import PeftkitError
 
 # model_type -> (attention output projection, feed-forward output projection), relative to one layer.
 ADAPTER_SITES: dict[str, tuple[str, str]] = {
@@ -28,16 +30,15 @@ ADAPTER_SITES: dict[str, tuple[str, str]] = {
 }
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-PLACEMENTS = ("houlsby", "pfeiffer")
 
 
 @dataclass
 class BottleneckOptions:
-    placement: str = "houlsby"  # houlsby: after attention and feed-forward; pfeiffer: after feed-forward only
-    reduction_factor: int = 16  # bottleneck = hidden_size // reduction_factor
-    bottleneck_size: int | None = None  # overrides reduction_factor when set
-    activation: str = "relu"
-    init_std: float = 1e-2  # std of the down-projection; the up-projection starts at zero
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"  # houlsby: after attention and feed-forward; pfeiffer: FFN
+    reduction_factor: Positive = 16  # bottleneck = hidden_size // reduction_factor
+    bottleneck_size: Positive | None = None  # overrides reduction_factor when set
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    init_std: Annotated[float, Range(gt=0)] = 1e-2  # std of the down-projection; the up-projection starts at zero
 
 
 class Bottleneck(nn.Module):
@@ -68,10 +69,6 @@ class BottleneckAdapter(Method):
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         opts = self.options
-        if opts.placement not in PLACEMENTS:
-            raise unknown_choice("adapter placement", opts.placement, PLACEMENTS)
-        if opts.activation not in ACTIVATIONS:
-            raise unknown_choice("adapter activation", opts.activation, ACTIVATIONS)
         model_type = model.config.model_type
         if model_type not in ADAPTER_SITES:
             raise PeftkitError(

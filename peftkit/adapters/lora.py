@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from peftkit.adapters._peft import PeftMethod, seq_cls_kwargs
 from peftkit.adapters.base import MethodContext
+from peftkit.config import Positive, Probability, Range
 
 
 @dataclass
 class LoraOptions:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.1
+    r: Positive = 8
+    alpha: Annotated[float, Range(gt=0)] = 16
+    dropout: Probability = 0.1
     target_modules: list[str] | None = None  # None: peft's default for the architecture (BERT: query, value)
-    bias: str = "none"
+    bias: Literal["none", "all", "lora_only"] = "none"
 
 
 class LoRA(PeftMethod):

@@ -14,14 +14,15 @@ from torch import nn
 
 from peftkit.adapters._peft import PeftMethod
 from peftkit.adapters.base import MethodContext
+from peftkit.config import Positive
 from peftkit.errors import PeftkitError
 
 
 @dataclass
 class PrefixOptions:
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: Positive = 20
     prefix_projection: bool = False
-    encoder_hidden_size: int = 512  # used with prefix_projection
+    encoder_hidden_size: Positive = 512  # used with prefix_projection
 
 
 class PrefixTuning(PeftMethod):

@@ -6,19 +6,17 @@ in modules_to_save); our tests check that the saved folder reloads with identica
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from peftkit.adapters._peft import PeftMethod
 from peftkit.adapters.base import MethodContext
-from peftkit.errors import unknown_choice
-
-PROMPT_INITS = ("random", "text")
+from peftkit.config import Positive
 
 
 @dataclass
 class PromptOptions:
-    num_virtual_tokens: int = 20
-    init: str = "random"  # random, or text: start from the embeddings of init_text's tokens
+    num_virtual_tokens: Positive = 20
+    init: Literal["random", "text"] = "random"  # text: start from the embeddings of init_text's tokens
     init_text: str = "Classify this text:"
 
 
@@ -31,8 +29,6 @@ class PromptTuning(PeftMethod):
         from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
         o = self.options
-        if o.init not in PROMPT_INITS:
-            raise unknown_choice("prompt init", o.init, PROMPT_INITS)
         text = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": o.init_text,
                 "tokenizer_name_or_path": ctx.model_path} if o.init == "text" else {}
         return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=o.num_virtual_tokens, **text)

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from peftkit.adapters._peft import PeftMethod
 from peftkit.adapters.base import MethodContext
+from peftkit.config import Positive
 
 
 @dataclass
 class PTuningOptions:
-    num_virtual_tokens: int = 20
-    encoder_hidden_size: int = 128
-    encoder_type: str = "MLP"  # MLP or LSTM
+    num_virtual_tokens: Positive = 20
+    encoder_hidden_size: Positive = 128
+    encoder_type: Literal["MLP", "LSTM"] = "MLP"
 
 
 class PTuning(PeftMethod):
