@@ -1,4 +1,5 @@
-"""`peftkit bench` end to end on a tiny BERT and two toy tasks: cells, resume, a failing cell, tables, plots, --report."""
+"""`peftkit bench` end to end on a tiny BERT and two toy tasks: cells, resume, a failing cell, tables, plots,
+--report."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peftkit.bench import PROFILES, aggregate, pareto_front
+from peftkit.bench import aggregate, available_profiles, load_profile, pareto_front
 from peftkit.cli import main
 
 
@@ -45,7 +46,8 @@ def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir
             assert 0 <= cell["validation"]["accuracy"] <= 1 and cell["test"]["accuracy"] is not None
             assert 0 < cell["trainable_params"] < cell["total_params"] and 0 < cell["trainable_pct"] < 100
             assert cell["adapter_bytes"] > 0 and cell["latency_ms_per_example"] > 0
-            assert cell["peak_memory_mb"] >= 0 and cell["model_state_mb"] > 0 and cell["memory_kind"] == "process_peak_rss"
+            assert cell["peak_memory_mb"] >= 0 and cell["model_state_mb"] > 0
+            assert cell["memory_kind"] == "process_peak_rss"
             assert cell["train_seconds"] > 0 and cell["train_examples_per_s"] > 0 and cell["steps"] == 8
             manifest = cell["manifest"]
             assert manifest["profile"] == "smoke" and manifest["command"].startswith("peftkit bench --profile smoke")
@@ -66,7 +68,8 @@ def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir
     _check_report(out)
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("toy", "toy3") for m in ("lora", "bitfit", "prefix")}
+    methods = ("lora", "bitfit", "prefix")
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("toy", "toy3") for m in methods}
     lora = next(r for r in rows if r["task"] == "toy3" and r["method"] == "lora")
     for column in ("validation_accuracy_mean", "validation_macro_f1_mean", "test_accuracy_mean", "trainable_params",
                    "trainable_pct", "adapter_mb", "peak_memory_mb", "model_state_mb", "train_seconds",
@@ -126,10 +129,11 @@ def test_report_of_an_empty_folder_is_a_user_error(tmp_path, capsys):
 
 def test_aggregate_means_stds_and_pareto(tmp_path):
     def cell(seed: int, accuracy: float, params: int) -> dict:
-        return {"cell": f"t__lora__seed{seed}", "task": "t", "method": "lora", "seed": seed, "status": "ok", "error": None,
-                "task_metrics": ["accuracy"], "validation": {"accuracy": accuracy}, "test": None,
+        return {"cell": f"t__lora__seed{seed}", "task": "t", "method": "lora", "seed": seed, "status": "ok",
+                "error": None, "task_metrics": ["accuracy"], "validation": {"accuracy": accuracy}, "test": None,
                 "trainable_params": params, "trainable_pct": 1.0, "adapter_bytes": 2**20, "peak_memory_mb": 10.0,
-                "model_state_mb": 5.0, "train_seconds": 1.0, "train_examples_per_s": 2.0, "latency_ms_per_example": 0.5,
+                "model_state_mb": 5.0, "train_seconds": 1.0, "train_examples_per_s": 2.0,
+                "latency_ms_per_example": 0.5,
                 "memory_kind": "process_peak_rss", "steps": 3, "manifest": {"config": {"train": {"lr": 1e-3}}}}
 
     [row] = aggregate([cell(0, 0.80, 100), cell(1, 0.90, 100)])
@@ -141,9 +145,9 @@ def test_aggregate_means_stds_and_pareto(tmp_path):
 
 
 def test_profiles_cover_the_grid():
-    cpu = PROFILES["cpu"]
+    cpu = load_profile("cpu")
     assert len(cpu.tasks) == 5 and len(cpu.methods) >= 6 and cpu.seeds == (0,)
     assert sum(len(s) == 3 for s in cpu.more_seeds.values()) == 2 and "sst2" in cpu.more_seeds
-    assert PROFILES["full"].seeds == (0, 1, 2) and PROFILES["full"].bf16_on_cuda
-    for profile in PROFILES.values():
+    assert load_profile("full").seeds == (0, 1, 2) and load_profile("full").bf16_on_cuda
+    for profile in map(load_profile, available_profiles()):
         assert all(o.count("=") >= 1 and o.split("=")[0].count(".") == 1 for o in profile.overrides)

@@ -12,7 +12,8 @@ HELP = "train methods x tasks and write accuracy/params/memory/time tables"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", help="comma-separated tasks (default: the profile's)")
     parser.add_argument("--methods", help="comma-separated methods (default: the profile's)")
-    parser.add_argument("--profile", default="cpu", help="a profile name (see recipes/profiles/), e.g. smoke, cpu, full")
+    parser.add_argument("--profile", default="cpu",
+                        help="a profile name (see recipes/profiles/), e.g. smoke, cpu, full")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
     parser.add_argument("--out", help="results folder (default: benchmarks/results/<profile>)")
     parser.add_argument("--data-dir")
@@ -50,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
     counts = run_bench(args.profile, parse_list(args.tasks), parse_list(args.methods), parse_seeds(args.seeds),
                        args.out, args.model, args.data_dir, progress=True, command=command_line(args))
     out = Path(args.out or f"benchmarks/results/{args.profile}")
-    print(f"bench {args.profile}: {counts['planned']} cells ({counts['skipped']} already done, {counts['ran']} run now), "
-          f"{counts['failed']} failed; tables: {out / 'results.md'}")
+    print(f"bench {args.profile}: {counts['planned']} cells ({counts['skipped']} already done, "
+          f"{counts['ran']} run now), {counts['failed']} failed; tables: {out / 'results.md'}")
     return 1 if counts["failed"] else 0

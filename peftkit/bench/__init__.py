@@ -1,0 +1,19 @@
+"""`peftkit bench`: train every (task, method, seed) cell through the one loop and tabulate what each method costs.
+
+Read in this order:
+  profiles.py  named budgets, read from recipes/profiles/<name>.yaml
+  grid.py      the cells, checked before anything trains, and each cell's config (recipe + dotted overrides)
+  runner.py    each cell trained by `train()` in its own spawned process -> one JSON file per cell in OUT/cells/
+  report.py    OUT/cells/*.json -> results.json / results.csv / results.md
+  plots.py     per-task metric vs parameters / memory plots in OUT/plots/ (matplotlib, optional)
+"""
+from __future__ import annotations
+
+from peftkit.bench.grid import Cell, CellJob
+from peftkit.bench.plots import pareto_front
+from peftkit.bench.profiles import Profile, available_profiles, load_profile
+from peftkit.bench.report import aggregate, build_report
+from peftkit.bench.runner import run_bench
+
+__all__ = ["Cell", "CellJob", "Profile", "aggregate", "available_profiles", "build_report", "load_profile",
+           "pareto_front", "run_bench"]

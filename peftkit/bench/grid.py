@@ -1,0 +1,134 @@
+"""The grid: which (task, method, seed) cells a bench runs, checked before anything trains, and each cell's job.
+
+A cell's config is its recipe `<task>-<method>` plus the profile's dotted overrides and its own (seed, model, data,
+run folder): exactly what a user would type to reproduce it by hand. `cell_job` freezes all that a spawned cell
+needs into one `CellJob`, so the runner passes a single value down instead of a growing list of arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit.bench.profiles import Profile, canonical_method
+from peftkit.config import RunConfig, apply_overrides, list_recipes, load_config
+from peftkit.errors import PeftkitError, unknown_choice
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (task, method, seed) run. `task` is a built-in task name or a task folder / data file path."""
+
+    task: str
+    method: str
+    seed: int
+
+    @property
+    def task_label(self) -> str:
+        return task_label(self.task)
+
+    @property
+    def id(self) -> str:
+        return f"{self.task_label}__{self.method}__seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """Everything the spawned cell needs: the resolved config, where it runs, and how to time inference after.
+
+    Plain data, so it crosses to the spawned process as is; the child validates `config` again on arrival.
+    """
+
+    cell: Cell
+    config: dict[str, Any]  # the resolved RunConfig as a mapping (RunConfig.to_dict)
+    overrides: tuple[str, ...]  # what was applied on top of the recipe, in order (kept in the cell's manifest)
+    run_dir: Path
+    latency_examples: int  # validation rows timed for inference latency
+    latency_batch_size: int
+
+
+def task_label(task: str) -> str:
+    """The name used in file names and tables: the built-in name, or the folder/file stem of a path."""
+    return Path(task).stem if "/" in task or "." in task else task
+
+
+def plan_cells(profile: Profile, tasks: list[str], methods: list[str], seeds: list[int] | None) -> list[Cell]:
+    """Tasks outermost, so one task's tables fill up first; explicit --seeds replace the profile's per-task seeds."""
+    return [Cell(task, method, seed) for task in tasks for method in methods
+            for seed in (seeds if seeds is not None else profile.seeds_for(task_label(task)))]
+
+
+def cell_path(out: str | Path, cell: Cell) -> Path:
+    """The cell's result file; one written under a method's old name (e.g. `adapter`) still counts as its result."""
+    path = Path(out) / "cells" / f"{cell.id}.json"
+    if not path.exists():
+        for old in _old_names(cell.method):
+            legacy = path.with_name(f"{cell.task_label}__{old}__seed{cell.seed}.json")
+            if legacy.exists():
+                return legacy
+    return path
+
+
+def _old_names(method: str) -> list[str]:
+    from peftkit.adapters import METHOD_ALIASES
+
+    return [old for old, new in METHOD_ALIASES.items() if new == method]
+
+
+def validate_choices(tasks: list[str], methods: list[str]) -> list[str]:
+    """Check everything the grid names before anything trains, so a typo costs seconds, not an hour.
+
+    Returns the methods under their current names (an old name such as `adapter` is accepted).
+    """
+    from peftkit.adapters import available_methods
+    from peftkit.data import BUILTIN_TASKS, is_task_source
+
+    if not tasks or not methods:
+        raise PeftkitError("the grid is empty: give at least one task (--tasks) and one method (--methods)")
+    for task in tasks:
+        if task not in BUILTIN_TASKS and not is_task_source(task):
+            raise unknown_choice("task (or a task folder / .jsonl / .csv file)", task, BUILTIN_TASKS)
+    known = available_methods()
+    methods = [canonical_method(m) for m in methods]
+    for method in methods:
+        if method not in known:
+            raise unknown_choice("method", method, known)
+    recipes = list_recipes()
+    missing = [f"{t}-{m}" for t in tasks if t in BUILTIN_TASKS for m in methods if f"{t}-{m}" not in recipes]
+    if missing:
+        raise PeftkitError(f"bench cells use the recipe <task>-<method>; missing: {', '.join(missing)} "
+                           f"(add them to recipes/ or narrow --tasks/--methods)")
+    return methods
+
+
+def cell_job(cell: Cell, profile: Profile, out: Path, model: str | None, data_dir: str | None) -> CellJob:
+    """The cell's recipe plus, in order, the profile's overrides and the cell's own (seed, model, data, run folder).
+
+    A built-in task uses its recipe `<task>-<method>`; a task folder or file has none, so it gets the method's
+    defaults (what `peftkit train --config` would give a user's YAML naming only the task and the method).
+    """
+    overrides = profile.overrides_for(cell.task_label, cell.method)
+    if profile.bf16_on_cuda:
+        overrides.append(f"train.bf16={'true' if cuda_has_bf16() else 'false'}")
+    overrides += [f"train.seed={cell.seed}", "train.progress=false", f"train.output_dir={out / 'runs'}",
+                  f"train.run_name={cell.id}"]
+    if model:
+        overrides.append(f"model.name_or_path={model}")
+    if data_dir:
+        overrides.append(f"task.data_dir={data_dir}")
+    recipe = f"{cell.task}-{cell.method}"
+    if recipe in list_recipes():
+        config = load_config(recipe=recipe, overrides=overrides)
+    else:
+        data = apply_overrides({"task": {"name": cell.task}, "method": {"name": cell.method}}, overrides)
+        data["recipe"] = f"{cell.task_label}-{cell.method}"
+        config = RunConfig.from_dict(data)
+    run_dir = Path(config.train.output_dir) / config.train.run_name
+    return CellJob(cell, config.to_dict(), tuple(overrides), run_dir, profile.latency_examples,
+                   profile.latency_batch_size)
+
+
+def cuda_has_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

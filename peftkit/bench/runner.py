@@ -1,0 +1,187 @@
+"""Running the grid: each cell trained by `train()` in its own spawned process, measured, and written as one JSON file.
+
+A fresh process per cell gives clean peak-memory numbers and means a crash (out of memory, a segfault) cannot take
+the grid down. Resumable by construction: a cell whose JSON file exists is skipped (delete it to rerun), every file
+is written atomically, and a failing cell is recorded as `failed` with its error while the others go on.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from peftkit.bench.grid import Cell, CellJob, cell_job, cell_path, plan_cells, validate_choices
+from peftkit.bench.profiles import Profile, load_profile
+from peftkit.bench.report import build_report
+from peftkit.config import RunConfig
+from peftkit.errors import PeftkitError
+from peftkit.io import atomic_write_json, read_json
+from peftkit.measure import machine_manifest
+
+
+def run_bench(profile_name: str = "smoke", tasks: list[str] | None = None, methods: list[str] | None = None,
+              seeds: list[int] | None = None, out: str | Path | None = None, model: str | None = None,
+              data_dir: str | None = None, progress: bool = True, command: str | None = None) -> dict[str, int]:
+    """Run every cell of the grid that has no result file yet, then rebuild the report.
+
+    Returns counts: planned cells, skipped (already had a result), ran now, failed (in the whole grid).
+    """
+    from peftkit.console import progress_bar
+
+    profile = load_profile(profile_name)
+    tasks = list(tasks or profile.tasks)
+    methods = validate_choices(tasks, list(methods or profile.methods))
+    out = Path(out or f"benchmarks/results/{profile.name}")
+    cells = plan_cells(profile, tasks, methods, seeds)
+    if len({c.id for c in cells}) != len(cells):
+        raise PeftkitError("two tasks share a name (folder/file stem); rename one so result files do not collide")
+
+    todo = [c for c in cells if not cell_path(out, c).exists()]
+    manifest_base = {"profile": profile.name, "profile_description": profile.description, "command": command,
+                     **machine_manifest()}
+    counts = {"planned": len(cells), "skipped": len(cells) - len(todo), "ran": 0}
+    bar = progress_bar(len(cells), counts["skipped"], progress, desc="bench", unit="cell",
+                       bar_format="{desc}: {n}/{total} cells |{bar}| [{elapsed}<{remaining}] {postfix}")
+    for cell in todo:
+        bar.set_postfix_str(cell.id)
+        record = run_cell(cell, profile, out, model, data_dir, manifest_base)
+        atomic_write_json(cell_path(out, cell), record)
+        counts["ran"] += 1
+        if record["status"] == "failed":
+            bar.write(f"peftkit bench: {cell.id} failed: {record['error'].splitlines()[0]}")
+        bar.update(1)
+    bar.close()
+    build_report(out)
+    counts["failed"] = sum(read_json(cell_path(out, c))["status"] != "ok" for c in cells)  # this grid, any run
+    return counts
+
+
+def run_cell(cell: Cell, profile: Profile, out: Path, model: str | None, data_dir: str | None,
+             manifest_base: dict[str, Any]) -> dict[str, Any]:
+    """Resolve, train and measure one cell in a child process; any failure becomes a `failed` record."""
+    started = datetime.now(timezone.utc)
+    record: dict[str, Any] = {"cell": cell.id, "task": cell.task_label, "method": cell.method, "seed": cell.seed,
+                              "status": "failed", "error": None}
+    manifest = {**manifest_base, "task_source": cell.task, "recipe": None, "overrides": None, "config": None,
+                "started_at": started.isoformat(timespec="seconds")}
+    try:
+        job = cell_job(cell, profile, out, model, data_dir)
+        manifest.update(recipe=job.config["recipe"], overrides=list(job.overrides), config=job.config)
+        shutil.rmtree(job.run_dir, ignore_errors=True)  # leftovers of an interrupted attempt
+        record.update(status="ok", **run_in_child(job))
+    except PeftkitError as e:
+        record["error"] = f"PeftkitError: {e}"
+    except CellCrashed as e:
+        record["error"] = str(e)
+    record["cell_seconds"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
+    record["manifest"] = manifest
+    return record
+
+
+class CellCrashed(Exception):
+    """The child process raised something other than a PeftkitError, or died (OOM killer, segfault)."""
+
+
+def run_in_child(job: CellJob) -> dict[str, Any]:
+    """Run `measure_cell` in a fresh spawned process: its own peak RSS / CUDA peak, and no state left behind."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_main, args=(send, job))
+    child.start()
+    send.close()
+    try:
+        try:
+            kind, payload = receive.recv()
+        except EOFError:
+            kind, payload = "crash", None
+        child.join()
+    except KeyboardInterrupt:  # Ctrl-C reaches the child too; make sure it is gone before we unwind
+        child.terminate()
+        child.join()
+        raise
+    if kind == "ok":
+        return payload
+    if kind == "peftkit":
+        raise PeftkitError(payload)
+    if kind == "interrupted":
+        raise KeyboardInterrupt
+    raise CellCrashed(payload or f"the cell's process died with exit code {child.exitcode} (out of memory?)")
+
+
+def _child_main(send, job: CellJob) -> None:
+    """The spawned process's entry point: measure the cell and send back one (kind, payload) message."""
+    from peftkit.console import quiet_libraries
+
+    quiet_libraries()
+    try:
+        send.send(("ok", measure_cell(job)))
+    except PeftkitError as e:
+        send.send(("peftkit", str(e)))
+    except KeyboardInterrupt:
+        send.send(("interrupted", None))
+    except BaseException as e:  # noqa: BLE001 - a bench cell records any crash and the grid goes on
+        send.send(("crash", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"))
+    finally:
+        send.close()
+
+
+def measure_cell(job: CellJob) -> dict[str, Any]:
+    """Train through `train()`, time inference on the saved adapter, then drop the weights (the tables keep sizes)."""
+    from peftkit.formats import AdapterMeta
+    from peftkit.train import train
+
+    config = RunConfig.from_dict(job.config)
+    s = train(config, run_dir=job.run_dir)
+    latency = inference_latency(job, config)
+    task_metrics = AdapterMeta.read(job.run_dir / "adapter").task.metrics
+    for heavy in ("adapter", "checkpoints"):  # keep config.yaml, metrics.jsonl, summary.json; weights can be MBs
+        shutil.rmtree(job.run_dir / heavy, ignore_errors=True)
+    on_cuda = s.memory_kind == "cuda_max_allocated"
+    return {
+        "task_metrics": task_metrics,  # the task's reported metrics, first = main (e.g. accuracy; mrpc adds f1)
+        "validation": {k: v for k, v in s.best.items() if k != "step"},  # the evaluation the run kept
+        "test": s.test,  # None where the task has no labelled test split
+        "kept": s.kept, "kept_step": s.best["step"], "final_validation": s.final,
+        "trainable_params": s.trainable_params, "total_params": s.total_params, "trainable_pct": s.trainable_pct,
+        "adapter_bytes": s.adapter_bytes,
+        # headline memory: CUDA max_memory_allocated, or on CPU the peak RSS above the loaded-model baseline
+        "peak_memory_mb": s.peak_memory_mb if on_cuda else s.peak_memory_above_baseline_mb,
+        "memory_kind": s.memory_kind, "process_peak_memory_mb": s.peak_memory_mb,
+        "baseline_memory_mb": s.baseline_memory_mb, "model_state_mb": s.model_state_mb,
+        "train_seconds": s.train_seconds, "train_examples_per_s": s.train_examples_per_s,
+        "steps": s.steps, "examples_seen": s.examples_seen, "train_examples": s.train_examples,
+        "validation_examples": s.validation_examples,
+        "latency_ms_per_example": latency["ms_per_example"], "latency": latency,
+        "device": s.device, "bf16": s.bf16, "environment": s.environment,
+    }
+
+
+def inference_latency(job: CellJob, config: RunConfig) -> dict[str, Any]:
+    """Milliseconds per example to label validation rows with the saved adapter (one warm-up batch first)."""
+    import torch
+
+    from peftkit.artifacts import load
+    from peftkit.data import encode, load_task
+    from peftkit.inference import predict_logits
+    from peftkit.modeling import resolve_device
+
+    batch_size = job.latency_batch_size
+    loaded = load(job.run_dir / "adapter", base=config.model.name_or_path)
+    device = resolve_device(config.train.device)
+    model = loaded.model.to(device)
+    rows = load_task(config.task, seed=config.train.seed).split("validation")[:job.latency_examples]
+    split = encode(rows, loaded.tokenizer, config.task.max_length)
+    pad = loaded.tokenizer.pad_token_id
+    warmup = encode(rows[:batch_size], loaded.tokenizer, config.task.max_length)
+    predict_logits(model, warmup, batch_size, pad, device, config.train.bf16)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    predict_logits(model, split, batch_size, pad, device, config.train.bf16)  # returns CPU tensors: synchronised
+    seconds = time.perf_counter() - started
+    return {"ms_per_example": round(1000 * seconds / max(len(split), 1), 3), "examples": len(split),
+            "batch_size": batch_size, "seconds": round(seconds, 3), "device": str(device), "bf16": config.train.bf16}
