@@ -71,7 +71,7 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
         loaded = load(run / "adapter")
         split = encode([{"text": t} for t in texts], loaded.tokenizer, 64)
         pad = loaded.tokenizer.pad_token_id
-        base = load_model(ModelConfig(name_or_path=loaded.meta["base_model"]), len(loaded.label_names), pad).eval()
+        base = load_model(ModelConfig(name_or_path=loaded.meta.base_model), len(loaded.label_names), pad).eval()
         t_base = time_per_example(base, split, pad)
         t_adapter = time_per_example(loaded.model, split, pad)
         if loaded.method.merge_blocker is None:
@@ -81,7 +81,7 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
             merged_cells = f"{t_merged:.3f} | {t_merged / t_base:.3f}x"
         else:
             merged_cells = "cannot merge | -"
-        print(f"| {loaded.meta['method']} | {t_base:.3f} | {t_adapter:.3f} | {merged_cells} |")
+        print(f"| {loaded.meta.method} | {t_base:.3f} | {t_adapter:.3f} | {merged_cells} |")
         del loaded, base
     print()
 

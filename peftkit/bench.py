@@ -344,12 +344,12 @@ def _child_main(send, config: dict[str, Any], run_dir: str, latency_examples: in
 
 def measure_cell(config: RunConfig, run_dir: Path, latency_examples: int, latency_batch_size: int) -> dict[str, Any]:
     """Train through `train()`, time inference on the saved adapter, then drop the weights (the tables keep sizes)."""
-    from peftkit.artifacts import read_meta
+    from peftkit.formats import AdapterMeta
     from peftkit.train import train
 
     s = train(config, run_dir=run_dir).to_dict()
     latency = inference_latency(config, run_dir / "adapter", latency_examples, latency_batch_size)
-    task_metrics = read_meta(run_dir / "adapter")["task"]["metrics"]
+    task_metrics = AdapterMeta.read(run_dir / "adapter").task.metrics
     for heavy in ("adapter", "checkpoints"):  # keep config.yaml, metrics.jsonl, summary.json; weights can be MBs
         shutil.rmtree(run_dir / heavy, ignore_errors=True)
     on_cuda = s["memory_kind"] == "cuda_max_allocated"

@@ -26,12 +26,12 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from peftkit.artifacts import attach, check_files, read_meta, verify_base
+from peftkit.artifacts import attach, check_files, verify_base
 from peftkit.data import EncodedSplit, collate, encode
-from peftkit.errors import PeftkitError
-from peftkit.inference import predict_logits
+from peftkit.errors import PeftkitError, short_error
+from peftkit.formats import AdapterMeta
+from peftkit.inference import format_predictions, predict_logits
 from peftkit.modeling import head_modules, load_model, load_tokenizer, portable_model_name, resolve_model_path
-from peftkit.predict import format_predictions
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # peft adapter names become ModuleDict keys: no dots
 
@@ -42,21 +42,20 @@ class Adapter:
 
     name: str
     path: str
-    meta: dict[str, Any]
+    meta: AdapterMeta
     pool: str  # key of the model object that holds it
 
     @property
     def label_names(self) -> list[str]:
-        return self.meta["task"]["label_names"]
+        return self.meta.label_names
 
     @property
     def is_pair(self) -> bool:
-        return bool(self.meta["task"].get("is_pair"))
+        return self.meta.task.is_pair
 
     def describe(self) -> dict[str, Any]:
-        task = self.meta["task"]
-        return {"name": self.name, "method": self.meta["method"], "task": task.get("name"), "labels": self.label_names,
-                "is_pair": self.is_pair, "metrics": self.meta.get("metrics"), "base_model": self.meta.get("base_model"),
+        return {"name": self.name, "method": self.meta.method, "task": self.meta.task.name, "labels": self.label_names,
+                "is_pair": self.is_pair, "metrics": self.meta.metrics, "base_model": self.meta.base_model,
                 "mixed_batch": self.pool.startswith("lora-"), "path": self.path}
 
 
@@ -113,9 +112,9 @@ class ServedAdapters:
             return load_model(self.model_cfg, num_labels, self.tokenizer.pad_token_id)
         return model.eval()
 
-    def _writes_base(self, directory: Path, meta: dict[str, Any]) -> bool:
+    def _writes_base(self, directory: Path, meta: AdapterMeta) -> bool:
         """True when the adapter's weights overwrite base parameters (full, BitFit): it needs a private base copy."""
-        if meta.get("peft_format"):
+        if meta.peft_format:
             return False
         from safetensors import safe_open
 
@@ -134,11 +133,11 @@ class ServedAdapters:
         if name in self.adapters:
             raise PeftkitError(f"adapter {name!r} is already loaded; DELETE it first")
         directory = Path(path)
-        meta = read_meta(directory)
+        meta = AdapterMeta.read(directory)
         verify_base(meta, self.base, self.allow_base_mismatch)
         check_files(directory, meta)
-        num_labels = len(meta["task"]["label_names"])
-        is_lora = meta.get("peft_format") and meta["method"] == "lora"
+        num_labels = len(meta.label_names)
+        is_lora = meta.peft_format and meta.method == "lora"
         try:
             if is_lora:
                 key = f"lora-{num_labels}"
@@ -160,7 +159,7 @@ class ServedAdapters:
         except PeftkitError:
             raise
         except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise PeftkitError(f"cannot load adapter {directory}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+            raise PeftkitError(f"cannot load adapter {directory}: {short_error(e)}") from None
         pool.model.eval()
         pool.adapters.add(name)
         adapter = self.adapters[name] = Adapter(name, str(directory), meta, key)
@@ -181,7 +180,7 @@ class ServedAdapters:
 
     def encode_rows(self, adapter: Adapter, texts: list[str], pairs: list[str] | None) -> EncodedSplit:
         rows = [{"text": t, **({"text_pair": p} if pairs else {})} for t, p in zip(texts, pairs or texts)]
-        return encode(rows, self.tokenizer, adapter.meta["task"].get("max_length") or 512)
+        return encode(rows, self.tokenizer, adapter.meta.task.max_length)
 
     @torch.inference_mode()
     def predict(self, jobs: list[tuple[str, list[str], list[str] | None]], batch_size: int = 64) -> list[list[dict[str, Any]]]:

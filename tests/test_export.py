@@ -9,11 +9,12 @@ import pytest
 import torch
 from shipping_runs import TinyRuns, logits_of
 
-from peftkit.artifacts import load, read_meta
+from peftkit.artifacts import load
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
 from peftkit.export import combine_adapters, export_adapter, export_merged
 from peftkit.fingerprint import model_fingerprint
+from peftkit.formats import AdapterMeta
 
 ALL_METHODS = ["full", "bitfit", "bottleneck", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
 PEFT_METHODS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
@@ -60,9 +61,9 @@ def test_export_round_trip_identical_predictions(method, runs, tmp_path):
     run = runs.run(method)
     original = load(run / "adapter")
     out = export_adapter(run, tmp_path / "export")
-    meta = read_meta(out)
-    assert meta["base_fingerprint"] == model_fingerprint(runs.model_dir)
-    assert meta["task"]["label_names"] == ["negative", "positive"] and meta["task"]["text_field"] == "text"
+    meta = AdapterMeta.read(out)
+    assert meta.base_fingerprint == model_fingerprint(runs.model_dir)
+    assert meta.task.label_names == ["negative", "positive"] and meta.task.text_field == "text"
     card = (out / "README.md").read_text()
     assert method in card and "Trainable parameters" in card and "peftkit.load" in card
     exported = load(out)
@@ -71,7 +72,7 @@ def test_export_round_trip_identical_predictions(method, runs, tmp_path):
     if method in PEFT_METHODS:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files
         config = json.loads((out / "adapter_config.json").read_text())
-        assert config["base_model_name_or_path"] == meta["base_model"]
+        assert config["base_model_name_or_path"] == meta.base_model
         assert ".venv" not in config["base_model_name_or_path"] and "site-packages" not in config["base_model_name_or_path"]
     else:
         assert "peftkit_weights.safetensors" in files and "adapter_config.json" not in files
@@ -183,7 +184,7 @@ def test_weighted_merge_of_adapter_with_itself_reproduces_it(runs, tmp_path, cap
     assert "head: taken from" in capsys.readouterr().out
     two = load(tmp_path / "two")
     assert torch.allclose(logits_of(two.model, two.tokenizer), expected, atol=1e-5)
-    assert read_meta(tmp_path / "two")["method_options"]["r"] == 16
+    assert AdapterMeta.read(tmp_path / "two").method_options["r"] == 16
 
 
 def test_weighted_merge_combines_two_and_refuses_bad_input(runs, tmp_path, capsys):
