@@ -8,7 +8,7 @@ import torch
 from shipping_runs import TEXTS, TinyRuns, logits_of, three_label_task
 
 from peftkit.artifacts import load
-from peftkit.serve import ServedAdapters, create_app
+from peftkit.serve import AdapterPool, create_app
 
 TOKEN = "s3cret"
 
@@ -35,9 +35,9 @@ def adapters(runs):
 def client(runs, adapters):
     from fastapi.testclient import TestClient
 
-    hub = ServedAdapters(str(runs.model_dir))
+    pool = AdapterPool(str(runs.model_dir))
     app = create_app(str(runs.model_dir), {k: str(v) for k, v in adapters.items() if k != "bottleneck"},
-                     admin_token=TOKEN, max_batch=8, max_chars=200, hub=hub)
+                     admin_token=TOKEN, max_batch=8, max_chars=200, pool=pool)
     with TestClient(app) as c:
         yield c
 
@@ -83,8 +83,8 @@ def test_concurrent_mixed_adapters_batch_together(client, adapters):
 
 
 def test_mixed_lora_forward_uses_each_adapters_own_head(client, adapters):
-    hub = client.app.state.hub
-    out = hub.predict([("a", TEXTS, None), ("b", TEXTS, None)])
+    pool = client.app.state.pool
+    out = pool.predict([("a", TEXTS, None), ("b", TEXTS, None)])
     for name, preds in zip("ab", out):
         got = torch.tensor([list(p["probabilities"].values()) for p in preds])
         assert torch.allclose(got, expected_probs(adapters[name]), atol=1e-5)
@@ -138,7 +138,7 @@ def test_hot_load_and_unload_need_the_token(client, adapters):
 def test_admin_disabled_without_token(runs, adapters, client):
     from fastapi.testclient import TestClient
 
-    app = create_app(str(runs.model_dir), {}, hub=client.app.state.hub)  # no admin token
+    app = create_app(str(runs.model_dir), {}, pool=client.app.state.pool)  # no admin token
     c = TestClient(app)
     assert c.post("/v1/adapters", json={"name": "x", "path": str(adapters["a"])}, headers={"Authorization": "Bearer "}).status_code == 403
     assert c.delete("/v1/adapters/a").status_code == 403
@@ -147,7 +147,7 @@ def test_admin_disabled_without_token(runs, adapters, client):
 def test_base_mismatch_refused(runs, tmp_path):
     from peftkit.errors import PeftkitError
 
-    hub = ServedAdapters(str(runs.model_dir))
+    pool = AdapterPool(str(runs.model_dir))
     meta_path = runs.run("lora") / "adapter" / "peftkit.json"
     import json
     import shutil
@@ -157,4 +157,4 @@ def test_base_mismatch_refused(runs, tmp_path):
     meta["base_fingerprint"] = "0" * 64
     (tmp_path / "x" / "peftkit.json").write_text(json.dumps(meta))
     with pytest.raises(PeftkitError, match="allow-base-mismatch"):
-        hub.add("x", tmp_path / "x")
+        pool.add("x", tmp_path / "x")
