@@ -73,7 +73,8 @@ def test_export_round_trip_identical_predictions(method, runs, tmp_path):
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files
         config = json.loads((out / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == meta.base_model
-        assert ".venv" not in config["base_model_name_or_path"] and "site-packages" not in config["base_model_name_or_path"]
+        name = config["base_model_name_or_path"]
+        assert ".venv" not in name and "site-packages" not in name
     else:
         assert "peftkit_weights.safetensors" in files and "adapter_config.json" not in files
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
@@ -106,7 +107,8 @@ def test_merged_export_matches_adapter_via_plain_transformers(method, runs, tmp_
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
 
 
-@pytest.mark.parametrize("method,why", [("prompt", "virtual tokens"), ("bottleneck", "non-linear"), ("bitfit", "biases")])
+@pytest.mark.parametrize("method,why",
+                         [("prompt", "virtual tokens"), ("bottleneck", "non-linear"), ("bitfit", "biases")])
 def test_merge_refused_with_reason(method, why, runs, tmp_path, capsys):
     run = runs.run(method)
     assert main(["export", str(run), "--out", str(tmp_path / "m"), "--merge"]) == 2
@@ -133,7 +135,8 @@ def test_fingerprint_refuses_other_base_unless_allowed(runs, other_base, tmp_pat
     assert logits_of(loaded.model, loaded.tokenizer).shape == (4, 2)
     # the CLI refuses too, and accepts the expert flag
     (tmp_path / "in.jsonl").write_text('{"text": "great"}\n')
-    args = ["predict", str(out), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"), "--base", str(other_base)]
+    args = ["predict", str(out), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"),
+            "--base", str(other_base)]
     assert main(args) == 2 and "fingerprint" in capsys.readouterr().err
     assert main(args + ["--allow-base-mismatch"]) == 0
 
@@ -150,7 +153,8 @@ def test_fingerprint_cached_and_hub_ids_skip(runs, monkeypatch, tmp_path):
     assert model_fingerprint("someone/not-a-local-folder") is None
 
 
-@pytest.mark.parametrize("damage", ["truncate_peft", "bad_config_json", "truncate_peftkit", "bad_meta_json", "garbage_header"])
+@pytest.mark.parametrize("damage",
+                         ["truncate_peft", "bad_config_json", "truncate_peftkit", "bad_meta_json", "garbage_header"])
 def test_damaged_folders_raise_clear_errors(damage, runs, tmp_path):
     method = "bottleneck" if damage == "truncate_peftkit" else "lora"
     out = export_adapter(runs.run(method), tmp_path / "e")
@@ -195,7 +199,8 @@ def test_weighted_merge_combines_two_and_refuses_bad_input(runs, tmp_path, capsy
     assert lm.shape == la.shape and not torch.equal(lm, la)
     assert main(["combine", str(a), str(runs.run("ia3")), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
     assert "plain LoRA adapters only" in capsys.readouterr().err
-    assert main(["combine", str(a), str(runs.run("lora", r=4)), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
+    r4 = str(runs.run("lora", r=4))
+    assert main(["combine", str(a), r4, "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
     assert "--how cat" in capsys.readouterr().err
     assert main(["combine", str(a), str(b), "--weights", "0.5", "--out", str(tmp_path / "x")]) == 2
     assert "one per adapter" in capsys.readouterr().err
