@@ -34,7 +34,7 @@ def train_runs(root: Path, steps: int) -> list[Path]:
     from peftkit.train import train
 
     out = []
-    for method in ("lora", "ia3", "adapter"):
+    for method in ("lora", "ia3", "bottleneck"):
         config = RunConfig.from_dict({
             "recipe": f"bench-{method}", "task": {"name": "sst2", "max_length": 64, "max_train_examples": steps * 8,
                                                   "max_eval_examples": 16},
@@ -71,7 +71,7 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
         loaded = load(run / "adapter")
         split = encode([{"text": t} for t in texts], loaded.tokenizer, 64)
         pad = loaded.tokenizer.pad_token_id
-        base = load_model(ModelConfig(name_or_path=loaded.meta["base_model"]), len(loaded.label_names), pad).eval()
+        base = load_model(ModelConfig(name_or_path=loaded.meta.base_model), len(loaded.label_names), pad).eval()
         t_base = time_per_example(base, split, pad)
         t_adapter = time_per_example(loaded.model, split, pad)
         if loaded.method.merge_blocker is None:
@@ -81,7 +81,7 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
             merged_cells = f"{t_merged:.3f} | {t_merged / t_base:.3f}x"
         else:
             merged_cells = "cannot merge | -"
-        print(f"| {loaded.meta['method']} | {t_base:.3f} | {t_adapter:.3f} | {merged_cells} |")
+        print(f"| {loaded.meta.method} | {t_base:.3f} | {t_adapter:.3f} | {merged_cells} |")
         del loaded, base
     print()
 
@@ -89,18 +89,18 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
 def memory_table(lora_adapter: Path, n: int = 10) -> None:
     import gc
 
-    from peftkit.serve import ServedAdapters
+    from peftkit.serve import AdapterPool
 
     gc.collect()
     before = rss_mb()
-    hub = ServedAdapters("default")
-    hub.add("lora0", lora_adapter)
-    hub.predict([("lora0", ["warm up"], None)])
+    pool = AdapterPool("default")
+    pool.add("lora0", lora_adapter)
+    pool.predict([("lora0", ["warm up"], None)])
     gc.collect()
     one = rss_mb()
     for i in range(1, n):
-        hub.add(f"lora{i}", lora_adapter)
-    hub.predict([(f"lora{i}", ["warm up"], None) for i in range(n)])
+        pool.add(f"lora{i}", lora_adapter)
+    pool.predict([(f"lora{i}", ["warm up"], None) for i in range(n)])
     gc.collect()
     many = rss_mb()
     print("## Memory of serving LoRA adapters on one base (process RSS)\n")
@@ -108,7 +108,8 @@ def memory_table(lora_adapter: Path, n: int = 10) -> None:
     print("|---|---|---|")
     print(f"| 1 | {one:.0f} | {one - before:.0f} |")
     print(f"| {n} | {many:.0f} | {many - before:.0f} |")
-    print(f"\n{n} vs 1 adapter: {many / one:.3f}x total RSS ({(many - before) / max(one - before, 1e-9):.3f}x of the serving part)\n")
+    serving_part = (many - before) / max(one - before, 1e-9)
+    print(f"\n{n} vs 1 adapter: {many / one:.3f}x total RSS ({serving_part:.3f}x of the serving part)\n")
 
 
 async def load_test(port: int, adapters: list[str], texts: list[str], requests: int, clients: int = 16) -> dict:
@@ -161,7 +162,8 @@ def server_table(lora_adapter: Path, ia3_adapter: Path, texts: list[str], reques
                              ("mixed: 8 LoRA + IA3 (grouped passes)", [*(f"lora{i}" for i in range(8)), "ia3"])):
             before = app.state.batcher.batches
             r = asyncio.run(load_test(port, names, texts, requests))
-            print(f"| {label} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {app.state.batcher.batches - before} |")
+            passes = app.state.batcher.batches - before
+            print(f"| {label} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {passes} |")
         print()
     finally:
         server.should_exit = True
@@ -170,7 +172,7 @@ def server_table(lora_adapter: Path, ia3_adapter: Path, texts: list[str], reques
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="*", help="run folders (lora, ia3, adapter); default: train tiny ones")
+    parser.add_argument("runs", nargs="*", help="run folders (lora, ia3, bottleneck); default: train tiny ones")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--requests", type=int, default=320)

@@ -16,10 +16,10 @@ from torch import nn
 
 from peftkit.adapters import Method, MethodContext, build_method, get_method_class
 from peftkit.config import ModelConfig, build_dataclass
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, short_error
 from peftkit.fingerprint import model_fingerprint, short
-from peftkit.formats import AdapterMeta, TaskInfo
-from peftkit.io import atomic_directory, atomic_write_json, read_json
+from peftkit.formats import ADAPTER_META_FILE, AdapterMeta, TaskInfo
+from peftkit.io import atomic_directory, atomic_write_json, check_safetensors, read_json
 from peftkit.modeling import (
     ParameterCount,
     head_modules,
@@ -28,9 +28,6 @@ from peftkit.modeling import (
     portable_model_name,
     resolve_model_path,
 )
-
-META_FILE = "peftkit.json"
-FORMAT_VERSION = 1
 
 
 def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_model: str, task: TaskInfo,
@@ -60,23 +57,18 @@ def set_peft_base_name(directory: Path, base_model: str) -> None:
     atomic_write_json(path, config)
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """peftkit.json as a dict (validated and version-checked through AdapterMeta)."""
-    return AdapterMeta.read(directory).to_dict()
-
-
 @dataclass
 class LoadedAdapter:
     """A base model with an adapter applied, ready for inference, plus what is needed to feed it."""
 
     model: nn.Module
     tokenizer: Any
-    meta: dict[str, Any]
+    meta: AdapterMeta
     method: Method
 
     @property
     def label_names(self) -> list[str]:
-        return self.meta["task"]["label_names"]
+        return self.meta.label_names
 
 
 def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: bool = False) -> LoadedAdapter:
@@ -86,67 +78,57 @@ def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: 
     and turns damaged files into a PeftkitError naming the file.
     """
     directory = Path(adapter_dir)
-    meta = read_meta(directory)
-    base_name = base or meta["base_model"]
+    meta = AdapterMeta.read(directory)
+    base_name = base or meta.base_model
     verify_base(meta, base_name, allow_base_mismatch)
     check_files(directory, meta)
     model_cfg = ModelConfig(name_or_path=base_name)
     tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg, len(meta["task"]["label_names"]), tokenizer.pad_token_id)
+    model = load_model(model_cfg, len(meta.label_names), tokenizer.pad_token_id)
     model, method = attach(model, directory, meta, resolve_model_path(base_name))
     return LoadedAdapter(model, tokenizer, meta, method)
 
 
-def attach(model: nn.Module, directory: Path, meta: dict[str, Any], model_path: str) -> tuple[nn.Module, Method]:
+def attach(model: nn.Module, directory: Path, meta: AdapterMeta, model_path: str) -> tuple[nn.Module, Method]:
     """Apply the adapter in `directory` to an already loaded base model (serve shares one base this way)."""
-    method_class = get_method_class(meta["method"])
-    options = build_dataclass(method_class.options_class, meta.get("method_options", {}), f"{META_FILE} method_options")
-    method = build_method(meta["method"], options)
+    method_class = get_method_class(meta.method)
+    options = build_dataclass(method_class.options_class, meta.method_options, f"{ADAPTER_META_FILE} method_options")
+    method = build_method(meta.method, options)
     ctx = MethodContext(model_path, head_modules(model))
     try:
         model = method.load(model, Path(directory), ctx)
     except PeftkitError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # peft/safetensors/torch load errors
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PeftkitError(f"cannot load adapter {directory} ({type(e).__name__}: {first[:300]}); "
+        raise PeftkitError(f"cannot load adapter {directory} ({short_error(e)}); "
                            "is the folder damaged or trained on another base?") from None
     model.eval()
     return model, method
 
 
-def verify_base(meta: dict[str, Any], base_name: str, allow_mismatch: bool = False) -> str | None:
+def verify_base(meta: AdapterMeta, base_name: str, allow_mismatch: bool = False) -> str | None:
     """Compare the fingerprint recorded at training time with the base about to be used; return the latter.
     Skipped (no error) when either side is unknown, e.g. a Hub id that is not a local folder."""
-    expected = meta.get("base_fingerprint")
+    expected = meta.base_fingerprint
     actual = model_fingerprint(base_name)
     if expected and actual and expected != actual and not allow_mismatch:
         raise PeftkitError(
-            f"adapter was trained on base {meta.get('base_model')} (fingerprint {short(expected)}), "
-            f"this base is {portable_model_name(base_name)} ({short(actual)}); pass --allow-base-mismatch to load anyway"
+            f"adapter was trained on base {meta.base_model} (fingerprint {short(expected)}), "
+            f"this base is {portable_model_name(base_name)} ({short(actual)}); "
+            "pass --allow-base-mismatch to load anyway"
         )
     return actual
 
 
-def check_files(directory: Path, meta: dict[str, Any]) -> None:
+def check_files(directory: Path, meta: AdapterMeta) -> None:
     """Fail early and clearly on a damaged folder: JSON that does not parse, safetensors that are truncated."""
-    from safetensors import safe_open
-
     directory = Path(directory)
-    if meta.get("peft_format"):
+    if meta.peft_format:
         config = read_json(directory / "adapter_config.json")
         if not isinstance(config, dict) or "peft_type" not in config:
             raise PeftkitError(f"{directory / 'adapter_config.json'} is not a peft adapter config (no peft_type)")
-        weights = [directory / "adapter_model.safetensors"]
+        check_safetensors(directory / "adapter_model.safetensors")
     else:
         from peftkit.adapters.base import WEIGHTS_FILE
 
-        weights = [directory / WEIGHTS_FILE]
-    for path in weights:
-        if not path.is_file():
-            raise PeftkitError(f"missing weights file {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-        except Exception as e:  # SafetensorError: bad header, or data shorter than the header promises
-            raise PeftkitError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+        check_safetensors(directory / WEIGHTS_FILE)

@@ -16,3 +16,10 @@ def unknown_choice(kind: str, name: str, choices: Iterable[str]) -> PeftkitError
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     listing = ", ".join(choices) if len(choices) <= 40 else ", ".join(choices[:40]) + ", ..."
     return PeftkitError(f"unknown {kind} {name!r}.{hint} Valid: {listing}")
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+    """`TypeName: first line of the message` (cut at `limit` characters), for wrapping a library's exception
+    (peft, safetensors, torch) into a one-line PeftkitError."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {first[:limit]}"

@@ -1,4 +1,4 @@
-"""Ship a trained adapter: a self-contained adapter folder, a merged full model, or a weighted merge of LoRAs.
+"""Ship a trained adapter: a self-contained adapter folder, a merged full model, or a weighted combination of LoRAs.
 
 `export_adapter` copies the run's adapter folder (PEFT layout for peft methods, peftkit safetensors otherwise),
 completes peftkit.json (labels, input fields, base fingerprint, metrics) and writes a model card.
@@ -9,6 +9,7 @@ Every output folder appears atomically (io.atomic_directory): all of it, or noth
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,22 +17,23 @@ from typing import Any
 
 from peftkit.adapters import get_method_class
 from peftkit.adapters.base import WEIGHTS_FILE
-from peftkit.artifacts import META_FILE, check_files, load, read_meta, verify_base
-from peftkit.errors import PeftkitError
+from peftkit.artifacts import check_files, load, set_peft_base_name, verify_base
+from peftkit.errors import PeftkitError, short_error
 from peftkit.fingerprint import model_fingerprint, short
+from peftkit.formats import ADAPTER_META_FILE, SUMMARY_FILE, AdapterMeta
 from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, read_json
 from peftkit.modeling import portable_model_name
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MERGE_HOWS = ("linear", "ties", "cat")
+COMBINE_HOWS = ("linear", "ties", "cat")
 
 
 def adapter_folder(path: str | Path) -> Path:
     """A run folder (RUN_DIR/adapter) or an adapter folder itself."""
     path = Path(path)
-    if (path / "adapter" / META_FILE).exists():
+    if (path / "adapter" / ADAPTER_META_FILE).exists():
         return path / "adapter"
-    read_meta(path)  # raises the standard "not an adapter folder" error
+    AdapterMeta.read(path)  # raises the standard "not an adapter folder" error
     return path
 
 
@@ -41,72 +43,76 @@ def adapter_folder(path: str | Path) -> Path:
 def export_adapter(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a self-contained adapter folder at `out`; returns it."""
     source = adapter_folder(run_dir)
-    meta = read_meta(source)
+    meta = AdapterMeta.read(source)
     check_files(source, meta)
     summary = _read_summary(source.parent)
-    base = portable_model_name(meta["base_model"])
-    fingerprint = meta.get("base_fingerprint") or model_fingerprint(meta["base_model"])
-    meta = {**meta, "base_model": base, "base_fingerprint": fingerprint}
+    meta.base_fingerprint = meta.base_fingerprint or model_fingerprint(meta.base_model)
+    meta.base_model = portable_model_name(meta.base_model)
     for key in ("trainable_params", "total_params", "trainable_pct"):
-        if key not in meta and key in summary:
-            meta[key] = summary[key]
+        if getattr(meta, key) is None and key in summary:
+            setattr(meta, key, summary[key])
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        names = PEFT_FILES if meta.get("peft_format") else (WEIGHTS_FILE,)
+        names = PEFT_FILES if meta.peft_format else (WEIGHTS_FILE,)
         for name in names:
             shutil.copy2(source / name, tmp / name)
-        if meta.get("peft_format"):
-            config = read_json(tmp / "adapter_config.json")
-            config["base_model_name_or_path"] = base
-            atomic_write_json(tmp / "adapter_config.json", config)
-        meta["adapter_bytes"] = sum((tmp / n).stat().st_size for n in names)
-        atomic_write_json(tmp / META_FILE, meta)
+        if meta.peft_format:
+            set_peft_base_name(tmp, meta.base_model)
+        meta.adapter_bytes = sum((tmp / n).stat().st_size for n in names)
+        meta.write(tmp)
         atomic_write_text(tmp / "README.md", model_card(meta))
     return Path(out)
 
 
-def export_merged(run_dir: str | Path, out: str | Path, allow_base_mismatch: bool = False, overwrite: bool = False) -> Path:
+def export_merged(run_dir: str | Path, out: str | Path, allow_base_mismatch: bool = False,
+                  overwrite: bool = False) -> Path:
     """Fold the adapter into its base and save a plain transformers model (safetensors) with tokenizer and labels."""
     source = adapter_folder(run_dir)
-    meta = read_meta(source)
-    method_class = get_method_class(meta["method"])
+    meta = AdapterMeta.read(source)
+    method_class = get_method_class(meta.method)
     if method_class.merge_blocker is not None:
-        raise PeftkitError(f"method {meta['method']!r} cannot be merged: {method_class.merge_blocker}; "
+        raise PeftkitError(f"method {meta.method!r} cannot be merged: {method_class.merge_blocker}; "
                            "export the adapter folder instead (without --merge)")
     loaded = load(source, allow_base_mismatch=allow_base_mismatch)
     merged = loaded.method.merge(loaded.model)
     names = loaded.label_names
+    base = portable_model_name(meta.base_model)
     merged.config.id2label = dict(enumerate(names))
     merged.config.label2id = {n: i for i, n in enumerate(names)}
-    merged.config.name_or_path = portable_model_name(meta["base_model"])
+    merged.config.name_or_path = base
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(tmp))
-        info = {"merged_from": meta["method"], "base_model": portable_model_name(meta["base_model"]),
-                "base_fingerprint": meta.get("base_fingerprint"), "task": meta["task"], "metrics": meta.get("metrics")}
+        info = {"merged_from": meta.method, "base_model": base, "base_fingerprint": meta.base_fingerprint,
+                "task": dataclasses.asdict(meta.task), "metrics": meta.metrics}
         atomic_write_json(tmp / "peftkit_merged.json", info)
         atomic_write_text(tmp / "README.md", _merged_card(meta))
     return Path(out)
 
 
-def model_card(meta: dict[str, Any]) -> str:
+def model_card(meta: AdapterMeta) -> str:
     """The README.md of an exported adapter: what it is, how good, how big, how to load it."""
-    task = meta["task"]
-    metrics = meta.get("metrics") or {}
+    task = meta.task
     rows = []
-    for split, values in metrics.items():
+    for split, values in (meta.metrics or {}).items():
         if values:
-            rows.append(f"| {split} | " + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, (int, float))) + " |")
-    fields = f"`{task.get('text_field') or 'text'}`" + (f" + `{task.get('text_pair_field') or 'text_pair'}`" if task.get("is_pair") else "")
-    size = meta.get("adapter_bytes")
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, (int, float)))
+            rows.append(f"| {split} | {scores} |")
+    text_field, pair_field = task.input_fields
+    fields = f"`{text_field}`" + (f" + `{pair_field}`" if pair_field else "")
+    labels = ", ".join(map(str, task.label_names))
+    size = meta.adapter_bytes
+    weights = ("PEFT (adapter_config.json + adapter_model.safetensors, head included)" if meta.peft_format
+               else "peftkit (peftkit_weights.safetensors)")
     lines = [
-        f"# {task.get('name', 'task')} — {meta['method']} adapter",
+        f"# {task.name} — {meta.method} adapter",
         "",
-        f"- **Method:** {meta['method']} (options: `{json.dumps(meta.get('method_options', {}))}`)",
-        f"- **Base model:** `{meta['base_model']}` (weights fingerprint `{short(meta.get('base_fingerprint'))}`)",
-        f"- **Task:** {task.get('name')} — labels {', '.join(map(str, task['label_names']))}; input fields {fields}",
-        f"- **Trainable parameters:** {meta.get('trainable_params', 'n/a')} ({meta.get('trainable_pct', 'n/a')}% of {meta.get('total_params', 'n/a')})",
+        f"- **Method:** {meta.method} (options: `{json.dumps(meta.method_options)}`)",
+        f"- **Base model:** `{meta.base_model}` (weights fingerprint `{short(meta.base_fingerprint)}`)",
+        f"- **Task:** {task.name} — labels {labels}; input fields {fields}",
+        f"- **Trainable parameters:** {_or_na(meta.trainable_params)} ({_or_na(meta.trainable_pct)}% of "
+        f"{_or_na(meta.total_params)})",
         f"- **Adapter size:** {size / 1024:.1f} KiB" if size else "- **Adapter size:** n/a",
-        f"- **Weights format:** {'PEFT (adapter_config.json + adapter_model.safetensors, head included)' if meta.get('peft_format') else 'peftkit (peftkit_weights.safetensors)'}",
+        f"- **Weights format:** {weights}",
         "",
         "## Metrics",
         "",
@@ -123,10 +129,10 @@ def model_card(meta: dict[str, Any]) -> str:
         "",
         "```",
         "peftkit predict THIS_FOLDER --input rows.jsonl --output preds.jsonl",
-        "peftkit serve --base " + meta["base_model"] + " --adapter name=THIS_FOLDER",
+        "peftkit serve --base " + meta.base_model + " --adapter name=THIS_FOLDER",
         "```",
     ]
-    if meta.get("peft_format"):
+    if meta.peft_format:
         lines += [
             "",
             "## Load with stock peft",
@@ -134,95 +140,74 @@ def model_card(meta: dict[str, Any]) -> str:
             "```python",
             "from transformers import AutoModelForSequenceClassification",
             "from peft import PeftModel",
-            f"base = AutoModelForSequenceClassification.from_pretrained({meta['base_model']!r}, num_labels={len(task['label_names'])})",
+            f"base = AutoModelForSequenceClassification.from_pretrained({meta.base_model!r}, "
+            f"num_labels={len(task.label_names)})",
             "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()",
             "```",
         ]
     return "\n".join(lines) + "\n"
 
 
-def _merged_card(meta: dict[str, Any]) -> str:
-    task = meta["task"]
-    return (f"# {task.get('name', 'task')} — {meta['method']} merged into {meta['base_model']}\n\n"
-            f"A plain transformers model; labels {', '.join(map(str, task['label_names']))}.\n\n"
+def _or_na(value: Any) -> Any:
+    return "n/a" if value is None else value
+
+
+def _merged_card(meta: AdapterMeta) -> str:
+    task = meta.task
+    return (f"# {task.name} — {meta.method} merged into {meta.base_model}\n\n"
+            f"A plain transformers model; labels {', '.join(map(str, task.label_names))}.\n\n"
             "```python\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
             "model = AutoModelForSequenceClassification.from_pretrained('THIS_FOLDER')\n"
             "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')\n```\n")
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY_FILE
     return read_json(path) if path.is_file() else {}
 
 
-# --------------------------------------------------------------------------------------------- merge
+# --------------------------------------------------------------------------------------------- combine
 
 
 def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], how: str = "linear", density: float = 0.5,
-                   out: str | Path = "merged", overwrite: bool = False) -> tuple[Path, str]:
+                     out: str | Path = "combined", overwrite: bool = False) -> tuple[Path, str]:
     """Combine LoRA adapters trained on one base into one LoRA adapter (peft `add_weighted_adapter`).
 
     peft cannot average the task head (modules_to_save), so every adapter must have the same label names and
-    the merged adapter takes the FIRST adapter's head. Returns (out, a note saying so).
+    the combined adapter takes the FIRST adapter's head. Returns (out, a note saying so).
     """
-    if how not in MERGE_HOWS:
-        raise PeftkitError(f"unknown merge --how {how!r}; valid: {', '.join(MERGE_HOWS)}")
-    if not adapter_dirs:
-        raise PeftkitError("merge needs at least one adapter folder")
-    if len(weights) != len(adapter_dirs):
-        raise PeftkitError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters; give one per adapter")
-    if how == "ties" and not 0.0 < density <= 1.0:
-        raise PeftkitError(f"--density must be in (0, 1], got {density}")
-    folders = [adapter_folder(d) for d in adapter_dirs]
-    metas = [read_meta(f) for f in folders]
-    for folder, meta in zip(folders, metas):
-        if meta["method"] != "lora":
-            raise PeftkitError(f"{folder} is a {meta['method']!r} adapter; merge combines plain LoRA adapters only "
-                               "(peft's weighted merge does not support DoRA, AdaLoRA or other methods)")
-        check_files(folder, meta)
-        if meta["task"]["label_names"] != metas[0]["task"]["label_names"]:
-            raise PeftkitError(f"{folder} has labels {meta['task']['label_names']}, {folders[0]} has "
-                               f"{metas[0]['task']['label_names']}; merged adapters must share one label set")
-        prints = {meta.get("base_fingerprint"), metas[0].get("base_fingerprint")} - {None}
-        if len(prints) > 1:
-            raise PeftkitError(f"{folder} was trained on another base ({short(meta.get('base_fingerprint'))}) than "
-                               f"{folders[0]} ({short(metas[0].get('base_fingerprint'))}); merge needs one base")
-    ranks = [read_json(f / "adapter_config.json").get("r") for f in folders]
-    if how in ("linear", "ties") and len(folders) > 1 and len(set(ranks)) > 1:
-        raise PeftkitError(f"--how {how} needs equal LoRA ranks, these have r={ranks}; use --how cat (rank = sum)")
+    folders, metas = _check_combinable(adapter_dirs, weights, how, density)
 
     import torch
+    from peft import PeftModel
 
     from peftkit.config import ModelConfig
     from peftkit.modeling import load_model, load_tokenizer
 
-    base_name = metas[0]["base_model"]
-    verify_base(metas[0], base_name)
-    cfg = ModelConfig(name_or_path=base_name)
+    first = metas[0]
+    verify_base(first, first.base_model)
+    cfg = ModelConfig(name_or_path=first.base_model)
     tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg, len(metas[0]["task"]["label_names"]), tokenizer.pad_token_id)
+    model = load_model(cfg, len(first.label_names), tokenizer.pad_token_id)
     names = [f"src{i}" for i in range(len(folders))]
-    from peft import PeftModel
-
     try:
         model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
         for name, folder in zip(names[1:], folders[1:]):
             model.load_adapter(str(folder), adapter_name=name)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise PeftkitError(f"cannot load the adapters to merge ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        raise PeftkitError(f"cannot load the adapters to combine ({short_error(e)})") from None
     model.eval()
     heads = _head_wrappers(model)
     head_state = {id(w): {k: v.clone() for k, v in w.modules_to_save[names[0]].state_dict().items()} for w in heads}
-    for w in heads:  # peft refuses to merge adapters that each carry a head; keep only the first one's
+    for w in heads:  # peft refuses to combine adapters that each carry a head; keep only the first one's
         for name in names[1:]:
             if name in w.modules_to_save:
                 del w.modules_to_save[name]
-    combination = "cat" if how == "cat" else how
     kwargs = {"density": density} if how == "ties" else {}
     try:
-        model.add_weighted_adapter(names, list(weights), adapter_name="default", combination_type=combination, **kwargs)
+        model.add_weighted_adapter(names, list(weights), adapter_name="default", combination_type=how, **kwargs)
     except ValueError as e:
-        raise PeftkitError(f"peft refused the merge: {e}") from None
+        raise PeftkitError(f"peft refused the combination: {e}") from None
     for w in heads:
         if "default" not in w.modules_to_save:
             w.modules_to_save["default"] = copy.deepcopy(w.modules_to_save[names[0]])
@@ -230,21 +215,52 @@ def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], how: 
     model.set_adapter("default")
     for name in names:
         model.delete_adapter(name)
-    options = dict(metas[0].get("method_options", {}))
     new_config = model.peft_config["default"]
-    options.update(r=new_config.r, alpha=new_config.lora_alpha)
-    meta = {**metas[0], "method_options": options, "base_model": portable_model_name(base_name), "metrics": None,
-            "merged_from": [{"adapter": str(f), "weight": w} for f, w in zip(folders, weights)],
-            "merge": {"how": how, "density": density if how == "ties" else None, "head_from": str(folders[0])}}
+    meta = dataclasses.replace(
+        first, method_options={**first.method_options, "r": new_config.r, "alpha": new_config.lora_alpha},
+        base_model=portable_model_name(first.base_model), metrics=None,
+        combined_from=[{"adapter": str(f), "weight": w} for f, w in zip(folders, weights)],
+        combination={"how": how, "density": density if how == "ties" else None, "head_from": str(folders[0])},
+    )
     with atomic_directory(Path(out), overwrite=overwrite) as tmp, torch.no_grad():
         model.save_pretrained(str(tmp), safe_serialization=True)
-        config = read_json(tmp / "adapter_config.json")
-        config["base_model_name_or_path"] = portable_model_name(base_name)
-        atomic_write_json(tmp / "adapter_config.json", config)
-        meta["adapter_bytes"] = sum((tmp / n).stat().st_size for n in PEFT_FILES)
-        atomic_write_json(tmp / META_FILE, meta)
+        set_peft_base_name(tmp, first.base_model)
+        meta.adapter_bytes = sum((tmp / n).stat().st_size for n in PEFT_FILES)
+        meta.write(tmp)
         atomic_write_text(tmp / "README.md", model_card(meta))
     return Path(out), f"task head: taken from {folders[0]} (peft cannot average classification heads)"
+
+
+def _check_combinable(adapter_dirs: list[str | Path], weights: list[float], how: str,
+                      density: float) -> tuple[list[Path], list[AdapterMeta]]:
+    """Refuse, before loading any model, what peft's weighted combination cannot do; return folders and metas."""
+    if how not in COMBINE_HOWS:
+        raise PeftkitError(f"unknown combine --how {how!r}; valid: {', '.join(COMBINE_HOWS)}")
+    if not adapter_dirs:
+        raise PeftkitError("combine needs at least one adapter folder")
+    if len(weights) != len(adapter_dirs):
+        raise PeftkitError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters; "
+                           "give one per adapter")
+    if how == "ties" and not 0.0 < density <= 1.0:
+        raise PeftkitError(f"--density must be in (0, 1], got {density}")
+    folders = [adapter_folder(d) for d in adapter_dirs]
+    metas = [AdapterMeta.read(f) for f in folders]
+    first = metas[0]
+    for folder, meta in zip(folders, metas):
+        if meta.method != "lora":
+            raise PeftkitError(f"{folder} is a {meta.method!r} adapter; combine takes plain LoRA adapters only "
+                               "(peft's weighted combination does not support DoRA, AdaLoRA or other methods)")
+        check_files(folder, meta)
+        if meta.label_names != first.label_names:
+            raise PeftkitError(f"{folder} has labels {meta.label_names}, {folders[0]} has {first.label_names}; "
+                               "combined adapters must share one label set")
+        if len({meta.base_fingerprint, first.base_fingerprint} - {None}) > 1:
+            raise PeftkitError(f"{folder} was trained on another base ({short(meta.base_fingerprint)}) than "
+                               f"{folders[0]} ({short(first.base_fingerprint)}); combine needs one base")
+    ranks = [read_json(f / "adapter_config.json").get("r") for f in folders]
+    if how in ("linear", "ties") and len(folders) > 1 and len(set(ranks)) > 1:
+        raise PeftkitError(f"--how {how} needs equal LoRA ranks, these have r={ranks}; use --how cat (rank = sum)")
+    return folders, metas
 
 
 def _head_wrappers(model) -> list:

@@ -34,6 +34,17 @@ def predict_logits(model: nn.Module, split: EncodedSplit, batch_size: int, pad_t
     return torch.cat(out) if out else torch.empty(0)
 
 
+def format_predictions(logits: torch.Tensor, label_names: list[str]) -> list[dict[str, Any]]:
+    """One dict per row: the predicted label index, its name, and every label's probability (6 decimals)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    out = []
+    for row in probs.tolist():
+        label = max(range(len(row)), key=row.__getitem__)
+        out.append({"label": label, "label_name": label_names[label],
+                    "probabilities": {name: round(p, 6) for name, p in zip(label_names, row)}})
+    return out
+
+
 def evaluate(model: nn.Module, split: EncodedSplit, num_labels: int, batch_size: int, pad_token_id: int,
              device: torch.device, bf16: bool = False) -> dict[str, float]:
     """Task metrics plus mean cross-entropy on a labelled split."""

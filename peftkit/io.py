@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from peftkit.errors import PeftkitError
@@ -84,7 +85,8 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
     """safetensors save through a temp file (safetensors needs contiguous, unshared tensors)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -92,12 +94,19 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     os.replace(tmp, path)
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning a truncated or corrupted file into a clear error."""
+def check_safetensors(path: str | os.PathLike) -> Path:
+    """Fail early and clearly on a missing, truncated or corrupted safetensors file; returns the path."""
     path = Path(path)
     if not path.is_file():
         raise PeftkitError(f"missing weights file {path}")
     try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers/truncation
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own SafetensorError: bad header, or data shorter than promised
         raise PeftkitError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    return path
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning a truncated or corrupted file into a clear error."""
+    return load_file(str(check_safetensors(path)))

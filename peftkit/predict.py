@@ -12,21 +12,11 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
-import torch
-
 from peftkit.artifacts import LoadedAdapter
 from peftkit.data import encode, iter_rows
 from peftkit.errors import PeftkitError
-from peftkit.inference import predict_logits
+from peftkit.inference import format_predictions, predict_logits
 from peftkit.io import atomic_open
-
-
-def input_fields(meta: dict[str, Any]) -> tuple[str, str | None]:
-    """The row fields this adapter reads: as the user named them at training time (built-in tasks: text/text_pair)."""
-    task = meta["task"]
-    text = task.get("text_field") or "text"
-    pair = (task.get("text_pair_field") or "text_pair") if task.get("is_pair") else None
-    return text, pair
 
 
 def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str | None) -> dict[str, Any]:
@@ -43,25 +33,15 @@ def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str 
     return item
 
 
-def predict_rows(loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: int, bf16: bool = False) -> list[dict[str, Any]]:
+def predict_rows(loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: int,
+                 bf16: bool = False) -> list[dict[str, Any]]:
     """Prediction dicts for already normalised rows: label, label_name, probabilities by label name."""
     if not rows:
         return []
-    max_length = loaded.meta["task"].get("max_length") or 512
-    split = encode(rows, loaded.tokenizer, max_length)
+    split = encode(rows, loaded.tokenizer, loaded.meta.task.max_length)
     device = next(loaded.model.parameters()).device
     logits = predict_logits(loaded.model, split, batch_size, loaded.tokenizer.pad_token_id, device, bf16)
     return format_predictions(logits, loaded.label_names)
-
-
-def format_predictions(logits: torch.Tensor, label_names: list[str]) -> list[dict[str, Any]]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    out = []
-    for row in probs.tolist():
-        label = max(range(len(row)), key=row.__getitem__)
-        out.append({"label": label, "label_name": label_names[label],
-                    "probabilities": {name: round(p, 6) for name, p in zip(label_names, row)}})
-    return out
 
 
 def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size: int = 64, bf16: bool = False,
@@ -69,7 +49,7 @@ def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size:
     """Read, predict and write `batch_size` rows at a time; returns the number of rows written."""
     from tqdm.auto import tqdm
 
-    text_field, pair_field = input_fields(loaded.meta)
+    text_field, pair_field = loaded.meta.task.input_fields
     written = 0
     bar = tqdm(desc="predict", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     chunk: list[tuple[str, dict[str, Any]]] = []

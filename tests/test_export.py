@@ -9,11 +9,12 @@ import pytest
 import torch
 from shipping_runs import TinyRuns, logits_of
 
-from peftkit.artifacts import load, read_meta
+from peftkit.artifacts import load
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
 from peftkit.export import combine_adapters, export_adapter, export_merged
 from peftkit.fingerprint import model_fingerprint
+from peftkit.formats import AdapterMeta
 
 ALL_METHODS = ["full", "bitfit", "bottleneck", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
 PEFT_METHODS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
@@ -60,9 +61,9 @@ def test_export_round_trip_identical_predictions(method, runs, tmp_path):
     run = runs.run(method)
     original = load(run / "adapter")
     out = export_adapter(run, tmp_path / "export")
-    meta = read_meta(out)
-    assert meta["base_fingerprint"] == model_fingerprint(runs.model_dir)
-    assert meta["task"]["label_names"] == ["negative", "positive"] and meta["task"]["text_field"] == "text"
+    meta = AdapterMeta.read(out)
+    assert meta.base_fingerprint == model_fingerprint(runs.model_dir)
+    assert meta.task.label_names == ["negative", "positive"] and meta.task.text_field == "text"
     card = (out / "README.md").read_text()
     assert method in card and "Trainable parameters" in card and "peftkit.load" in card
     exported = load(out)
@@ -71,8 +72,9 @@ def test_export_round_trip_identical_predictions(method, runs, tmp_path):
     if method in PEFT_METHODS:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files
         config = json.loads((out / "adapter_config.json").read_text())
-        assert config["base_model_name_or_path"] == meta["base_model"]
-        assert ".venv" not in config["base_model_name_or_path"] and "site-packages" not in config["base_model_name_or_path"]
+        assert config["base_model_name_or_path"] == meta.base_model
+        name = config["base_model_name_or_path"]
+        assert ".venv" not in name and "site-packages" not in name
     else:
         assert "peftkit_weights.safetensors" in files and "adapter_config.json" not in files
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
@@ -105,7 +107,8 @@ def test_merged_export_matches_adapter_via_plain_transformers(method, runs, tmp_
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
 
 
-@pytest.mark.parametrize("method,why", [("prompt", "virtual tokens"), ("bottleneck", "non-linear"), ("bitfit", "biases")])
+@pytest.mark.parametrize("method,why",
+                         [("prompt", "virtual tokens"), ("bottleneck", "non-linear"), ("bitfit", "biases")])
 def test_merge_refused_with_reason(method, why, runs, tmp_path, capsys):
     run = runs.run(method)
     assert main(["export", str(run), "--out", str(tmp_path / "m"), "--merge"]) == 2
@@ -132,7 +135,8 @@ def test_fingerprint_refuses_other_base_unless_allowed(runs, other_base, tmp_pat
     assert logits_of(loaded.model, loaded.tokenizer).shape == (4, 2)
     # the CLI refuses too, and accepts the expert flag
     (tmp_path / "in.jsonl").write_text('{"text": "great"}\n')
-    args = ["predict", str(out), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"), "--base", str(other_base)]
+    args = ["predict", str(out), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"),
+            "--base", str(other_base)]
     assert main(args) == 2 and "fingerprint" in capsys.readouterr().err
     assert main(args + ["--allow-base-mismatch"]) == 0
 
@@ -149,7 +153,8 @@ def test_fingerprint_cached_and_hub_ids_skip(runs, monkeypatch, tmp_path):
     assert model_fingerprint("someone/not-a-local-folder") is None
 
 
-@pytest.mark.parametrize("damage", ["truncate_peft", "bad_config_json", "truncate_peftkit", "bad_meta_json", "garbage_header"])
+@pytest.mark.parametrize("damage",
+                         ["truncate_peft", "bad_config_json", "truncate_peftkit", "bad_meta_json", "garbage_header"])
 def test_damaged_folders_raise_clear_errors(damage, runs, tmp_path):
     method = "bottleneck" if damage == "truncate_peftkit" else "lora"
     out = export_adapter(runs.run(method), tmp_path / "e")
@@ -183,7 +188,7 @@ def test_weighted_merge_of_adapter_with_itself_reproduces_it(runs, tmp_path, cap
     assert "head: taken from" in capsys.readouterr().out
     two = load(tmp_path / "two")
     assert torch.allclose(logits_of(two.model, two.tokenizer), expected, atol=1e-5)
-    assert read_meta(tmp_path / "two")["method_options"]["r"] == 16
+    assert AdapterMeta.read(tmp_path / "two").method_options["r"] == 16
 
 
 def test_weighted_merge_combines_two_and_refuses_bad_input(runs, tmp_path, capsys):
@@ -194,7 +199,8 @@ def test_weighted_merge_combines_two_and_refuses_bad_input(runs, tmp_path, capsy
     assert lm.shape == la.shape and not torch.equal(lm, la)
     assert main(["combine", str(a), str(runs.run("ia3")), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
     assert "plain LoRA adapters only" in capsys.readouterr().err
-    assert main(["combine", str(a), str(runs.run("lora", r=4)), "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
+    r4 = str(runs.run("lora", r=4))
+    assert main(["combine", str(a), r4, "--weights", "0.5,0.5", "--out", str(tmp_path / "x")]) == 2
     assert "--how cat" in capsys.readouterr().err
     assert main(["combine", str(a), str(b), "--weights", "0.5", "--out", str(tmp_path / "x")]) == 2
     assert "one per adapter" in capsys.readouterr().err

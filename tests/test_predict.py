@@ -70,10 +70,12 @@ def test_predict_streams_instead_of_reading_everything(adapter, monkeypatch, tmp
 
     seen = []
     real = predict.predict_rows
-    monkeypatch.setattr(predict, "predict_rows", lambda loaded, rows, *a, **k: seen.append(len(rows)) or real(loaded, rows, *a, **k))
+    monkeypatch.setattr(predict, "predict_rows",
+                        lambda loaded, rows, *a, **k: seen.append(len(rows)) or real(loaded, rows, *a, **k))
     src = tmp_path / "big.jsonl"
     src.write_text("".join(json.dumps({"text": TEXTS[i % 4]}) + "\n" for i in range(25)))
-    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "8"]) == 0
+    out = str(tmp_path / "o.jsonl")
+    assert main(["predict", str(adapter), "--input", str(src), "--output", out, "--batch-size", "8"]) == 0
     assert seen == [8, 8, 8, 1] and len(read_preds(tmp_path / "o.jsonl")) == 25
 
 

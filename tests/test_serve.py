@@ -8,7 +8,7 @@ import torch
 from shipping_runs import TEXTS, TinyRuns, logits_of, three_label_task
 
 from peftkit.artifacts import load
-from peftkit.serve import ServedAdapters, create_app
+from peftkit.serve import AdapterPool, create_app
 
 TOKEN = "s3cret"
 
@@ -35,9 +35,9 @@ def adapters(runs):
 def client(runs, adapters):
     from fastapi.testclient import TestClient
 
-    hub = ServedAdapters(str(runs.model_dir))
+    pool = AdapterPool(str(runs.model_dir))
     app = create_app(str(runs.model_dir), {k: str(v) for k, v in adapters.items() if k != "bottleneck"},
-                     admin_token=TOKEN, max_batch=8, max_chars=200, hub=hub)
+                     admin_token=TOKEN, max_batch=8, max_chars=200, pool=pool)
     with TestClient(app) as c:
         yield c
 
@@ -52,7 +52,8 @@ def test_health_list_and_docs(client):
     listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
     assert set(listed) == {"a", "b", "c", "ia3"}
     assert listed["c"]["labels"] == ["negative", "positive", "neutral"] and listed["ia3"]["method"] == "ia3"
-    assert listed["a"]["mixed_batch"] and not listed["ia3"]["mixed_batch"] and "accuracy" in listed["a"]["metrics"]["validation"]
+    assert listed["a"]["mixed_batch"] and not listed["ia3"]["mixed_batch"]
+    assert "accuracy" in listed["a"]["metrics"]["validation"]
     assert "/v1/classify" in client.get("/openapi.json").json()["paths"]
 
 
@@ -73,8 +74,9 @@ def test_concurrent_mixed_adapters_batch_together(client, adapters):
     batcher = client.app.state.batcher
     before = batcher.batches
     names = ["a", "b", "a", "c", "ia3", "b"] * 4
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda n: (n, client.post("/v1/classify", json={"adapter": n, "texts": TEXTS[:2]})), names))
+    with concurrent.futures.ThreadPoolExecutor(8) as threads:
+        replies = list(threads.map(lambda n: (n, client.post("/v1/classify", json={"adapter": n, "texts": TEXTS[:2]})),
+                                   names))
     for name, reply in replies:
         assert reply.status_code == 200
         got = torch.tensor([list(p["probabilities"].values()) for p in reply.json()["predictions"]])
@@ -83,8 +85,8 @@ def test_concurrent_mixed_adapters_batch_together(client, adapters):
 
 
 def test_mixed_lora_forward_uses_each_adapters_own_head(client, adapters):
-    hub = client.app.state.hub
-    out = hub.predict([("a", TEXTS, None), ("b", TEXTS, None)])
+    pool = client.app.state.pool
+    out = pool.predict([("a", TEXTS, None), ("b", TEXTS, None)])
     for name, preds in zip("ab", out):
         got = torch.tensor([list(p["probabilities"].values()) for p in preds])
         assert torch.allclose(got, expected_probs(adapters[name]), atol=1e-5)
@@ -131,23 +133,25 @@ def test_hot_load_and_unload_need_the_token(client, adapters):
     # unloading one LoRA of the shared PeftModel leaves the other working
     assert client.delete("/v1/adapters/b", headers=auth).status_code == 200
     got = client.post("/v1/classify", json={"adapter": "a", "texts": TEXTS}).json()["predictions"]
-    assert torch.allclose(torch.tensor([list(p["probabilities"].values()) for p in got]), expected_probs(adapters["a"]), atol=1e-5)
+    got = torch.tensor([list(p["probabilities"].values()) for p in got])
+    assert torch.allclose(got, expected_probs(adapters["a"]), atol=1e-5)
     assert client.post("/v1/adapters", json={"name": "b", "path": str(adapters["b"])}, headers=auth).status_code == 201
 
 
 def test_admin_disabled_without_token(runs, adapters, client):
     from fastapi.testclient import TestClient
 
-    app = create_app(str(runs.model_dir), {}, hub=client.app.state.hub)  # no admin token
+    app = create_app(str(runs.model_dir), {}, pool=client.app.state.pool)  # no admin token
     c = TestClient(app)
-    assert c.post("/v1/adapters", json={"name": "x", "path": str(adapters["a"])}, headers={"Authorization": "Bearer "}).status_code == 403
+    body = {"name": "x", "path": str(adapters["a"])}
+    assert c.post("/v1/adapters", json=body, headers={"Authorization": "Bearer "}).status_code == 403
     assert c.delete("/v1/adapters/a").status_code == 403
 
 
 def test_base_mismatch_refused(runs, tmp_path):
     from peftkit.errors import PeftkitError
 
-    hub = ServedAdapters(str(runs.model_dir))
+    pool = AdapterPool(str(runs.model_dir))
     meta_path = runs.run("lora") / "adapter" / "peftkit.json"
     import json
     import shutil
@@ -157,4 +161,4 @@ def test_base_mismatch_refused(runs, tmp_path):
     meta["base_fingerprint"] = "0" * 64
     (tmp_path / "x" / "peftkit.json").write_text(json.dumps(meta))
     with pytest.raises(PeftkitError, match="allow-base-mismatch"):
-        hub.add("x", tmp_path / "x")
+        pool.add("x", tmp_path / "x")

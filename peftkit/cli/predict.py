@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
         raise PeftkitError("--output must differ from --input")
     loaded = load(args.adapter_dir, base=args.base, allow_base_mismatch=args.allow_base_mismatch)
     with atomic_output(args.output) as out:
-        n = predict_stream(loaded, args.input, out, args.batch_size, args.bf16, progress=sys.stderr.isatty() or args.output != "-")
+        progress = sys.stderr.isatty() or args.output != "-"
+        n = predict_stream(loaded, args.input, out, args.batch_size, args.bf16, progress=progress)
     if args.output != "-":
         print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
     return 0
