@@ -28,13 +28,15 @@ from peftkit.modeling import (
     portable_model_name,
     resolve_model_path,
 )
+from peftkit.pooling import apply_pooling, pooling_of
 
 META_FILE = "peftkit.json"
 FORMAT_VERSION = 1
 
 
 def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_model: str, task: TaskInfo,
-                 metrics: dict[str, Any] | None = None, params: ParameterCount | None = None) -> AdapterMeta:
+                 metrics: dict[str, Any] | None = None, params: ParameterCount | None = None,
+                 head_modules: list[str] | None = None) -> AdapterMeta:
     """Write the adapter folder atomically: either the whole folder appears, or nothing changes."""
     directory = Path(directory)
     with atomic_directory(directory, overwrite=True) as tmp:
@@ -45,6 +47,7 @@ def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_mode
             method=method.name, method_options=dataclasses.asdict(method.options), peft_format=method.uses_peft,
             base_model=portable_model_name(base_model), base_fingerprint=model_fingerprint(base_model), task=task,
             metrics=metrics, adapter_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+            pooling=pooling_of(model), head_modules=head_modules,
             **({"trainable_params": params.trainable, "total_params": params.total,
                 "trainable_pct": round(params.trainable_pct, 4)} if params else {}),
         )
@@ -90,7 +93,7 @@ def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: 
     base_name = base or meta["base_model"]
     verify_base(meta, base_name, allow_base_mismatch)
     check_files(directory, meta)
-    model_cfg = ModelConfig(name_or_path=base_name)
+    model_cfg = ModelConfig(name_or_path=base_name, pooling=meta.get("pooling", "pooler"))
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, len(meta["task"]["label_names"]), tokenizer.pad_token_id)
     model, method = attach(model, directory, meta, resolve_model_path(base_name))
@@ -98,11 +101,13 @@ def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: 
 
 
 def attach(model: nn.Module, directory: Path, meta: dict[str, Any], model_path: str) -> tuple[nn.Module, Method]:
-    """Apply the adapter in `directory` to an already loaded base model (serve shares one base this way)."""
+    """Apply the adapter in `directory` to an already loaded base model (serve shares one base this way),
+    with the pooling the adapter was trained with."""
     method_class = get_method_class(meta["method"])
     options = build_dataclass(method_class.options_class, meta.get("method_options", {}), f"{META_FILE} method_options")
     method = build_method(meta["method"], options)
-    ctx = MethodContext(model_path, head_modules(model))
+    apply_pooling(model, meta.get("pooling", "pooler"))
+    ctx = MethodContext(model_path, meta.get("head_modules") or head_modules(model))
     try:
         model = method.load(model, Path(directory), ctx)
     except PeftkitError:

@@ -82,7 +82,8 @@ def export_merged(run_dir: str | Path, out: str | Path, allow_base_mismatch: boo
         merged.save_pretrained(str(tmp), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(tmp))
         info = {"merged_from": meta["method"], "base_model": portable_model_name(meta["base_model"]),
-                "base_fingerprint": meta.get("base_fingerprint"), "task": meta["task"], "metrics": meta.get("metrics")}
+                "base_fingerprint": meta.get("base_fingerprint"), "task": meta["task"], "metrics": meta.get("metrics"),
+                "pooling": meta.get("pooling", "pooler")}  # also config.json's peftkit_pooling, which peftkit.load applies
         atomic_write_json(tmp / "peftkit_merged.json", info)
         atomic_write_text(tmp / "README.md", _merged_card(meta))
     return Path(out)
@@ -198,7 +199,7 @@ def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], how: 
 
     base_name = metas[0]["base_model"]
     verify_base(metas[0], base_name)
-    cfg = ModelConfig(name_or_path=base_name)
+    cfg = ModelConfig(name_or_path=base_name, pooling=metas[0].get("pooling", "pooler"))
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, len(metas[0]["task"]["label_names"]), tokenizer.pad_token_id)
     names = [f"src{i}" for i in range(len(folders))]

@@ -31,6 +31,7 @@ from peftkit.data import EncodedSplit, collate, encode
 from peftkit.errors import PeftkitError
 from peftkit.inference import predict_logits
 from peftkit.modeling import head_modules, load_model, load_tokenizer, portable_model_name, resolve_model_path
+from peftkit.pooling import apply_pooling
 from peftkit.predict import format_predictions
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # peft adapter names become ModuleDict keys: no dots
@@ -77,7 +78,7 @@ class ServedAdapters:
 
         self.base = base
         self.allow_base_mismatch = allow_base_mismatch
-        self.model_cfg = ModelConfig(name_or_path=base)
+        self.model_cfg = ModelConfig(name_or_path=base, pooling="pooler")  # stock body; each adapter applies its pooling
         self.model_path = resolve_model_path(base)
         self.tokenizer = load_tokenizer(self.model_cfg)
         self.template = load_model(self.model_cfg, 2, self.tokenizer.pad_token_id).eval()
@@ -141,12 +142,13 @@ class ServedAdapters:
         is_lora = meta.get("peft_format") and meta["method"] == "lora"
         try:
             if is_lora:
-                key = f"lora-{num_labels}"
+                key = f"lora-{num_labels}-{meta.get('pooling', 'pooler')}"
                 pool = self.pools.get(key)
                 if pool is None:
                     from peft import PeftModel
 
-                    model = PeftModel.from_pretrained(self.shared_model(num_labels), str(directory), adapter_name=name,
+                    base = apply_pooling(self.shared_model(num_labels), meta.get("pooling", "pooler"))
+                    model = PeftModel.from_pretrained(base, str(directory), adapter_name=name,
                                                       is_trainable=False)
                     pool = self.pools[key] = Pool(model, mixed=True)
                 else:
