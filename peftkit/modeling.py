@@ -55,7 +55,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed: int = 0) -> nn.Module:
-    """Pretrained body + `cfg.pooling` + a fresh classification head, seeded so the head starts the same for the same seed."""
+    """Pretrained body, pooled as `cfg.pooling`, + a fresh classification head (seeded: same seed, same head)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 

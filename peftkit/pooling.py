@@ -55,7 +55,7 @@ class Pooling(nn.Module):
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         positions = torch.arange(hidden.shape[1], device=hidden.device)
-        last = (mask.to(torch.long) * (positions + 1)).argmax(1)  # the last position whose mask is 1 (any padding side)
+        last = (mask.to(torch.long) * (positions + 1)).argmax(1)  # the last position whose mask is 1 (either padding)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 

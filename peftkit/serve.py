@@ -78,7 +78,7 @@ class ServedAdapters:
 
         self.base = base
         self.allow_base_mismatch = allow_base_mismatch
-        self.model_cfg = ModelConfig(name_or_path=base, pooling="pooler")  # stock body; each adapter applies its pooling
+        self.model_cfg = ModelConfig(name_or_path=base, pooling="pooler")  # stock body; adapters apply their pooling
         self.model_path = resolve_model_path(base)
         self.tokenizer = load_tokenizer(self.model_cfg)
         self.template = load_model(self.model_cfg, 2, self.tokenizer.pad_token_id).eval()

@@ -186,7 +186,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
                              text_field=config.task.text_field, text_pair_field=config.task.text_pair_field,
                              max_length=config.task.max_length)
         meta = save_adapter(model, method, run_dir / "adapter", base_model=config.model.name_or_path, task=task_info,
-                            metrics={"validation": kept_metrics, "test": test_metrics}, params=params, head_modules=heads)
+                            metrics={"validation": kept_metrics, "test": test_metrics}, params=params,
+                            head_modules=heads)
         summary.adapter_bytes = meta.adapter_bytes
         summary.write(run_dir)
     ranks.finish()

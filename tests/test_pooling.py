@@ -61,9 +61,10 @@ def test_pooling_trains_ships_and_reloads(tiny_model_dir, tmp_path, method_name,
     meta = _save(model, method, path, tmp_path / "adapter", heads)
     assert meta.pooling == pooling and meta.head_modules == heads
     if pooling == "pooler" and method_name != "full":  # the pooler ships with the head
-        weights = tmp_path / "adapter" / ("adapter_model.safetensors" if method.uses_peft else "peftkit_weights.safetensors")
         from safetensors import safe_open
 
+        name = "adapter_model.safetensors" if method.uses_peft else "peftkit_weights.safetensors"
+        weights = tmp_path / "adapter" / name
         with safe_open(str(weights), framework="pt") as f:
             assert any(".pooler." in k for k in f.keys())
     with torch.no_grad():
