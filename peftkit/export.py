@@ -83,7 +83,7 @@ def export_merged(run_dir: str | Path, out: str | Path, allow_base_mismatch: boo
         loaded.tokenizer.save_pretrained(str(tmp))
         info = {"merged_from": meta["method"], "base_model": portable_model_name(meta["base_model"]),
                 "base_fingerprint": meta.get("base_fingerprint"), "task": meta["task"], "metrics": meta.get("metrics"),
-                "pooling": meta.get("pooling", "pooler")}  # also config.json's peftkit_pooling: peftkit.load applies it
+                "pooling": meta.get("pooling", "pooler")}  # config.json: peftkit_pooling, applied on load
         atomic_write_json(tmp / "peftkit_merged.json", info)
         atomic_write_text(tmp / "README.md", _merged_card(meta))
     return Path(out)
