@@ -1,6 +1,7 @@
 """Pooling: how the encoder's token states become the one vector the classifier reads (`model.pooling`).
 
-- `pooler`: the model's own pooler (BERT: dense + tanh on [CLS]), trained and saved with the classifier.
+- `pooler`: what the stock transformers class does: its pooler (BERT: dense + tanh on [CLS]), trained and saved with
+  the classifier; a model without a pooler keeps its head's own selection (decoders: the last token).
 - `cls`: the first token's hidden state; `mean`: the mean over real (unmasked) tokens; `last`: the last real token.
 - `auto`: what the base model folder says: a sentence-transformers folder (`modules.json` + `1_Pooling/config.json`)
   gets its own pooling, a model with a pooler gets `pooler`, any other model its classification head's own
@@ -139,10 +140,11 @@ def apply_pooling(model: nn.Module, mode: str) -> nn.Module:
         return model
     if getattr(body, "peftkit_pool", None) is not None:
         raise PeftkitError(f"this model already pools with {current!r}; load a fresh base for pooling {mode!r}")
-    if mode == "pooler" and not has_pooler(model):
-        raise PeftkitError(f"model.pooling=pooler: {type(model).__name__} has no pooler; "
-                           "use auto, cls, mean or last")
     native = native_pooling(model)
+    if mode == "pooler" and not has_pooler(model):  # no pooler: the head's own selection, as transformers does
+        mode = native
+        if current == mode:
+            return model
     if mode not in (native, "pooler"):
         pool = Pooling(mode)
         if has_pooler(model):

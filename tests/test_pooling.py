@@ -123,6 +123,9 @@ def test_auto_reads_the_base_folder(tiny_model_dir, tmp_path, monkeypatch):
     assert auto(tiny_model_dir("bert")) == "pooler"
     assert auto(tiny_model_dir("gpt2")) == "last"
     assert auto(tiny_model_dir("llama")) == "last"
+    # `pooler` is the stock class's pooling: without a pooler, the head's own token (so old adapters load everywhere)
+    gpt2 = ModelConfig(name_or_path=str(tiny_model_dir("gpt2")), pooling="pooler")
+    assert pooling_of(load_model(gpt2, 2, 0)) == "last"
 
 
 def test_stock_peft_loads_pooler_adapters_and_three_lines_apply_mean(tiny_model_dir, tmp_path):
