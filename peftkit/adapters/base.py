@@ -23,7 +23,7 @@ class MethodContext:
     """What a method may need to know about the run when it is applied."""
 
     model_path: str  # resolved base model directory or Hub id (prompt tuning's text init reads its tokenizer)
-    head_modules: list[str]  # the task head's module names: ["classifier", "bert.pooler"] (BERT), ["score"] (GPT-2)
+    head_modules: list[str]  # the task head's module names: ["classifier", "bert.pooler.dense"] (BERT), ["score"] (GPT-2)
     total_steps: int = 1  # optimizer steps in the run (AdaLoRA's rank schedule needs it)
 
 
