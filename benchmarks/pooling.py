@@ -4,7 +4,8 @@
 
 Every cell is `python -m peftkit train <recipe> <overrides> model.pooling=<p>` (the exact commands are written
 into the results), evaluated once at the end on at most 1000 validation rows. Results are written after every
-cell, so a partial run leaves a partial table. The head probe (method `head`, pooling auto) runs last.
+cell, so a partial run leaves a partial table. Order: LoRA pooler vs mean (what `auto` decides), LoRA cls/last,
+the head probe (pooler, mean), then full fine-tuning with each pooling.
 """
 from __future__ import annotations
 
