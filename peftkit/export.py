@@ -83,7 +83,8 @@ def export_merged(run_dir: str | Path, out: str | Path, allow_base_mismatch: boo
         merged.save_pretrained(str(tmp), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(tmp))
         info = {"merged_from": meta.method, "base_model": base, "base_fingerprint": meta.base_fingerprint,
-                "task": dataclasses.asdict(meta.task), "metrics": meta.metrics}
+                "task": dataclasses.asdict(meta.task), "metrics": meta.metrics,
+                "pooling": meta.pooling}  # config.json: peftkit_pooling, applied on load
         atomic_write_json(tmp / "peftkit_merged.json", info)
         atomic_write_text(tmp / "README.md", _merged_card(meta))
     return Path(out)
@@ -186,7 +187,7 @@ def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], how: 
 
     first = metas[0]
     verify_base(first, first.base_model)
-    cfg = ModelConfig(name_or_path=first.base_model)
+    cfg = ModelConfig(name_or_path=first.base_model, pooling=first.pooling)
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, len(first.label_names), tokenizer.pad_token_id)
     names = [f"src{i}" for i in range(len(folders))]

@@ -17,7 +17,7 @@ from peftkit.io import atomic_write_json, read_json
 
 ADAPTER_META_FILE = "peftkit.json"
 SUMMARY_FILE = "summary.json"
-ADAPTER_FORMAT = "1.1"
+ADAPTER_FORMAT = "1.2"  # 1.2: pooling, head_modules
 SUMMARY_FORMAT = "1.1"
 
 
@@ -95,6 +95,8 @@ class AdapterMeta:
     adapter_bytes: int | None = None
     combined_from: list[dict[str, Any]] | None = None  # set by `peftkit combine`: the source adapters and weights
     combination: dict[str, Any] | None = None  # how they were combined
+    pooling: str = "pooler"  # model.pooling the head was trained with (files before 1.2: the stock pooler, frozen)
+    head_modules: list[str] | None = None  # modules trained and saved as the head; None (before 1.2): the classifier
     format_version: str = ADAPTER_FORMAT
 
     @property
@@ -134,6 +136,11 @@ class AdapterMeta:
         known = _known_fields(cls, data)
         known.update(method_options=options, peft_format=bool(data.get("peft_format")),
                      task=TaskInfo.from_dict(data["task"], where), format_version=ADAPTER_FORMAT)
+        if known.get("pooling", "pooler") not in ("pooler", "cls", "mean", "last"):
+            raise PeftkitError(f"{where}: pooling must be pooler, cls, mean or last, got {known['pooling']!r}")
+        heads = known.get("head_modules")
+        if heads is not None and not (isinstance(heads, list) and all(isinstance(h, str) for h in heads)):
+            raise PeftkitError(f"{where}: head_modules must be a list of module names, got {heads!r}")
         if "merged_from" in data and "combined_from" not in data:  # format 1.0 name
             known.update(combined_from=data["merged_from"], combination=data.get("merge"))
         return cls(**known)

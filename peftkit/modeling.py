@@ -10,6 +10,7 @@ from torch import nn
 
 from peftkit.config import ModelConfig
 from peftkit.errors import PeftkitError
+from peftkit.pooling import apply_pooling, pooling_modules, resolve_pooling
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 HEAD_MODULE_NAMES = ("classifier", "score")  # BERT-likes use `classifier`, decoders `score`
@@ -54,7 +55,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed: int = 0) -> nn.Module:
-    """Pretrained body + a fresh classification head, seeded so the head starts the same for the same seed."""
+    """Pretrained body, pooled as `cfg.pooling`, + a fresh classification head (seeded: same seed, same head)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -70,6 +71,7 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed
         raise PeftkitError(f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
+    apply_pooling(model, resolve_pooling(cfg.pooling, path, model))
     if cfg.quantization:
         from peft import prepare_model_for_kbit_training
 
@@ -83,7 +85,7 @@ def quantization_kwargs(kind: str) -> dict:
         raise PeftkitError(f"model.quantization={kind} needs a CUDA GPU (bitsandbytes); this machine has none. Unset it to train in full precision")
     from transformers import BitsAndBytesConfig
 
-    skip = list(HEAD_MODULE_NAMES)  # the new head has no checkpoint weights to quantise
+    skip = [*HEAD_MODULE_NAMES, "pooler"]  # the new head has no checkpoint weights to quantise; the pooler trains
     if kind == "8bit":
         bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     else:
@@ -98,6 +100,12 @@ def head_modules(model: nn.Module) -> list[str]:
     if not names:
         raise PeftkitError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_MODULE_NAMES)}")
     return names
+
+
+def trained_head_modules(model: nn.Module) -> list[str]:
+    """What trains and ships with the head for every method: the classifier plus whatever sits between the body and
+    it (BERT's pooler under `pooling: pooler`), as dotted module names (peft's `modules_to_save` matches suffixes)."""
+    return [*head_modules(model), *pooling_modules(model)]
 
 
 @dataclass
@@ -138,7 +146,8 @@ def trainable_pct_without_weights(cfg) -> str:
         model_config = AutoConfig.from_pretrained(path, num_labels=num_labels)
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(model_config)
-            ctx = MethodContext(path, head_modules(model), total_steps=1000)
+            apply_pooling(model, resolve_pooling(cfg.model.pooling, path, model))
+            ctx = MethodContext(path, trained_head_modules(model), total_steps=1000)
             model = build_method(cfg.method.name, cfg.method.options).apply(model, ctx)
         return f"{count_parameters(model).trainable_pct:.3f}"
     except Exception:  # a listing must not fail because one recipe's model is not available offline

@@ -36,11 +36,11 @@ from peftkit.io import atomic_write_text
 from peftkit.measure import MemoryMeter, environment, model_state_mb
 from peftkit.modeling import (
     count_parameters,
-    head_modules,
     load_model,
     load_tokenizer,
     resolve_device,
     resolve_model_path,
+    trained_head_modules,
 )
 
 
@@ -71,7 +71,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     # Model and method.
     method = build_method(config.method.name, config.method.options)
     model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed)
-    heads = head_modules(model)
+    heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every")
     model = method.apply(model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps))
@@ -186,7 +186,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
                              text_field=config.task.text_field, text_pair_field=config.task.text_pair_field,
                              max_length=config.task.max_length)
         meta = save_adapter(model, method, run_dir / "adapter", base_model=config.model.name_or_path, task=task_info,
-                            metrics={"validation": kept_metrics, "test": test_metrics}, params=params)
+                            metrics={"validation": kept_metrics, "test": test_metrics}, params=params,
+                            head_modules=heads)
         summary.adapter_bytes = meta.adapter_bytes
         summary.write(run_dir)
     ranks.finish()

@@ -28,7 +28,8 @@ def test_lora_learns_sst2(sst2_lora_run):
     assert summary.best["accuracy"] > 0.75, summary.best  # chance is 0.51
     losses = [json.loads(l)["task_loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if "task_loss" in l]
     assert len(losses) == 10 and losses[-1] < 0.8 * losses[0], losses  # 25-step mean training loss fell
-    assert summary.trainable_params == 74_498  # r=8 on query/value (73,728) + head (770)
+    # r=8 on query/value (73,728) + head: classifier (770) + the pooler it pools with (model.pooling auto -> pooler)
+    assert summary.trainable_params == 73_728 + 770 + 384 * 384 + 384
 
 
 def test_exported_adapter_loads_in_stock_peft_with_identical_logits(sst2_lora_run):

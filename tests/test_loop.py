@@ -75,7 +75,10 @@ def test_gradient_accumulation_equals_the_bigger_batch(tiny_run_config, tiny_mod
         runs[name] = adapter_weights(tmp_path / name)
     big, accum = runs["big"], runs["accum"]
     assert big.keys() == accum.keys()
-    assert all(torch.allclose(big[k], accum[k], atol=1e-6) for k in big)
+    # 1e-5: Adam divides by sqrt(v), so float rounding in near-zero gradients (the trained pooler's) moves a weight
+    # by up to ~lr * 1e-3 (seen: 5.5e-6 at lr 1e-2); a real accumulation bug moves weights by ~lr
+    differ = {k: (big[k] - accum[k]).abs().max().item() for k in big if not torch.allclose(big[k], accum[k], atol=1e-5)}
+    assert not differ, differ
     assert any(not torch.equal(big[k], torch.zeros_like(big[k])) for k in big if "lora_B" in k)
 
 

@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "peftkit.methods"
 
 BUILTIN_METHODS: dict[str, str] = {
     "full": "peftkit.adapters.full:FullFineTuning",
+    "head": "peftkit.adapters.head:HeadOnly",
     "bitfit": "peftkit.adapters.bitfit:BitFit",
     "bottleneck": "peftkit.adapters.bottleneck:BottleneckAdapter",
     "lora": "peftkit.adapters.lora:LoRA",

@@ -23,7 +23,7 @@ class MethodContext:
     """What a method may need to know about the run when it is applied."""
 
     model_path: str  # resolved base model directory or Hub id (prompt tuning's text init reads its tokenizer)
-    head_modules: list[str]  # top-level names of the task head, e.g. ["classifier"] (BERT) or ["score"] (GPT-2)
+    head_modules: list[str]  # the task head's module names: ["classifier", "bert.pooler.dense"] (BERT), ["score"] (GPT-2)
     total_steps: int = 1  # optimizer steps in the run (AdaLoRA's rank schedule needs it)
 
 
@@ -87,13 +87,13 @@ def freeze(model: nn.Module) -> None:
 
 
 def unfreeze_head(model: nn.Module, head_modules: list[str]) -> None:
-    """Train the task head: every method does, prompt methods included."""
+    """Train the task head (classifier and pooler, if pooled by it): every method does, prompt methods included."""
     for name in head_modules:
-        for p in getattr(model, name).parameters():
+        for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
 
 
 def is_head_parameter(name: str, head_modules: list[str]) -> bool:
     """True for parameters of the task head, also under peft's `base_model.model.` and `modules_to_save` prefixes."""
-    parts = name.split(".")
-    return any(h in parts for h in head_modules)
+    dotted = f".{name}."
+    return any(f".{h}." in dotted for h in head_modules)

@@ -27,6 +27,7 @@ from peftkit.errors import PeftkitError, short_error
 from peftkit.formats import AdapterMeta
 from peftkit.inference import format_predictions, predict_logits
 from peftkit.modeling import head_modules, load_model, load_tokenizer, resolve_model_path
+from peftkit.pooling import apply_pooling
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # peft adapter names become ModuleDict keys: no dots
 
@@ -71,7 +72,7 @@ class AdapterPool:
 
         self.base = base
         self.allow_base_mismatch = allow_base_mismatch
-        self.model_cfg = ModelConfig(name_or_path=base)
+        self.model_cfg = ModelConfig(name_or_path=base, pooling="pooler")  # stock body; adapters apply their pooling
         self.model_path = resolve_model_path(base)
         self.tokenizer = load_tokenizer(self.model_cfg)
         self.template = load_model(self.model_cfg, 2, self.tokenizer.pad_token_id).eval()
@@ -136,12 +137,13 @@ class AdapterPool:
         is_lora = meta.peft_format and meta.method == "lora"
         try:
             if is_lora:
-                key = f"lora-{num_labels}"
+                key = f"lora-{num_labels}-{meta.pooling}"
                 host = self.hosts.get(key)
                 if host is None:
                     from peft import PeftModel
 
-                    model = PeftModel.from_pretrained(self.shared_model(num_labels), str(directory), adapter_name=name,
+                    base = apply_pooling(self.shared_model(num_labels), meta.pooling)
+                    model = PeftModel.from_pretrained(base, str(directory), adapter_name=name,
                                                       is_trainable=False)
                     host = self.hosts[key] = HostModel(model, mixed=True)
                 else:

@@ -1,0 +1,184 @@
+"""model.pooling: every pooling trains, ships and reloads with the head, for peft, peftkit and full methods;
+`auto` reads the base folder; stock peft still loads `pooler`; the `head` probe trains only the head."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from peftkit.adapters import MethodContext, build_method
+from peftkit.artifacts import load, save_adapter
+from peftkit.config import ModelConfig
+from peftkit.formats import AdapterMeta, TaskInfo
+from peftkit.modeling import load_model, load_tokenizer, trained_head_modules
+
+LABELS = ["a", "b", "c"]
+TEXTS = ["a good film", "bad", "the plot was terrible and far too long", "fine"]
+
+
+def _trained(path, method_name, pooling, steps=2):
+    """A tiny model with `pooling` and `method`, trained a few SGD steps; returns it (eval), its method, a batch."""
+    cfg = ModelConfig(name_or_path=str(path), pooling=pooling)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, len(LABELS), tokenizer.pad_token_id)
+    heads = trained_head_modules(model)
+    method = build_method(method_name)
+    model = method.apply(model, MethodContext(str(path), heads, 10))
+    batch = dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    labels = torch.tensor([0, 1, 2, 1])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    grads = {}
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
+        loss.backward()
+        grads = {n: p.grad.abs().sum().item() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model, method, batch, heads, grads
+
+
+def _save(model, method, path, directory, heads):
+    return save_adapter(model, method, directory, base_model=str(path), task=TaskInfo(name="toy", label_names=LABELS),
+                        head_modules=heads)
+
+
+@pytest.mark.parametrize("pooling", ["pooler", "cls", "mean", "last"])
+@pytest.mark.parametrize("method_name", ["lora", "bottleneck", "full"])
+def test_pooling_trains_ships_and_reloads(tiny_model_dir, tmp_path, method_name, pooling):
+    path = tiny_model_dir("bert")
+    model, method, batch, heads, grads = _trained(path, method_name, pooling)
+    pooler_grads = {n: g for n, g in grads.items() if ".pooler." in f".{n}."}
+    if pooling == "pooler":
+        assert heads == ["classifier", "bert.pooler.dense"]
+        assert pooler_grads and all(g > 0 for g in pooler_grads.values()), grads.keys()
+    else:
+        assert heads == ["classifier"] and not pooler_grads  # parameter-free pooling replaces BERT's pooler
+    assert any(g > 0 for n, g in grads.items() if ".classifier." in f".{n}.")
+    meta = _save(model, method, path, tmp_path / "adapter", heads)
+    assert meta.pooling == pooling and meta.head_modules == heads
+    if pooling == "pooler" and method_name != "full":  # the pooler ships with the head
+        from safetensors import safe_open
+
+        name = "adapter_model.safetensors" if method.uses_peft else "peftkit_weights.safetensors"
+        weights = tmp_path / "adapter" / name
+        with safe_open(str(weights), framework="pt") as f:
+            assert any(".pooler." in k for k in f.keys())
+    with torch.no_grad():
+        expected = model(**batch).logits
+        loaded = load(tmp_path / "adapter")
+        assert torch.equal(loaded.model(**batch).logits, expected)
+
+
+def test_poolings_differ_and_mean_ignores_padding(tiny_model_dir):
+    path = tiny_model_dir("bert")
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
+    logits = {}
+    for pooling in ("pooler", "cls", "mean", "last"):
+        model = load_model(ModelConfig(name_or_path=str(path), pooling=pooling), 3, tokenizer.pad_token_id).eval()
+        with torch.no_grad():
+            padded = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits[1]
+            alone = model(**tokenizer(TEXTS[1:2], return_tensors="pt")).logits[0]
+        torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)  # pads change nothing
+        logits[pooling] = alone
+    assert len({tuple(v.tolist()) for v in logits.values()}) == 4
+
+
+@pytest.mark.parametrize("kind,pooling", [("gpt2", "mean"), ("gpt2", "last"), ("llama", "cls")])
+def test_decoder_poolings_train_and_reload(tiny_model_dir, tmp_path, kind, pooling):
+    path = tiny_model_dir(kind)
+    model, method, batch, heads, grads = _trained(path, "lora", pooling)
+    assert heads == ["score"]
+    _save(model, method, path, tmp_path / "adapter", heads)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "adapter").model(**batch).logits, model(**batch).logits)
+
+
+def _sentence_transformers_copy(src, dst, mode_key="pooling_mode_mean_tokens"):
+    shutil.copytree(src, dst)
+    (dst / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (dst / "1_Pooling").mkdir()
+    (dst / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, mode_key: True}))
+    return dst
+
+
+def test_auto_reads_the_base_folder(tiny_model_dir, tmp_path, monkeypatch):
+    import peftkit.pooling as pooling
+    from peftkit.pooling import pooling_of
+
+    def auto(path):
+        return pooling_of(load_model(ModelConfig(name_or_path=str(path)), 2, 0))
+
+    st_mean = _sentence_transformers_copy(tiny_model_dir("bert"), tmp_path / "st-mean")
+    st_cls = _sentence_transformers_copy(tiny_model_dir("bert"), tmp_path / "st-cls", "pooling_mode_cls_token")
+    monkeypatch.setattr(pooling, "PREFER_POOLER", False)
+    assert auto(st_mean) == "mean" and auto(st_cls) == "cls"
+    monkeypatch.setattr(pooling, "PREFER_POOLER", True)  # the measured default decides for models with a pooler
+    assert auto(st_mean) == "pooler"
+    assert auto(tiny_model_dir("bert")) == "pooler"
+    assert auto(tiny_model_dir("gpt2")) == "last"
+    assert auto(tiny_model_dir("llama")) == "last"
+    # `pooler` is the stock class's pooling: without a pooler, the head's own token (so old adapters load everywhere)
+    gpt2 = ModelConfig(name_or_path=str(tiny_model_dir("gpt2")), pooling="pooler")
+    assert pooling_of(load_model(gpt2, 2, 0)) == "last"
+
+
+def test_stock_peft_loads_pooler_adapters_and_three_lines_apply_mean(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    path = tiny_model_dir("bert")
+    for pooling in ("pooler", "mean"):
+        model, method, batch, heads, _ = _trained(path, "lora", pooling)
+        _save(model, method, path, tmp_path / pooling, heads)
+        base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=len(LABELS))
+        stock = PeftModel.from_pretrained(base, str(tmp_path / pooling)).eval()
+        with torch.no_grad():
+            expected = model(**batch).logits
+            if pooling == "pooler":
+                assert torch.equal(stock(**batch).logits, expected)
+                continue
+            # the README's three lines for mean pooling in plain transformers + peft
+            inner = stock.get_base_model()
+            h, m = inner.bert(**batch).last_hidden_state, batch["attention_mask"].unsqueeze(-1).float()
+            logits = inner.classifier((h * m).sum(1) / m.sum(1))
+            torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_export_merge_of_mean_pooling_records_and_reapplies_it(tiny_model_dir, tmp_path):
+    from peftkit.export import export_merged
+
+    path = tiny_model_dir("bert")
+    model, method, batch, heads, _ = _trained(path, "lora", "mean")
+    _save(model, method, path, tmp_path / "run" / "adapter", heads)
+    out = export_merged(tmp_path / "run", tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["peftkit_pooling"] == "mean"
+    assert json.loads((out / "peftkit_merged.json").read_text())["pooling"] == "mean"
+    merged = load_model(ModelConfig(name_or_path=str(out)), len(LABELS), 0).eval()  # auto: config.json's pooling
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["pooler", "mean"])
+def test_head_method_trains_only_the_head(tiny_model_dir, tmp_path, pooling):
+    path = tiny_model_dir("bert")
+    model, method, batch, heads, grads = _trained(path, "head", pooling)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(tuple(f"{h}." for h in heads)) for n in trainable)
+    assert any(n.startswith("bert.pooler.") for n in trainable) == (pooling == "pooler")
+    _save(model, method, path, tmp_path / "adapter", heads)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "adapter").model(**batch).logits, model(**batch).logits)
+
+
+def test_adapter_files_before_1_2_read_as_the_frozen_pooler(tmp_path):
+    data = {"format_version": "1.1", "method": "lora", "base_model": "x", "peft_format": True,
+            "task": {"name": "t", "label_names": ["a", "b"]}}
+    meta = AdapterMeta.from_dict(data, tmp_path / "peftkit.json")
+    assert meta.pooling == "pooler" and meta.head_modules is None
+    assert meta.to_dict()["format_version"] == "1.2"
