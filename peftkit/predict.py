@@ -50,7 +50,7 @@ def predict_rows(loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: 
     max_length = loaded.meta["task"].get("max_length") or 512
     split = encode(rows, loaded.tokenizer, max_length)
     device = next(loaded.model.parameters()).device
-    logits = predict_logits(loaded.model, split, batch_size, loaded.tokenizer.pad_token_id, device, bf16)
+    logits = predict_logits(loaded.model, split, batch_size, device, bf16)
     return format_predictions(logits, loaded.label_names)
 
 
