@@ -1,7 +1,10 @@
 """Profile training steps of LoRA on SST-2 (MiniLM, r=8 q/v, batch 32) with torch.profiler: where the time goes.
 
-    python benchmarks/profile_step.py before   # the loop as it was: random batches, fp32, loss twice, .item() per step
-    python benchmarks/profile_step.py after    # length-bucketed batches, bf16 autocast, one loss, no per-step sync
+    python benchmarks/profile_step.py before after
+    before: the loop as it was: random batches, fp32, the loss computed twice, two .item() host syncs per step
+    after:  the loop now: length-bucketed batches, bf16 autocast only where it pays (`peftkit.precision`; fp32 on
+            an AVX2-only CPU), the model's loss once, no per-step sync
+    after-bf16: as after, with bf16 autocast forced on
 
 Both draw the same 2,000 training rows; 3 warm-up steps, then 10 profiled steps. Prints the top operators.
 """
@@ -23,7 +26,7 @@ from peftkit.modeling import head_modules, load_model, load_tokenizer, resolve_m
 
 def batches(split, mode: str, batch_size: int, n: int) -> list[list[int]]:
     perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(0)).tolist()
-    if mode == "after":  # one chunk of 50 batches sorted by length, as train.batching=bucketed does
+    if mode.startswith("after"):  # one chunk of 50 batches sorted by length, as train.batching=bucketed does
         chunk = sorted(perm[:batch_size * 50], key=lambda i: len(split.features["input_ids"][i]))
         groups = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
         order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(1)).tolist()
@@ -42,7 +45,9 @@ def main(mode: str = "before") -> None:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-4)
-    bf16 = mode == "after"
+    from peftkit.precision import resolve_bf16
+
+    bf16 = mode == "after-bf16" or (mode == "after" and resolve_bf16(None, torch.device("cpu")))
     takes_pad = "pad_token_id" in inspect.signature(collate).parameters
 
     def step(indices):
@@ -71,10 +76,11 @@ def main(mode: str = "before") -> None:
             r, p = step(indices)
             real, padded = real + r, padded + p
         seconds = time.perf_counter() - started
-    print(f"mode={mode}: {seconds / 10 * 1000:.0f} ms/step, {320 / seconds:.1f} ex/s, real tokens {real / padded:.0%} "
-          f"of {padded} in the batches")
+    print(f"mode={mode} (bf16 {bf16}): {seconds / 10 * 1000:.0f} ms/step, {320 / seconds:.1f} ex/s, "
+          f"real tokens {real / padded:.0%} of {padded} in the batches")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    for name in sys.argv[1:] or ["before", "after"]:
+        main(name)

@@ -49,11 +49,11 @@ def train_runs(root: Path, steps: int) -> list[Path]:
 def time_per_example(model, split, pad: int, repeats: int = 2) -> float:
     from peftkit.inference import predict_logits
 
-    predict_logits(model, split, 32, pad, torch.device("cpu"))  # warm-up
+    predict_logits(model, split, 32, torch.device("cpu"))  # warm-up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        predict_logits(model, split, 32, pad, torch.device("cpu"))
+        predict_logits(model, split, 32, torch.device("cpu"))
         best = min(best, time.perf_counter() - start)
     return best / len(split) * 1000
 

@@ -88,7 +88,7 @@ def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size:
     with bar:
         for item in iter_rows(source, stdin, what="input"):
             chunk.append(item)
-            if len(chunk) >= batch_size:
+            if len(chunk) >= batch_size * 32:  # many batches per chunk: predict_logits sorts them by length
                 flush()
         if chunk:
             flush()
