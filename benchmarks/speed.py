@@ -184,12 +184,20 @@ def time_predict(adapter: Path, work: Path, repeats: int) -> dict:
     source.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows * 8))
     out: dict = {"rows": len(rows) * 8, "default": [], "no_bf16": []}
     for _ in range(repeats):
-        for key, flags in (("default", []), ("no_bf16", ["--no-bf16"])):
+        for key, flags in (("default", []), ("no_bf16", ["--no-bf16"]))[:1 if not bf16_pays_here() else 2]:
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "peftkit", "predict", str(adapter), "--input", str(source),
                             "--output", str(work / "out.jsonl"), *flags], check=True, capture_output=True)
             out[key].append(round(time.perf_counter() - started, 2))
     return out
+
+
+def bf16_pays_here() -> bool:
+    import torch
+
+    from peftkit.precision import bf16_pays
+
+    return bf16_pays(torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -216,8 +224,10 @@ def main() -> None:
     parser.add_argument("--full-variants", default=",".join(VARIANTS), help="variants run for full fine-tuning")
     parser.add_argument("--eval-rows", type=int, default=None, help="a seeded sample of validation rows")
     parser.add_argument("--predict-repeats", type=int, default=1)
+    parser.add_argument("--once", default="", help="runs made in the first repeat only (comma-separated)")
     parser.add_argument("--skip", default="", help="runs to leave out, e.g. mrpc-lora-trainer-best (comma-separated)")
     parser.add_argument("--out", default="benchmarks/results/speed")
+    parser.add_argument("--from-log", help="rebuild the report from the JSON lines an interrupted run printed")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -232,12 +242,16 @@ def main() -> None:
     cells = [(t, m) for t in tasks for m in methods if m != "full" or t in args.full_tasks.split(",")]
     work = Path(tempfile.mkdtemp(prefix="peftkit-speed-"))
     runs: list[dict] = []
+    if args.from_log:
+        lines = Path(args.from_log).read_text().splitlines()
+        runs = [json.loads(line) for line in lines if line.startswith('{"variant"')]
     started = time.perf_counter()
-    for repeat in range(args.repeats):
+    for repeat in range(0 if args.from_log else args.repeats):
         for task, method in cells:
             variants = list(VARIANTS) if method != "full" else args.full_variants.split(",")
             variants += ["peftkit-ckpt"] if (task, method) == cells[0] else []
-            variants = [v for v in variants if f"{task}-{method}-{v}" not in args.skip.split(",")]
+            variants = [v for v in variants if f"{task}-{method}-{v}" not in args.skip.split(",")
+                        and (repeat == 0 or f"{task}-{method}-{v}" not in args.once.split(","))]
             for variant in (variants if repeat % 2 == 0 else variants[::-1]):  # alternate the order
                 spec = {"variant": variant, "task": task, "method": method, "train_rows": args.train_rows,
                         "eval_rows": args.eval_rows}
@@ -326,7 +340,8 @@ def to_markdown(report: dict) -> str:
     if report.get("predict"):
         p = report["predict"]
         lines += ["", f"`peftkit predict` on {p['rows']} rows (SST-2 validation x8), wall time incl. start-up: "
-                  f"defaults {p['default']} s, --no-bf16 {p['no_bf16']} s."]
+                  f"defaults {p['default']} s" + (f", --no-bf16 {p['no_bf16']} s." if p["no_bf16"] else
+                                                  " (bf16 does not pay on this CPU, so the defaults are fp32).")]
     return "\n".join(lines) + "\n"
 
 

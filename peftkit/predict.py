@@ -64,6 +64,9 @@ def format_predictions(logits: torch.Tensor, label_names: list[str]) -> list[dic
     return out
 
 
+CHUNK_BATCHES = 32  # batches read per chunk: predict_logits sorts a chunk by length; memory stays constant
+
+
 def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size: int = 64, bf16: bool = False,
                    progress: bool = True, stdin: IO[str] | None = None) -> int:
     """Read, predict and write `batch_size` rows at a time; returns the number of rows written."""
@@ -88,7 +91,7 @@ def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size:
     with bar:
         for item in iter_rows(source, stdin, what="input"):
             chunk.append(item)
-            if len(chunk) >= batch_size * 32:  # many batches per chunk: predict_logits sorts them by length
+            if len(chunk) >= batch_size * CHUNK_BATCHES:
                 flush()
         if chunk:
             flush()
