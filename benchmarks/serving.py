@@ -46,14 +46,14 @@ def train_runs(root: Path, steps: int) -> list[Path]:
     return out
 
 
-def time_per_example(model, split, pad: int, repeats: int = 2) -> float:
+def time_per_example(model, split, repeats: int = 2) -> float:
     from peftkit.inference import predict_logits
 
-    predict_logits(model, split, 32, pad, torch.device("cpu"))  # warm-up
+    predict_logits(model, split, 32, torch.device("cpu"))  # warm-up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        predict_logits(model, split, 32, pad, torch.device("cpu"))
+        predict_logits(model, split, 32, torch.device("cpu"))
         best = min(best, time.perf_counter() - start)
     return best / len(split) * 1000
 
@@ -70,14 +70,14 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
     for run in run_dirs:
         loaded = load(run / "adapter")
         split = encode([{"text": t} for t in texts], loaded.tokenizer, 64)
-        pad = loaded.tokenizer.pad_token_id
-        base = load_model(ModelConfig(name_or_path=loaded.meta.base_model), len(loaded.label_names), pad).eval()
-        t_base = time_per_example(base, split, pad)
-        t_adapter = time_per_example(loaded.model, split, pad)
+        base = load_model(ModelConfig(name_or_path=loaded.meta.base_model), len(loaded.label_names),
+                          loaded.tokenizer.pad_token_id).eval()
+        t_base = time_per_example(base, split)
+        t_adapter = time_per_example(loaded.model, split)
         if loaded.method.merge_blocker is None:
             merged = loaded.method.merge(loaded.model).eval()
-            t_merged = time_per_example(merged, split, pad)
-            t_base = min(t_base, time_per_example(base, split, pad))  # re-measure: the CPU is shared
+            t_merged = time_per_example(merged, split)
+            t_base = min(t_base, time_per_example(base, split))  # re-measure: the CPU is shared
             merged_cells = f"{t_merged:.3f} | {t_merged / t_base:.3f}x"
         else:
             merged_cells = "cannot merge | -"

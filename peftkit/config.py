@@ -89,7 +89,10 @@ class TrainConfig:
     eval_every: Positive | None = None  # steps; None = only at the end
     eval_batch_size: Positive = 64
     metric_for_best: MetricName = "accuracy"
-    bf16: bool = False  # bf16 autocast (CPU with AVX512-BF16 or CUDA)
+    bf16: bool | None = None  # bf16 autocast; null = on where it pays (CPU with AMX/AVX512-BF16, bf16 GPUs)
+    batching: Literal["bucketed", "random"] = "bucketed"  # bucketed: batches of similar length (less padding)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
+    report_to: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)  # besides metrics.jsonl
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     log_every: Positive = 10
     checkpoint_every: Positive | None = None  # steps; None = no resumable checkpoints

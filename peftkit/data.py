@@ -255,13 +255,19 @@ def _label_index(label: Any, index: dict[str, int], names: list[str], where: str
 
 @dataclass
 class EncodedSplit:
-    """One split tokenised once, unpadded; batches are padded to their own longest row by `collate`."""
+    """One split tokenised once, unpadded; batches are padded to their own longest row by `collate`, with the
+    tokenizer's pad id carried here so nothing downstream needs the tokenizer."""
 
     features: dict[str, list[list[int]]]
     labels: list[int] | None
+    pad_token_id: int = 0
 
     def __len__(self) -> int:
         return len(self.features["input_ids"])
+
+    def lengths(self) -> list[int]:
+        """Tokens per row (what length-bucketed batching and length-sorted inference sort by)."""
+        return [len(ids) for ids in self.features["input_ids"]]
 
 
 def encode(rows: list[dict[str, Any]], tokenizer, max_length: int) -> EncodedSplit:
@@ -270,15 +276,16 @@ def encode(rows: list[dict[str, Any]], tokenizer, max_length: int) -> EncodedSpl
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     keep = [k for k in ("input_ids", "token_type_ids") if k in enc]
     labels = [r["label"] for r in rows] if rows and all("label" in r for r in rows) else None
-    return EncodedSplit({k: enc[k] for k in keep}, labels)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return EncodedSplit({k: enc[k] for k in keep}, labels, pad)
 
 
-def collate(split: EncodedSplit, indices: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Dynamic padding: pad the chosen rows to the longest of them (right padding)."""
+def collate(split: EncodedSplit, indices: list[int]) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad the chosen rows to the longest of them (right padding, with the split's pad id)."""
     longest = max(len(split.features["input_ids"][i]) for i in indices)
     batch = {}
     for key, values in split.features.items():
-        pad = pad_token_id if key == "input_ids" else 0
+        pad = split.pad_token_id if key == "input_ids" else 0
         batch[key] = torch.tensor([values[i] + [pad] * (longest - len(values[i])) for i in indices], dtype=torch.long)
     lengths = torch.tensor([len(split.features["input_ids"][i]) for i in indices])
     batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()

@@ -1,7 +1,6 @@
 """Batched forward passes for evaluation and prediction, shared by the loop, `peftkit eval`, predict and serve."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -10,28 +9,38 @@ from torch import nn
 
 from peftkit.data import EncodedSplit, collate, compute_metrics, encode
 from peftkit.errors import PeftkitError
+from peftkit.precision import autocast, resolve_bf16
 
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast when asked (CPU with AVX512-BF16, or CUDA), otherwise a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+__all__ = ["autocast", "evaluate", "evaluate_run", "predict_logits"]
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, split: EncodedSplit, batch_size: int, pad_token_id: int,
-                   device: torch.device, bf16: bool = False) -> torch.Tensor:
-    """Logits for every row of `split`, in order, as float32 on the CPU."""
+def predict_logits(model: nn.Module, split: EncodedSplit, batch_size: int, device: torch.device,
+                   bf16: bool | None = False) -> torch.Tensor:
+    """Logits for every row of `split`, in input order, as float32 on the CPU.
+
+    Rows are batched longest first (so each batch pads little) and put back in input order. `bf16=None` turns
+    autocast on where it pays (`peftkit.precision.bf16_pays`).
+    """
+    bf16 = resolve_bf16(bf16, device)
     was_training = model.training
     model.eval()
+    lengths = split.lengths()
+    order = sorted(range(len(split)), key=lambda i: -lengths[i])
     out = []
-    for start in range(0, len(split), batch_size):
-        batch = collate(split, list(range(start, min(start + batch_size, len(split)))), pad_token_id)
+    for start in range(0, len(order), batch_size):
+        batch = collate(split, order[start:start + batch_size])
         batch.pop("labels", None)
         with autocast(device, bf16):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         out.append(logits.float().cpu())
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    if not out:
+        return torch.empty(0)
+    sorted_logits = torch.cat(out)
+    logits = torch.empty_like(sorted_logits)
+    logits[torch.tensor(order)] = sorted_logits
+    return logits
 
 
 def format_predictions(logits: torch.Tensor, label_names: list[str]) -> list[dict[str, Any]]:
@@ -45,10 +54,10 @@ def format_predictions(logits: torch.Tensor, label_names: list[str]) -> list[dic
     return out
 
 
-def evaluate(model: nn.Module, split: EncodedSplit, num_labels: int, batch_size: int, pad_token_id: int,
-             device: torch.device, bf16: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, split: EncodedSplit, num_labels: int, batch_size: int, device: torch.device,
+             bf16: bool | None = False) -> dict[str, float]:
     """Task metrics plus mean cross-entropy on a labelled split."""
-    logits = predict_logits(model, split, batch_size, pad_token_id, device, bf16)
+    logits = predict_logits(model, split, batch_size, device, bf16)
     labels = torch.tensor(split.labels)
     metrics = compute_metrics(logits.argmax(-1).tolist(), split.labels, num_labels)
     metrics["loss"] = float(nn.functional.cross_entropy(logits, labels))
@@ -76,5 +85,5 @@ def evaluate_run(run_dir: str | Path, split: str = "validation", device: str = "
     encoded = encode(task.split(split), loaded.tokenizer, config.task.max_length)
     if encoded.labels is None:
         raise PeftkitError(f"split {split!r} of task {task.name!r} has no labels to evaluate against")
-    metrics = evaluate(loaded.model, encoded, task.num_labels, batch_size, loaded.tokenizer.pad_token_id, target)
+    metrics = evaluate(loaded.model, encoded, task.num_labels, batch_size, target, None)
     return {"split": split, "examples": len(encoded), **metrics}

@@ -40,8 +40,11 @@ def predict_rows(loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: 
         return []
     split = encode(rows, loaded.tokenizer, loaded.meta.task.max_length)
     device = next(loaded.model.parameters()).device
-    logits = predict_logits(loaded.model, split, batch_size, loaded.tokenizer.pad_token_id, device, bf16)
+    logits = predict_logits(loaded.model, split, batch_size, device, bf16)
     return format_predictions(logits, loaded.label_names)
+
+
+CHUNK_BATCHES = 32  # batches read per chunk: predict_logits sorts a chunk by length; memory stays constant
 
 
 def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size: int = 64, bf16: bool = False,
@@ -68,7 +71,7 @@ def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size:
     with bar:
         for item in iter_rows(source, stdin, what="input"):
             chunk.append(item)
-            if len(chunk) >= batch_size:
+            if len(chunk) >= batch_size * CHUNK_BATCHES:
                 flush()
         if chunk:
             flush()

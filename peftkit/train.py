@@ -1,38 +1,40 @@
 """The one training loop every method shares. Read it top to bottom: `train()` is the whole story.
 
 config -> task (tokenised once) -> base model -> method.apply -> AdamW + warmup/linear decay -> steps
-(gradient accumulation, clipping, optional bf16 autocast, the method's after-step hook) -> evaluation every N
-steps, best kept -> run folder (config.yaml, metrics.jsonl, summary.json, adapter/).
+(length-bucketed batches, gradient accumulation, clipping, bf16 autocast where it pays, the method's after-step
+hook) -> evaluation every N steps, best kept -> run folder (config.yaml, metrics.jsonl, summary.json, adapter/).
+The timed region is the steps only: evaluations and checkpoint saves are left out of train_seconds.
 
 Resumable: with `train.checkpoint_every`, `train(config, resume=run_dir)` continues exactly where it stopped.
 Distributed: under `torchrun`, each rank trains on its shard of every batch (DDP); rank 0 logs and saves.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.functional import cross_entropy
 
 from peftkit.adapters import MethodContext, build_method
 from peftkit.adapters.base import is_head_parameter, trainable_state
 from peftkit.artifacts import save_adapter
+from peftkit.batching import BatchOrder
 from peftkit.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.config import RunConfig, TrainConfig
 from peftkit.console import progress_bar
 from peftkit.data import collate, encode, load_task
 from peftkit.errors import PeftkitError
 from peftkit.formats import RunSummary, TaskInfo
-from peftkit.inference import autocast, evaluate
+from peftkit.inference import evaluate
 from peftkit.io import atomic_write_text
+from peftkit.loggers import MetricsLog, RunLog
 from peftkit.measure import MemoryMeter, environment, model_state_mb
 from peftkit.modeling import (
     count_parameters,
@@ -42,6 +44,9 @@ from peftkit.modeling import (
     resolve_model_path,
     trained_head_modules,
 )
+from peftkit.precision import autocast, resolve_bf16
+
+__all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunSummary:
@@ -53,6 +58,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         device = torch.device("cuda", ranks.local_rank)
     if tcfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PeftkitError("train.bf16=true but this GPU has no bf16 support; set train.bf16=false")
+    bf16 = resolve_bf16(tcfg.bf16, device)  # null (the default): on where it pays
     ranks.init_process_group(device)
     run_dir = Path(resume) if resume else ranks.agree(Path(run_dir) if run_dir else new_run_dir(config))
 
@@ -64,7 +70,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     splits = {name: encode(rows, tokenizer, config.task.max_length) for name, rows in task.splits.items()}
     if splits["validation"].labels is None:
         raise PeftkitError(f"the validation split of task {task.name!r} has rows without labels; the loop needs them to evaluate")
-    order = BatchOrder(len(splits["train"]), tcfg.batch_size, tcfg.seed, ranks)
+    lengths = splits["train"].lengths()
+    order = BatchOrder(len(splits["train"]), tcfg.batch_size, tcfg.seed, ranks, lengths, tcfg.batching)
     steps_per_epoch = max(1, math.ceil(order.batches_per_epoch / tcfg.grad_accum_steps))
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
 
@@ -74,6 +81,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every")
+    if tcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model = method.apply(model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps))
     if not config.model.quantization:
         model.to(device)
@@ -94,33 +103,41 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         state, best_weights = load_checkpoint(latest, model, optimizer, scheduler)
         if state.step >= total_steps:
             raise PeftkitError(f"{run_dir} is already at step {state.step}, not below this run's {total_steps} steps; raise train.max_steps to continue")
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ranks.is_main, truncate_after=state.step if resume else 0)
+    log = RunLog(run_dir, enabled=ranks.is_main, truncate_after=state.step if resume else 0, report_to=tcfg.report_to)
     if ranks.is_main:
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
     wrapped = nn.parallel.DistributedDataParallel(model) if ranks.world > 1 else model
 
     def score(split):  # the one evaluation every stage of the run uses
-        return evaluate(model, split, task.num_labels, tcfg.eval_batch_size, tokenizer.pad_token_id, device, tcfg.bf16)
+        return evaluate(model, split, task.num_labels, tcfg.eval_batch_size, device, bf16)
+
+    # peft's AdaLoRA adds its orthogonality term to out.loss: only then is the task loss computed apart
+    regularised = getattr(method, "regularised", False) or hasattr(getattr(model, "base_model", None),
+                                                                   "update_and_allocate")
 
     memory = MemoryMeter(device)
     bar = progress_bar(total_steps, state.step, enabled=tcfg.progress and ranks.is_main, desc=config.recipe or "train")
     model.train()
-    started, window_start, window_examples = time.perf_counter(), time.perf_counter(), 0
-    window_task_loss = window_total_loss = 0.0  # summed over the optimizer steps since the last log line
-    window_steps = 0
+    started = window_start = time.perf_counter()
+    window_examples = window_tokens = window_steps = 0
+    window_task_loss = window_total_loss = torch.zeros((), device=device)  # summed on the device: no per-step sync
     while state.step < total_steps:
-        task_loss_sum = total_loss_sum = 0.0
         for _ in range(tcfg.grad_accum_steps):
-            batch = {k: v.to(device) for k, v in collate(splits["train"], order.next(state), tokenizer.pad_token_id).items()}
-            with autocast(device, tcfg.bf16):
-                out = wrapped(**batch)
-            task_loss = nn.functional.cross_entropy(out.logits.float(), batch["labels"])
-            loss = out.loss if out.loss is not None else task_loss  # includes a method's regulariser (AdaLoRA)
+            indices = order.next(state)
+            batch = {k: v.to(device, non_blocking=True) for k, v in collate(splits["train"], indices).items()}
+            with autocast(device, bf16):
+                out = wrapped(**batch)  # computes the loss once (and a method's regulariser with it)
+            loss = out.loss if out.loss is not None else cross_entropy(out.logits.float(), batch["labels"])
             (loss / tcfg.grad_accum_steps).backward()
-            task_loss_sum += task_loss.item() / tcfg.grad_accum_steps
-            total_loss_sum += loss.item() / tcfg.grad_accum_steps
-            state.examples_seen += len(batch["labels"]) * ranks.world
-            window_examples += len(batch["labels"]) * ranks.world
+            loss = loss.detach() / tcfg.grad_accum_steps
+            if regularised:  # the task loss apart from the regulariser, for the log (no graph)
+                task_loss = cross_entropy(out.logits.detach().float(), batch["labels"]) / tcfg.grad_accum_steps
+            else:
+                task_loss = loss
+            window_task_loss, window_total_loss = window_task_loss + task_loss, window_total_loss + loss
+            state.examples_seen += len(indices) * ranks.world
+            window_examples += len(indices) * ranks.world
+            window_tokens += sum(lengths[i] for i in indices) * ranks.world
         if tcfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
         optimizer.step()
@@ -128,20 +145,22 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        window_task_loss, window_total_loss = window_task_loss + task_loss_sum, window_total_loss + total_loss_sum
         window_steps += 1
 
         if state.step % tcfg.log_every == 0 or state.step == total_steps:
             now = time.perf_counter()
-            task_loss = window_task_loss / window_steps
+            task_loss, total_loss = (window_task_loss / window_steps).item(), (window_total_loss / window_steps).item()
+            seconds = max(now - window_start, 1e-9)
             record = {"step": state.step, "epoch": state.epoch, "task_loss": round(task_loss, 5),
-                      "regulariser": round((window_total_loss - window_task_loss) / window_steps, 5),
-                      "lr": scheduler.get_last_lr()[0],
-                      "examples_per_s": round(window_examples / max(now - window_start, 1e-9), 2)}
+                      "regulariser": round(total_loss - task_loss, 5), "lr": scheduler.get_last_lr()[0],
+                      "examples_per_s": round(window_examples / seconds, 2),
+                      "tokens_per_s": round(window_tokens / seconds, 1)}
             log.write(record)
             bar.set_postfix(loss=f"{task_loss:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.0f}")
-            window_start, window_examples, window_task_loss, window_total_loss, window_steps = now, 0, 0.0, 0.0, 0
+            window_start, window_examples, window_tokens, window_steps = time.perf_counter(), 0, 0, 0
+            window_task_loss = window_total_loss = torch.zeros((), device=device)
         bar.update(1)
+        paused = time.perf_counter()  # evaluation and checkpointing are not training time
         if (tcfg.eval_every and state.step % tcfg.eval_every == 0) or state.step == total_steps:
             metrics = score(splits["validation"])
             log.write({"step": state.step, "split": "validation", **metrics})
@@ -151,13 +170,16 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
                     best_weights = {n: p.detach().clone() for n, p in trainable_state(model).items()}
             model.train()
         if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total_steps and ranks.is_main:
-            state.train_seconds += time.perf_counter() - started
-            started = time.perf_counter()
+            state.train_seconds += paused - started
+            started = paused
             save_checkpoint(checkpoints, model, optimizer, scheduler, state, best_weights)
         if ranks.world > 1 and tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
             dist.barrier()
+        excluded = time.perf_counter() - paused
+        started, window_start = started + excluded, window_start + excluded
     bar.close()
     state.train_seconds += time.perf_counter() - started
+    log.close()
     peak = memory.peak()
 
     # Finish: roll back to the best evaluation (unless the method forbids it), score it, ship the adapter.
@@ -179,7 +201,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         train_seconds=round(state.train_seconds, 2),
         train_examples_per_s=round(state.examples_seen / max(state.train_seconds, 1e-9), 2),
         **peak, model_state_mb=model_state_mb(model),
-        device=str(device), bf16=tcfg.bf16, world_size=ranks.world, environment=environment(), run_dir=str(run_dir),
+        device=str(device), bf16=bf16, world_size=ranks.world, environment=environment(), run_dir=str(run_dir),
     )
     if ranks.is_main:
         task_info = TaskInfo(name=task.name, label_names=task.label_names, is_pair=task.is_pair, metrics=list(task.metrics),
@@ -211,62 +233,17 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, heads: list[str]) -> to
     ])
 
 
-class BatchOrder:
-    """A deterministic, resumable data order: epoch e is a permutation seeded by (seed, e).
-
-    Each global batch holds batch_size rows per rank; rank r takes its own slice, so ranks never overlap.
-    The position (epoch, batch_in_epoch) lives in TrainState, so a resumed run continues with the next batch.
-    """
-
-    def __init__(self, num_rows: int, batch_size: int, seed: int, ranks: Ranks):
-        if num_rows == 0:
-            raise PeftkitError("the train split is empty")
-        self.num_rows, self.batch_size, self.seed, self.ranks = num_rows, batch_size, seed, ranks
-        global_batch = batch_size * ranks.world
-        # one process keeps the last partial batch; several drop it so every rank steps together
-        self.batches_per_epoch = math.ceil(num_rows / global_batch) if ranks.world == 1 else max(1, num_rows // global_batch)
-        self._epoch, self._perm = None, None
-
-    def next(self, state: TrainState) -> list[int]:
-        if state.batch_in_epoch >= self.batches_per_epoch:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        if self._epoch != state.epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + state.epoch)
-            self._perm, self._epoch = torch.randperm(self.num_rows, generator=generator).tolist(), state.epoch
-        start = (state.batch_in_epoch * self.ranks.world + self.ranks.rank) * self.batch_size
-        state.batch_in_epoch += 1
-        indices = self._perm[start:start + self.batch_size]
-        return indices or self._perm[:self.batch_size]
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing in the base model (recompute each layer's activations in the backward pass)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise PeftkitError(f"{type(model).__name__} does not support gradient checkpointing; "
+                           "unset train.gradient_checkpointing")
+    # non-reentrant: works with frozen embeddings (no input that requires grad) and keeps dropout's RNG exact
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:
     return best is None or (value < best if metric == "loss" else value > best)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line (train records and evaluations)."""
-
-    def __init__(self, path: Path, enabled: bool, truncate_after: int = 0):
-        self.path, self.enabled = path, enabled
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            kept = []
-            if truncate_after and path.exists():  # resuming: drop records past the checkpoint
-                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= truncate_after]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _step_of(line: str) -> float:
-    """Step of a metrics.jsonl line; a half-written last line (process killed mid-append) counts as past the end."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
 
 
 def new_run_dir(config: RunConfig) -> Path:

@@ -69,12 +69,12 @@ def test_broken_jsonl_names_the_line(tmp_path):
 def test_dynamic_padding_pads_to_the_longest_row_in_the_batch(tokenizer):
     rows = [{"text": "short", "label": 0}, {"text": "a much longer sentence than the other one", "label": 1}]
     split = encode(rows, tokenizer, max_length=64)
-    batch = collate(split, [0, 1], tokenizer.pad_token_id)
+    batch = collate(split, [0, 1])
     longest = len(split.features["input_ids"][1])
     assert batch["input_ids"].shape == (2, longest)
     assert batch["attention_mask"][0].sum() == len(split.features["input_ids"][0])
     assert batch["labels"].tolist() == [0, 1]
-    assert collate(split, [0], tokenizer.pad_token_id)["input_ids"].shape[1] == len(split.features["input_ids"][0])
+    assert collate(split, [0])["input_ids"].shape[1] == len(split.features["input_ids"][0])
 
 
 def test_metrics():

@@ -69,7 +69,8 @@ def test_gradient_accumulation_equals_the_bigger_batch(tiny_run_config, tiny_mod
     still = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     runs = {}
     for name, train_opts in (("big", dict(batch_size=8)), ("accum", dict(batch_size=4, grad_accum_steps=2))):
-        config = tiny_run_config("lora", method_options={"dropout": 0.0}, max_steps=3, **train_opts)
+        config = tiny_run_config("lora", method_options={"dropout": 0.0}, max_steps=3, batching="random", bf16=False,
+                                 **train_opts)
         config.model.name_or_path = still
         train(config, run_dir=tmp_path / name)
         runs[name] = adapter_weights(tmp_path / name)

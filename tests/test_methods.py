@@ -122,7 +122,7 @@ def test_trained_adapter_reloads_to_the_loops_own_validation_numbers(method, tin
     summary = train(config, run_dir=tmp_path / "run")
     loaded = load(tmp_path / "run" / "adapter")
     split = encode(load_task(config.task).splits["validation"], loaded.tokenizer, 32)
-    metrics = evaluate(loaded.model, split, 2, 64, loaded.tokenizer.pad_token_id, torch.device("cpu"))
+    metrics = evaluate(loaded.model, split, 2, 64, torch.device("cpu"))
     assert metrics["loss"] == pytest.approx(summary.best["loss"], abs=1e-6)
     assert metrics["accuracy"] == summary.best["accuracy"]
 

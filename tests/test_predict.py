@@ -69,6 +69,7 @@ def test_predict_streams_instead_of_reading_everything(adapter, monkeypatch, tmp
     import peftkit.predict as predict
 
     seen = []
+    monkeypatch.setattr(predict, "CHUNK_BATCHES", 1)
     real = predict.predict_rows
     monkeypatch.setattr(predict, "predict_rows",
                         lambda loaded, rows, *a, **k: seen.append(len(rows)) or real(loaded, rows, *a, **k))

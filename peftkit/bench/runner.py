@@ -175,13 +175,12 @@ def inference_latency(job: CellJob, config: RunConfig) -> dict[str, Any]:
     model = loaded.model.to(device)
     rows = load_task(config.task, seed=config.train.seed).split("validation")[:job.latency_examples]
     split = encode(rows, loaded.tokenizer, config.task.max_length)
-    pad = loaded.tokenizer.pad_token_id
     warmup = encode(rows[:batch_size], loaded.tokenizer, config.task.max_length)
-    predict_logits(model, warmup, batch_size, pad, device, config.train.bf16)
+    predict_logits(model, warmup, batch_size, device, config.train.bf16)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    predict_logits(model, split, batch_size, pad, device, config.train.bf16)  # returns CPU tensors: synchronised
+    predict_logits(model, split, batch_size, device, config.train.bf16)  # returns CPU tensors: synchronised
     seconds = time.perf_counter() - started
     return {"ms_per_example": round(1000 * seconds / max(len(split), 1), 3), "examples": len(split),
             "batch_size": batch_size, "seconds": round(seconds, 3), "device": str(device), "bf16": config.train.bf16}

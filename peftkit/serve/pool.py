@@ -189,16 +189,15 @@ class AdapterPool:
         by_host: dict[str, list[int]] = {}
         for i, (name, _, _) in enumerate(jobs):
             by_host.setdefault(self.deployments[name].host, []).append(i)
-        pad = self.tokenizer.pad_token_id
         for key, indices in by_host.items():
             host = self.hosts[key]
             splits = [self.encode_rows(self.deployments[jobs[i][0]], jobs[i][1], jobs[i][2]) for i in indices]
             joined = _concat(splits)
             if host.mixed:
                 names = [jobs[i][0] for i, s in zip(indices, splits) for _ in range(len(s))]
-                logits = _mixed_logits(host.model, joined, names, batch_size, pad)
+                logits = _mixed_logits(host.model, joined, names, batch_size)
             else:
-                logits = predict_logits(host.model, joined, batch_size, pad, torch.device("cpu"))
+                logits = predict_logits(host.model, joined, batch_size, torch.device("cpu"))
             start = 0
             for i, split in zip(indices, splits):
                 chunk = logits[start:start + len(split)]
@@ -209,14 +208,14 @@ class AdapterPool:
 
 def _concat(splits: list[EncodedSplit]) -> EncodedSplit:
     keys = splits[0].features.keys()
-    return EncodedSplit({k: [row for s in splits for row in s.features[k]] for k in keys}, None)
+    return EncodedSplit({k: [row for s in splits for row in s.features[k]] for k in keys}, None, splits[0].pad_token_id)
 
 
-def _mixed_logits(model: nn.Module, split: EncodedSplit, names: list[str], batch_size: int, pad: int) -> torch.Tensor:
+def _mixed_logits(model: nn.Module, split: EncodedSplit, names: list[str], batch_size: int) -> torch.Tensor:
     """peft mixed-batch inference: row i goes through adapter names[i] (LoRA layers and its own head)."""
     out = []
     for start in range(0, len(split), batch_size):
         idx = list(range(start, min(start + batch_size, len(split))))
-        batch = collate(split, idx, pad)
+        batch = collate(split, idx)
         out.append(model(**batch, adapter_names=[names[i] for i in idx]).logits.float())
     return torch.cat(out)

@@ -1,0 +1,110 @@
+"""Where the loop's scalars go: metrics.jsonl always, and TensorBoard / MLflow (local file store) when asked with
+`train.report_to`. Every sink gets the same records; all of them work offline and only rank 0 writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from peftkit.errors import PeftkitError
+from peftkit.io import atomic_write_text
+
+ReportTo = Literal["tensorboard", "mlflow"]
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line (train records and evaluations)."""
+
+    def __init__(self, path: Path, enabled: bool, truncate_after: int = 0):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if truncate_after and path.exists():  # resuming: drop records past the checkpoint
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= truncate_after]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a half-written last line (process killed mid-append) counts as past the end."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
+def scalars(record: dict[str, Any]) -> tuple[int, dict[str, float]]:
+    """(step, {tag: value}) of a metrics.jsonl record: `train/<key>` or `<split>/<key>`, numbers only."""
+    prefix = record.get("split", "train")
+    values = {f"{prefix}/{k}": float(v) for k, v in record.items()
+              if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return int(record["step"]), values
+
+
+class TensorBoardLog:
+    """TensorBoard event files in RUN_DIR/tensorboard (`pip install 'peftkit[tensorboard]'`)."""
+
+    def __init__(self, folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise PeftkitError("train.report_to=[tensorboard] needs the tensorboard package: "
+                               "pip install 'peftkit[tensorboard]'") from None
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def write(self, record: dict[str, Any]) -> None:
+        step, values = scalars(record)
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MlflowLog:
+    """An MLflow run in the local file store RUN_DIR/mlruns (`pip install mlflow`); nothing leaves the machine."""
+
+    def __init__(self, folder: Path, run_name: str):
+        try:
+            import mlflow
+        except ImportError:
+            raise PeftkitError("train.report_to=[mlflow] needs the mlflow package: pip install mlflow") from None
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(folder.resolve().as_uri())
+        self.run = mlflow.start_run(run_name=run_name)
+
+    def write(self, record: dict[str, Any]) -> None:
+        step, values = scalars(record)
+        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+class RunLog:
+    """metrics.jsonl plus the sinks named in train.report_to, all fed the same records."""
+
+    def __init__(self, run_dir: Path, enabled: bool, truncate_after: int = 0, report_to: list[str] = ()):
+        self.sinks: list[Any] = [MetricsLog(run_dir / "metrics.jsonl", enabled, truncate_after)]
+        if enabled:
+            for name in dict.fromkeys(report_to):
+                if name == "tensorboard":
+                    self.sinks.append(TensorBoardLog(run_dir / "tensorboard"))
+                elif name == "mlflow":
+                    self.sinks.append(MlflowLog(run_dir / "mlruns", run_dir.name))
+
+    def write(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

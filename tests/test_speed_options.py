@@ -1,0 +1,86 @@
+"""The loop's speed options: bf16 chosen where it pays, gradient checkpointing, TensorBoard logging, timing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftkit.precision import bf16_pays, resolve_bf16
+from peftkit.train import train
+
+
+def test_bf16_setting_true_false_or_auto():
+    cpu = torch.device("cpu")
+    assert resolve_bf16(True, cpu) is True and resolve_bf16(False, cpu) is False
+    assert resolve_bf16(None, cpu) is bf16_pays(cpu)
+
+
+def test_auto_bf16_follows_the_cpu_and_false_forces_fp32(tiny_run_config, tmp_path, monkeypatch):
+    import peftkit.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert train(tiny_run_config("lora", max_steps=1), run_dir=tmp_path / "auto").bf16 is True
+    assert train(tiny_run_config("lora", max_steps=1, bf16=False), run_dir=tmp_path / "fp32").bf16 is False
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert train(tiny_run_config("lora", max_steps=1), run_dir=tmp_path / "plain").bf16 is False
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_run_config, tiny_model_dir, tmp_path):
+    from peftkit.io import load_tensors
+
+    still = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    weights = {}
+    for name, ckpt in (("plain", False), ("ckpt", True)):
+        config = tiny_run_config("lora", method_options={"dropout": 0.0}, max_steps=2, bf16=False,
+                                 gradient_checkpointing=ckpt)
+        config.model.name_or_path = still
+        train(config, run_dir=tmp_path / name)
+        weights[name] = load_tensors(tmp_path / name / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(weights["plain"][k], weights["ckpt"][k], atol=1e-6) for k in weights["plain"])
+
+
+def test_full_fine_tuning_trains_with_gradient_checkpointing(tiny_run_config, tmp_path):
+    summary = train(tiny_run_config("full", max_steps=2, gradient_checkpointing=True), run_dir=tmp_path / "run")
+    assert summary.steps == 2
+
+
+def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tiny_run_config, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(tiny_run_config("lora", eval_every=2, report_to=["tensorboard"]), run_dir=run)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["task_loss"] for r in records if "task_loss" in r}
+    accuracy = {r["step"]: r["accuracy"] for r in records if r.get("split") == "validation"}
+    assert {e.step: round(e.value, 5) for e in events.Scalars("train/task_loss")} == pytest.approx(losses)
+    assert {e.step: e.value for e in events.Scalars("validation/accuracy")} == pytest.approx(accuracy)
+    assert "train/tokens_per_s" in events.Tags()["scalars"]
+
+
+def test_report_to_is_off_by_default_and_checked(tiny_run_config, tmp_path):
+    from peftkit.errors import PeftkitError
+
+    train(tiny_run_config("lora", max_steps=1), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    with pytest.raises(PeftkitError, match="report_to"):
+        tiny_run_config("lora", report_to=["wandb"])
+
+
+def test_evaluation_is_not_training_time(tiny_run_config, tmp_path, monkeypatch):
+    import time
+
+    import peftkit.train as loop
+
+    real = loop.evaluate
+
+    def slow(*args, **kwargs):
+        time.sleep(4.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", slow)
+    summary = train(tiny_run_config("lora", max_steps=2, eval_every=1), run_dir=tmp_path / "run")
+    assert summary.train_seconds < 4.0, summary.train_seconds  # two 4 s evaluations left out
