@@ -157,17 +157,48 @@ def test_two_launchers_as_two_nodes_finish_and_resume(tiny_run_config, tmp_path)
     # kill one launcher mid-run: the other fails instead of hanging; the checkpoint then resumes on both
     (run / "summary.json").unlink()
     port = free_port()
-    nodes = [launcher(path, run, port, "--resume", str(run), "train.max_steps=400") for _ in range(2)]
+    nodes = [launcher(path, run, port, "--resume", str(run), "train.max_steps=100000") for _ in range(2)]
     deadline = time.time() + 240
-    while not (run / "checkpoints" / "step-0000008").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    os.killpg(nodes[1].pid, signal.SIGKILL)
-    nodes[0].communicate(timeout=240)
+    while latest_step(run) < 8 and time.time() < deadline:
+        time.sleep(0.2)
+    kill_node(nodes[1].pid)  # the launcher and its worker, as when a machine goes down
+    try:
+        _, err = nodes[0].communicate(timeout=240)
+    finally:
+        kill_node(nodes[0].pid)
     nodes[1].communicate(timeout=30)
-    assert nodes[0].returncode != 0
+    assert nodes[0].returncode != 0, "the surviving launcher must fail, not hang or pretend to finish"
+    print(f"\nsurviving launcher after the other was killed (exit {nodes[0].returncode}):\n{err[-1500:]}")
+    target = latest_step(run) + 2
     port = free_port()
-    nodes = [launcher(path, run, port, "--resume", str(run), "train.max_steps=10") for _ in range(2)]
+    nodes = [launcher(path, run, port, "--resume", str(run), f"train.max_steps={target}") for _ in range(2)]
     outputs = [n.communicate(timeout=300) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 10 and adapter(run).keys() == finished.keys()
+    assert summary["steps"] == target and adapter(run).keys() == finished.keys()
+    print(f"resumed from step {target - 2} to {target}: " + [o for o, _ in outputs if o.strip()][0].strip())
+
+
+def kill_node(pid: int) -> None:
+    """SIGKILL a launcher and every process under it (torchrun starts its workers in their own sessions)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += parents.get(tree[-1], [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def latest_step(run: Path) -> int:
+    pointer = run / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().removeprefix("step-")) if pointer.exists() else 0
