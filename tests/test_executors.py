@@ -30,13 +30,14 @@ def grid(tiny_model_dir, toy_task_dir):
 
 @pytest.fixture(scope="module")
 def local_cells(grid, tmp_path_factory):
-    os.environ["OMP_NUM_THREADS"] = "1"  # one thread per cell, as a Ray task asking for 1 CPU gets
-    out = tmp_path_factory.mktemp("local")
-    started = time.perf_counter()
-    counts = run_bench(out=out, executor=LocalExecutor(), **grid)
-    seconds = time.perf_counter() - started
-    assert counts == {"planned": 4, "skipped": 0, "ran": 4, "failed": 0}
-    return read_cells(out), seconds
+    with pytest.MonkeyPatch.context() as env:  # for this module's cells, in any executor's processes
+        env.setenv("OMP_NUM_THREADS", "1")  # one thread per cell, as a Ray task asking for 1 CPU gets
+        out = tmp_path_factory.mktemp("local")
+        started = time.perf_counter()
+        counts = run_bench(out=out, executor=LocalExecutor(), **grid)
+        seconds = time.perf_counter() - started
+        assert counts == {"planned": 4, "skipped": 0, "ran": 4, "failed": 0}
+        yield read_cells(out), seconds
 
 
 def read_cells(out: Path) -> dict[str, dict]:
