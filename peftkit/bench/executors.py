@@ -72,16 +72,17 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, cpus_per_cell: float = 1, gpus_per_cell: float = 0,
                  num_cpus: int | None = None, target: Callable[[CellJob], Outcome] = execute):
-        ray = require("ray", "ray")
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        self.ray = ray
-        self.remote = ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=1, max_calls=1)(target)
+        self.ray = require("ray", "ray")
+        self.address, self.num_cpus = address, num_cpus
+        self.remote = self.ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=1,
+                                      max_calls=1)(target)
 
     def run(self, jobs: list[CellJob]) -> Iterator[tuple[CellJob, Outcome]]:
+        if jobs and not self.ray.is_initialized():  # a resumed grid with nothing left to run starts no cluster
+            if self.address:
+                self.ray.init(address=self.address, log_to_driver=False)
+            else:
+                self.ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
         pending = {self.remote.remote(job): job for job in jobs}
         while pending:
             [ref], _ = self.ray.wait(list(pending), num_returns=1)
