@@ -99,6 +99,7 @@ class TrainConfig:
     output_dir: str = "runs"
     run_name: str | None = None  # default: <recipe>-<timestamp>
     progress: bool = True
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 sharding (distributed.py)
 
 
 @dataclass

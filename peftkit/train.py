@@ -6,14 +6,13 @@ hook) -> evaluation every N steps, best kept -> run folder (config.yaml, metrics
 The timed region is the steps only: evaluations and checkpoint saves are left out of train_seconds.
 
 Resumable: with `train.checkpoint_every`, `train(config, resume=run_dir)` continues exactly where it stopped.
-Distributed: under `torchrun`, each rank trains on its shard of every batch (DDP); rank 0 logs and saves.
+Distributed: under `torchrun`, each rank trains on its shard of every batch, with DDP or FSDP2
+(`train.distributed`, see distributed.py); rank 0 logs and saves.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -26,16 +25,17 @@ from peftkit.adapters import MethodContext, build_method
 from peftkit.adapters.base import is_head_parameter, trainable_state
 from peftkit.artifacts import save_adapter
 from peftkit.batching import BatchOrder
-from peftkit.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.checkpoint import TrainState, latest_checkpoint
 from peftkit.config import RunConfig, TrainConfig
 from peftkit.console import progress_bar
 from peftkit.data import collate, encode, load_task
+from peftkit.distributed import Ranks
 from peftkit.errors import PeftkitError
 from peftkit.formats import RunSummary, TaskInfo
 from peftkit.inference import evaluate
 from peftkit.io import atomic_write_text
 from peftkit.loggers import MetricsLog, RunLog
-from peftkit.measure import MemoryMeter, environment, model_state_mb
+from peftkit.measure import MemoryMeter, environment
 from peftkit.modeling import (
     count_parameters,
     load_model,
@@ -52,7 +52,7 @@ __all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
 def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunSummary:
     """Train `config` and return its summary (also written to RUN_DIR/summary.json)."""
     tcfg = config.train
-    ranks = Ranks.from_env()
+    ranks = Ranks.from_env(tcfg.distributed)
     device = resolve_device(tcfg.device)
     if device.type == "cuda" and ranks.world > 1:
         device = torch.device("cuda", ranks.local_rank)
@@ -89,6 +89,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     params = count_parameters(model)
     if params.trainable == 0:
         raise PeftkitError(f"method {method.name!r} left no trainable parameters in this model")
+    wrapped = ranks.wrap(model, method.name)  # DDP, or FSDP2 sharding `model` in place (before the optimizer)
     optimizer = build_optimizer(model, tcfg, heads)
     trainable = [p for p in model.parameters() if p.requires_grad]  # what the optimizer and clipping touch
     warmup = int(tcfg.warmup_ratio * total_steps)
@@ -100,13 +101,12 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         latest = latest_checkpoint(checkpoints)
         if latest is None:
             raise PeftkitError(f"{run_dir} has no checkpoint to resume from (train.checkpoint_every was not set?)")
-        state, best_weights = load_checkpoint(latest, model, optimizer, scheduler)
+        state, best_weights = ranks.load_checkpoint(latest, model, optimizer, scheduler)
         if state.step >= total_steps:
             raise PeftkitError(f"{run_dir} is already at step {state.step}, not below this run's {total_steps} steps; raise train.max_steps to continue")
     log = RunLog(run_dir, enabled=ranks.is_main, truncate_after=state.step if resume else 0, report_to=tcfg.report_to)
     if ranks.is_main:
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-    wrapped = nn.parallel.DistributedDataParallel(model) if ranks.world > 1 else model
 
     def score(split):  # the one evaluation every stage of the run uses
         return evaluate(model, split, task.num_labels, tcfg.eval_batch_size, device, bf16)
@@ -169,10 +169,10 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
                 if method.restore_best:
                     best_weights = {n: p.detach().clone() for n, p in trainable_state(model).items()}
             model.train()
-        if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total_steps and ranks.is_main:
+        if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total_steps:
             state.train_seconds += paused - started
             started = paused
-            save_checkpoint(checkpoints, model, optimizer, scheduler, state, best_weights)
+            ranks.save_checkpoint(checkpoints, model, optimizer, scheduler, state, best_weights)
         if ranks.world > 1 and tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
             dist.barrier()
         excluded = time.perf_counter() - paused
@@ -180,12 +180,12 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     bar.close()
     state.train_seconds += time.perf_counter() - started
     log.close()
-    peak = memory.peak()
+    peak = ranks.peak(memory)
 
     # Finish: roll back to the best evaluation (unless the method forbids it), score it, ship the adapter.
     final_metrics, kept_step, kept_metrics = metrics, state.step, metrics
     if best_weights is not None and state.best_step != state.step:
-        model.load_state_dict(best_weights, strict=False)
+        ranks.load_weights(model, best_weights)
         kept_step = state.best_step
         kept_metrics = score(splits["validation"])
     test_metrics = None
@@ -200,14 +200,17 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         trainable_params=params.trainable, total_params=params.total, trainable_pct=round(params.trainable_pct, 4),
         train_seconds=round(state.train_seconds, 2),
         train_examples_per_s=round(state.examples_seen / max(state.train_seconds, 1e-9), 2),
-        **peak, model_state_mb=model_state_mb(model),
+        **peak, model_state_mb=ranks.model_state_mb(model),
         device=str(device), bf16=bf16, world_size=ranks.world, environment=environment(), run_dir=str(run_dir),
     )
+    saved = ranks.full_model(model, lambda: method.apply(  # under FSDP: an unsharded copy with the gathered weights
+        load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed),
+        MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps)))
     if ranks.is_main:
         task_info = TaskInfo(name=task.name, label_names=task.label_names, is_pair=task.is_pair, metrics=list(task.metrics),
                              text_field=config.task.text_field, text_pair_field=config.task.text_pair_field,
                              max_length=config.task.max_length)
-        meta = save_adapter(model, method, run_dir / "adapter", base_model=config.model.name_or_path, task=task_info,
+        meta = save_adapter(saved, method, run_dir / "adapter", base_model=config.model.name_or_path, task=task_info,
                             metrics={"validation": kept_metrics, "test": test_metrics}, params=params,
                             head_modules=heads)
         summary.adapter_bytes = meta.adapter_bytes
@@ -253,39 +256,3 @@ def new_run_dir(config: RunConfig) -> Path:
     while path.exists():
         path, suffix = Path(config.train.output_dir) / f"{name}-{suffix}", suffix + 1
     return path
-
-
-@dataclass
-class Ranks:
-    """Where this process stands under torchrun (WORLD_SIZE/RANK/LOCAL_RANK); one process otherwise."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Ranks:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def init_process_group(self, device: torch.device) -> None:
-        if self.world > 1 and not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)  # NCCL (and broadcast_object_list) use the current device
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def agree(self, path: Path) -> Path:
-        """Every rank must write to rank 0's run folder (names carry a timestamp)."""
-        if self.world == 1:
-            return path
-        holder = [str(path)]
-        dist.broadcast_object_list(holder, src=0)
-        return Path(holder[0])
-
-    def finish(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()

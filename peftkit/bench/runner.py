@@ -1,4 +1,5 @@
-"""Running the grid: each cell trained by `train()` in its own spawned process, measured, and written as one JSON file.
+"""Running the grid: each cell trained by `train()` in a fresh process (here, on Ray or on Slurm: executors.py),
+measured, and written by this driver as one JSON file.
 
 A fresh process per cell gives clean peak-memory numbers and means a crash (out of memory, a segfault) cannot take
 the grid down. Resumable by construction: a cell whose JSON file exists is skipped (delete it to rerun), every file
@@ -9,11 +10,11 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import time
-import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peftkit.bench.executors import Executor, LocalExecutor
 from peftkit.bench.grid import Cell, CellJob, cell_job, cell_path, plan_cells, validate_choices
 from peftkit.bench.profiles import Profile, load_profile
 from peftkit.bench.report import build_report
@@ -25,10 +26,13 @@ from peftkit.measure import machine_manifest
 
 def run_bench(profile_name: str = "smoke", tasks: list[str] | None = None, methods: list[str] | None = None,
               seeds: list[int] | None = None, out: str | Path | None = None, model: str | None = None,
-              data_dir: str | None = None, progress: bool = True, command: str | None = None) -> dict[str, int]:
+              data_dir: str | None = None, progress: bool = True, command: str | None = None,
+              executor: Executor | None = None) -> dict[str, int]:
     """Run every cell of the grid that has no result file yet, then rebuild the report.
 
-    Returns counts: planned cells, skipped (already had a result), ran now, failed (in the whole grid).
+    `executor` decides where cells train (executors.py; default: one at a time in spawned processes here); this
+    driver writes every cell file, atomically, as results arrive. Returns counts: planned cells, skipped (already
+    had a result), ran now, failed (in the whole grid).
     """
     from peftkit.console import progress_bar
 
@@ -46,48 +50,61 @@ def run_bench(profile_name: str = "smoke", tasks: list[str] | None = None, metho
     counts = {"planned": len(cells), "skipped": len(cells) - len(todo), "ran": 0}
     bar = progress_bar(len(cells), counts["skipped"], progress, desc="bench", unit="cell",
                        bar_format="{desc}: {n}/{total} cells |{bar}| [{elapsed}<{remaining}] {postfix}")
-    for cell in todo:
-        bar.set_postfix_str(cell.id)
-        record = run_cell(cell, profile, out, model, data_dir, manifest_base)
+
+    def write(cell: Cell, record: dict[str, Any]) -> None:
         atomic_write_json(cell_path(out, cell), record)
         counts["ran"] += 1
         if record["status"] == "failed":
             bar.write(f"peftkit bench: {cell.id} failed: {record['error'].splitlines()[0]}")
+        bar.set_postfix_str(cell.id)
         bar.update(1)
+
+    records, jobs = {}, []
+    for cell in todo:
+        records[cell.id], job = prepare_cell(cell, profile, out, model, data_dir, manifest_base)
+        if job is None:  # its config did not resolve: recorded as failed without running
+            write(cell, records.pop(cell.id))
+        else:
+            jobs.append(job)
+    for job, outcome in (executor or LocalExecutor()).run(jobs):
+        write(job.cell, finish_record(records.pop(job.cell.id), outcome))
     bar.close()
     build_report(out)
     counts["failed"] = sum(read_json(cell_path(out, c))["status"] != "ok" for c in cells)  # this grid, any run
     return counts
 
 
-def run_cell(cell: Cell, profile: Profile, out: Path, model: str | None, data_dir: str | None,
-             manifest_base: dict[str, Any]) -> dict[str, Any]:
-    """Resolve, train and measure one cell in a child process; any failure becomes a `failed` record."""
-    started = datetime.now(timezone.utc)
+def prepare_cell(cell: Cell, profile: Profile, out: Path, model: str | None, data_dir: str | None,
+                 manifest_base: dict[str, Any]) -> tuple[dict[str, Any], CellJob | None]:
+    """The cell's record so far (a `failed` one until an outcome says otherwise) and its job, or None."""
     record: dict[str, Any] = {"cell": cell.id, "task": cell.task_label, "method": cell.method, "seed": cell.seed,
                               "status": "failed", "error": None}
     manifest = {**manifest_base, "task_source": cell.task, "recipe": None, "overrides": None, "config": None,
-                "started_at": started.isoformat(timespec="seconds")}
+                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record["manifest"] = manifest
     try:
         job = cell_job(cell, profile, out, model, data_dir)
-        manifest.update(recipe=job.config["recipe"], overrides=list(job.overrides), config=job.config)
-        shutil.rmtree(job.run_dir, ignore_errors=True)  # leftovers of an interrupted attempt
-        record.update(status="ok", **run_in_child(job))
     except PeftkitError as e:
-        record["error"] = f"PeftkitError: {e}"
-    except CellCrashed as e:
-        record["error"] = str(e)
-    record["cell_seconds"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
+        record.update(error=f"PeftkitError: {e}", cell_seconds=0.0)
+        return record, None
+    manifest.update(recipe=job.config["recipe"], overrides=list(job.overrides), config=job.config)
+    return record, job
+
+
+def finish_record(record: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any]:
+    """Fold an executor's outcome into the record (manifest kept last, as in every cell file)."""
+    manifest = record.pop("manifest")
+    if outcome["kind"] == "ok":
+        record.update(status="ok", **outcome["payload"])
+    else:
+        record["error"] = f"PeftkitError: {outcome['payload']}" if outcome["kind"] == "peftkit" else outcome["payload"]
+    record["cell_seconds"] = outcome.get("seconds")
     record["manifest"] = manifest
     return record
 
 
-class CellCrashed(Exception):
-    """The child process raised something other than a PeftkitError, or died (OOM killer, segfault)."""
-
-
 def run_in_child(job: CellJob) -> dict[str, Any]:
-    """Run `measure_cell` in a fresh spawned process: its own peak RSS / CUDA peak, and no state left behind."""
+    """Run `execute` (measure the cell) in a fresh spawned process: its own peak RSS / CUDA peak, no state left."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child_main, args=(send, job))
@@ -97,34 +114,27 @@ def run_in_child(job: CellJob) -> dict[str, Any]:
         try:
             kind, payload = receive.recv()
         except EOFError:
-            kind, payload = "crash", None
+            kind, payload = "died", None
         child.join()
     except KeyboardInterrupt:  # Ctrl-C reaches the child too; make sure it is gone before we unwind
         child.terminate()
         child.join()
         raise
-    if kind == "ok":
-        return payload
-    if kind == "peftkit":
-        raise PeftkitError(payload)
     if kind == "interrupted":
         raise KeyboardInterrupt
-    raise CellCrashed(payload or f"the cell's process died with exit code {child.exitcode} (out of memory?)")
+    if kind == "outcome":
+        return payload
+    return {"kind": "crash", "payload": f"the cell's process died with exit code {child.exitcode} (out of memory?)"}
 
 
 def _child_main(send, job: CellJob) -> None:
     """The spawned process's entry point: measure the cell and send back one (kind, payload) message."""
-    from peftkit.console import quiet_libraries
+    from peftkit.bench.executors import execute
 
-    quiet_libraries()
     try:
-        send.send(("ok", measure_cell(job)))
-    except PeftkitError as e:
-        send.send(("peftkit", str(e)))
+        send.send(("outcome", execute(job)))
     except KeyboardInterrupt:
         send.send(("interrupted", None))
-    except BaseException as e:  # noqa: BLE001 - a bench cell records any crash and the grid goes on
-        send.send(("crash", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"))
     finally:
         send.close()
 
