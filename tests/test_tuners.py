@@ -1,0 +1,173 @@
+"""Every method in the registry, parametrised over `available_methods()` (a method added later is tested without
+editing this file): applies to a tiny BERT classifier, trains only what it should, saves and reloads with identical
+logits (head included), loads in stock peft, merges where it says it can. Plus the generic `peft` entry."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit.adapters import MethodContext, available_methods, build_method, get_method_class
+from peftkit.artifacts import load, save_adapter
+from peftkit.config import ModelConfig, RunConfig
+from peftkit.errors import PeftkitError
+from peftkit.modeling import count_parameters, head_modules, load_model
+
+METHODS = available_methods()
+# Defaults sized for real models that do not fit the tiny BERT (hidden 32), or that need a schedule to prune in.
+TINY_OPTIONS = {"adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.0, "init_r": 4, "target_r": 2}, "miss": {"r": 8}}
+# Methods that refuse an encoder classifier on purpose, with a PeftkitError naming why.
+REFUSE_ENCODERS: set[str] = {"prefix"}
+ENCODER_WEIGHTS = ("attention.self.query.weight", "attention.self.key.weight", "intermediate.dense.weight")
+
+
+def options_for(name, **extra):
+    return get_method_class(name).config_class(**{**TINY_OPTIONS.get(name, {}), **extra})
+
+
+def build(tiny_model_dir, name, **extra):
+    path = str(tiny_model_dir("bert"))
+    model = load_model(ModelConfig(path), 2, pad_token_id=0)
+    method = build_method(name, options_for(name, **extra))
+    return method, method.apply(model, MethodContext(path, head_modules(model), total_steps=10))
+
+
+def batch():
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(1000, 2000, (4, 7), generator=generator), torch.tensor([0, 1, 1, 1])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_applies_and_trains_only_what_it_should(name, tiny_model_dir):
+    if name in REFUSE_ENCODERS:
+        with pytest.raises(PeftkitError) as e:
+            build(tiny_model_dir, name)
+        assert len(str(e.value)) > 30 and "\n" not in str(e.value)
+        return
+    _, model = build(tiny_model_dir, name)
+    params = count_parameters(model)
+    assert 0 < params.trainable <= params.total
+    named = dict(model.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    assert any("classifier" in n for n in trainable), "the task head must train"
+    if name != "full":
+        frozen_body = [n for n in named if n.endswith(ENCODER_WEIGHTS) and "modules_to_save" not in n]
+        assert frozen_body and not trainable & set(frozen_body), "base weight matrices must stay frozen"
+    x, y = batch()
+    before = {n: named[n].detach().clone() for n in trainable}
+    optimizer = torch.optim.AdamW([named[n] for n in trainable], lr=1e-2)
+    model.eval()  # dropout off: the loss on one batch must fall step by step (gradients flow in eval mode too)
+    losses = []
+    for _ in range(8):
+        out = model(input_ids=x, labels=y)
+        out.loss.backward()
+        for n, p in named.items():
+            if not p.requires_grad:
+                assert p.grad is None, f"frozen {n} got a gradient"
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0], losses
+    changed = [n for n in trainable if "classifier" not in n and not torch.equal(before[n], named[n])]
+    assert changed or all("classifier" in n for n in trainable), "the method's own weights must train"
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in REFUSE_ENCODERS])
+def test_save_reload_identical_logits_head_saved_stock_peft_and_merge(name, tiny_model_dir, tmp_path):
+    method, model = build(tiny_model_dir, name)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stand-in for training: move every trainable weight, the head included
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    model.eval()
+    x, _ = batch()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    base = str(tiny_model_dir("bert"))
+    save_adapter(model, method, tmp_path / "a", base_model=base, task={"label_names": ["neg", "pos"]})
+    loaded = load(tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=x).logits, expected)
+
+    from safetensors import safe_open
+
+    weights = "adapter_model.safetensors" if method.uses_peft else "peftkit_weights.safetensors"
+    with safe_open(str(tmp_path / "a" / weights), framework="pt") as f:
+        assert any("classifier" in k for k in f.keys()), "the head must be saved"  # noqa: SIM118 (not a mapping)
+    if method.uses_peft:
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        stock = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
+                                          str(tmp_path / "a")).eval()
+        with torch.no_grad():
+            assert torch.equal(stock(input_ids=x).logits, expected)
+    if method.merge_blocker is None and name != "peft":
+        merged = method.merge(loaded.model)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in REFUSE_ENCODERS and m != "adalora"])
+def test_trains_in_the_loop_and_reloads_to_its_numbers(name, tiny_run_config, tmp_path):
+    from peftkit.data import encode, load_task
+    from peftkit.inference import evaluate
+    from peftkit.train import train
+
+    config = tiny_run_config(name, method_options=TINY_OPTIONS.get(name), seed=7, max_steps=3)
+    summary = train(config, run_dir=tmp_path / "run")
+    assert summary["trainable_params"] > 0
+    loaded = load(tmp_path / "run" / "adapter")
+    split = encode(load_task(config.task).splits["validation"], loaded.tokenizer, 32)
+    metrics = evaluate(loaded.model, split, 2, 64, loaded.tokenizer.pad_token_id, torch.device("cpu"))
+    assert metrics["loss"] == pytest.approx(summary["best"]["loss"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- the generic entry
+
+
+def test_generic_peft_entry_applies_any_type_and_round_trips(tiny_model_dir, tmp_path):
+    method, model = build(tiny_model_dir, "peft", peft_type="vera", options={"r": 16, "target_modules": ["query"]})
+    assert model.peft_config["default"].peft_type.value == "VERA"
+    assert model.peft_config["default"].r == 16
+    assert "classifier" in model.peft_config["default"].modules_to_save
+    save_adapter(model, method, tmp_path / "a", base_model=str(tiny_model_dir("bert")), task={"label_names": ["n", "p"]})
+    assert load(tmp_path / "a").method.options.peft_type == "VERA"
+
+
+def test_generic_peft_entry_from_a_config(tiny_run_config, tmp_path):
+    from peftkit.train import train
+
+    config = tiny_run_config("peft", method_options={"peft_type": "LOHA", "options": {"r": 2}}, max_steps=2)
+    assert config.method.options.options == {"r": 2}
+    train(config, run_dir=tmp_path / "run")
+    assert load(tmp_path / "run" / "adapter").model.peft_config["default"].r == 2
+
+
+@pytest.mark.parametrize("options, fragments", [
+    ({"peft_type": "VERAA"}, ["unknown method.peft_type 'VERAA'", "Did you mean 'VERA'", "LOHA"]),
+    ({"peft_type": "VERA", "options": {"rank": 4}}, ["unknown option of VeraConfig", "'rank'", "d_initial"]),
+    ({"peft_type": "ADAPTION_PROMPT"}, ["cannot work on an encoder classifier", "decoder"]),
+    ({"peft_type": "ADALORA"}, ["use method.name=adalora"]),
+    ({"peft_type": "VERA", "options": [1, 2]}, ["must be a mapping"]),
+])
+def test_generic_peft_entry_errors_name_the_problem(options, fragments):
+    with pytest.raises(PeftkitError) as e:
+        RunConfig.from_dict({"method": {"name": "peft", **options}})
+    for fragment in fragments:
+        assert fragment in str(e.value)
+
+
+def test_generic_peft_entry_turns_peft_value_errors_into_one_line(tiny_model_dir):
+    with pytest.raises(PeftkitError, match="peft cannot apply MISS"):
+        build(tiny_model_dir, "peft", peft_type="MISS", options={"r": 64})  # r above the tiny layers' width
+
+
+def test_methods_command_lists_unsupported_peft_types(capsys):
+    from peftkit.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("vera", "loha", "lokr", "oft", "boft", "hra", "fourierft", "ln_tuning", "miss", "peft"):
+        assert f"\n{name} " in out
+    assert "ADAPTION_PROMPT" in out and "cannot work on an encoder classifier" in out
