@@ -157,7 +157,7 @@ def _trainable_pct(cfg) -> str:
             ctx = MethodContext(path, head_modules(model), total_steps=1000)
             model = build_method(cfg.method.name, cfg.method.options).apply(model, ctx)
         return f"{count_parameters(model).trainable_pct:.3f}"
-    except Exception:  # a listing must not fail because one recipe's model is not available offline
+    except Exception:  # noqa: BLE001 (a listing must not fail because one recipe's model is not available offline)
         return "?"
 
 

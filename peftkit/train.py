@@ -64,6 +64,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
 
     # Model and method.
     method = build_method(config.method.name, config.method.options)
+    if config.model.quantization and method.quantization_error():
+        raise PeftkitError(method.quantization_error())
     model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed)
     heads = head_modules(model)
     if tcfg.checkpoint_every and not method.resumable:

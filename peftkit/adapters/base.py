@@ -36,6 +36,7 @@ class Method:
     merge_blocker: ClassVar[str | None] = "this method adds modules that cannot be folded into the base weights"
     restore_best: ClassVar[bool] = True  # whether the loop may roll back to the best evaluation at the end
     resume_blocker: ClassVar[str | None] = None  # why checkpoints of this method would not resume exactly, if so
+    quantizable: ClassVar[bool] = False  # peft has bitsandbytes (8-bit/4-bit) layers for it: model.quantization works
 
     @property
     def resumable(self) -> bool:
@@ -46,6 +47,14 @@ class Method:
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         raise NotImplementedError
+
+    def quantization_error(self) -> str | None:
+        """Why this method cannot train on a quantized (model.quantization) base, or None when it can."""
+        if self.quantizable:
+            return None
+        return (f"method {self.name!r} cannot train on a quantized base (model.quantization): peft has bitsandbytes "
+                "layers only for the LoRA family (lora, dora, adalora, ia3; through method peft also HIRA, PVERA, "
+                "RANDLORA, ROAD); unset model.quantization or use one of those")
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called by the loop after every optimizer step, before gradients are cleared. Default: nothing."""

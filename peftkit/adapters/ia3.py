@@ -16,6 +16,7 @@ class IA3Options:
 
 class IA3(PeftMethod):
     name = "ia3"
+    quantizable = True
     config_class = IA3Options
 
     def peft_config(self, ctx: MethodContext) -> Any:

@@ -19,6 +19,7 @@ class LoraOptions:
 
 class LoRA(PeftMethod):
     name = "lora"
+    quantizable = True
     config_class = LoraOptions
     use_dora = False
 

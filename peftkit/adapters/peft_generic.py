@@ -35,6 +35,8 @@ USE_OWN_ENTRY: dict[str, str] = {
     "ADALORA": "adalora (its rank budget must be reallocated after every optimizer step)",
     "PREFIX_TUNING": "prefix (BERT-like encoders need peftkit's key/value injection)",
 }
+# peft types with bitsandbytes layers (a `bnb.py` in peft's tuner folder): they can train on a quantized base
+QUANTIZABLE_PEFT_TYPES = ("HIRA", "IA3", "LORA", "PVERA", "RANDLORA", "ROAD")
 MANAGED_FIELDS = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
 
 
@@ -107,6 +109,12 @@ class GenericPeft(PeftMethod):
             return config_class(task_type=shared["task_type"], **kwargs)
         except (TypeError, ValueError) as e:
             raise PeftkitError(f"peft rejected the options of {o.peft_type}: {str(e).splitlines()[0]}") from None
+
+    def quantization_error(self) -> str | None:
+        if self.options.peft_type in QUANTIZABLE_PEFT_TYPES:
+            return None
+        return (f"peft type {self.options.peft_type} cannot train on a quantized base (model.quantization): peft has "
+                f"bitsandbytes layers only for {', '.join(QUANTIZABLE_PEFT_TYPES)} (and adalora, dora)")
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         try:
