@@ -70,7 +70,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     heads = head_modules(model)
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every")
-    model = method.apply(model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps))
+    calibration = first_batches(splits["train"], tcfg.batch_size, tokenizer.pad_token_id)  # LoRA's eva/corda inits
+    model = method.apply(model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps, calibration))
     if not config.model.quantization:
         model.to(device)
     params = count_parameters(model)
@@ -229,6 +230,15 @@ class BatchOrder:
         state.batch_in_epoch += 1
         indices = self._perm[start:start + self.batch_size]
         return indices or self._perm[:self.batch_size]
+
+
+def first_batches(split, batch_size: int, pad_token_id: int | None):
+    """n -> the first n batches of `split` (the same every run), for methods that read data when applied."""
+    def batches(n: int) -> list[dict[str, torch.Tensor]]:
+        starts = range(0, min(n * batch_size, len(split)), batch_size)
+        return [collate(split, list(range(i, min(i + batch_size, len(split)))), pad_token_id) for i in starts]
+
+    return batches
 
 
 def check_budget(tcfg: TrainConfig) -> None:

@@ -171,3 +171,66 @@ def test_methods_command_lists_unsupported_peft_types(capsys):
     for name in ("vera", "loha", "lokr", "oft", "boft", "hra", "fourierft", "ln_tuning", "miss", "peft"):
         assert f"\n{name} " in out
     assert "ADAPTION_PROMPT" in out and "cannot work on an encoder classifier" in out
+
+
+# --------------------------------------------------------------------------------------------- LoRA's variants
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora", "eva", "corda"])
+def test_lora_inits_train_and_the_saved_folder_reloads_on_the_original_base(init, tiny_run_config, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.data import encode, load_task
+    from peftkit.inference import evaluate
+    from peftkit.train import train
+
+    if init == "corda":
+        pytest.importorskip("attr", reason="peft's corda module imports the attrs package")
+    options = {"init": init, "r": 4, "calibration_batches": 2}
+    config = tiny_run_config("lora", method_options=options, seed=3, max_steps=4, eval_every=None)
+    summary = train(config, run_dir=tmp_path / "run")
+    adapter = tmp_path / "run" / "adapter"
+    loaded = load(adapter)  # onto the unmodified base: PiSSA/OLoRA/CorDA were converted to a plain LoRA on save
+    split = encode(load_task(config.task).splits["validation"], loaded.tokenizer, 32)
+    metrics = evaluate(loaded.model, split, 2, 64, loaded.tokenizer.pad_token_id, torch.device("cpu"))
+    assert metrics["loss"] == pytest.approx(summary["best"]["loss"], abs=1e-4)
+    saved = loaded.model.peft_config["default"]
+    if init in ("pissa", "olora", "corda"):  # converted on save: rank 2r, an ordinary LoRA
+        assert saved.init_lora_weights is True and saved.r == 8
+    base = AutoModelForSequenceClassification.from_pretrained(config.model.name_or_path, num_labels=2)
+    stock = PeftModel.from_pretrained(base, str(adapter)).eval()
+    x = torch.randint(1000, 2000, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=x).logits, loaded.model(input_ids=x).logits)
+
+
+def test_lora_init_changes_the_starting_point(tiny_model_dir):
+    _, default = build(tiny_model_dir, "lora", r=4)
+    _, pissa = build(tiny_model_dir, "lora", r=4, init="pissa")
+    name = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight"
+    assert torch.count_nonzero(dict(default.named_parameters())[name]) == 0
+    assert torch.count_nonzero(dict(pissa.named_parameters())[name]) > 0
+
+
+def test_lora_rslora_and_all_linear(tiny_model_dir):
+    _, model = build(tiny_model_dir, "lora", r=4, alpha=8, use_rslora=True, target_modules=["all-linear"])
+    layer = model.base_model.model.bert.encoder.layer[0]
+    assert layer.attention.self.query.scaling["default"] == pytest.approx(8 / 4 ** 0.5)
+    for module in (layer.attention.self.key, layer.intermediate.dense, layer.output.dense):
+        assert "default" in module.lora_A, "all-linear targets every linear layer of the body"
+    assert not hasattr(model.base_model.model.classifier, "lora_A")
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"init": "loftq"}, "modified base to be shipped"),
+    ({"init": "pisa"}, "Did you mean 'pissa'"),
+])
+def test_lora_init_errors_name_the_reason(options, fragment):
+    with pytest.raises(PeftkitError, match=fragment):
+        RunConfig.from_dict({"method": {"name": "lora", **options}})
+
+
+def test_lora_data_inits_need_training_batches(tiny_model_dir):
+    with pytest.raises(PeftkitError, match="reads layer inputs from training batches"):
+        build(tiny_model_dir, "lora", init="eva")

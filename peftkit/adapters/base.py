@@ -6,6 +6,7 @@ and optionally `merge` (fold into the base) and `after_optimizer_step` (the one 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +26,8 @@ class MethodContext:
     model_path: str  # resolved base model directory or Hub id (prompt tuning's text init reads its tokenizer)
     head_modules: list[str]  # top-level names of the task head, e.g. ["classifier"] (BERT) or ["score"] (GPT-2)
     total_steps: int = 1  # optimizer steps in the run (AdaLoRA's rank schedule needs it)
+    # n -> up to n training batches (dicts of tensors, labels included); LoRA's eva/corda inits read them. None: no data
+    calibration: Callable[[int], list[dict[str, Any]]] | None = None
 
 
 class Method:
