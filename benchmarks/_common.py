@@ -9,15 +9,22 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# A CPU-sized budget: one pass over a seeded subsample of train at batch 16, <= 500 validation rows.
-TASKS = {
-    "sst2": ["task.name=sst2", "task.max_train_examples=1600", "train.max_steps=100", "task.max_length=64"],
-    "financial_phrasebank": ["task.name=financial_phrasebank", "task.max_train_examples=1600", "train.max_steps=100",
-                             "task.max_length=96"],
-}
-COMMON = ["model.name_or_path=default", "train.batch_size=16", "task.max_eval_examples=500", "train.progress=false",
-          "train.log_every=25", "train.eval_every=null", "train.device=cpu", "train.warmup_ratio=0.06"]
+# A CPU-sized budget: one pass over a seeded subsample of `rows` train rows at batch 16, <= eval_rows validation rows.
+MAX_LENGTH = {"sst2": 64, "financial_phrasebank": 96}
+TASKS = list(MAX_LENGTH)
+COMMON = ["model.name_or_path=default", "train.batch_size=16", "train.progress=false", "train.log_every=10",
+          "train.eval_every=null", "train.device=cpu", "train.warmup_ratio=0.06"]
 
+
+def task_overrides(task: str, rows: int, eval_rows: int) -> list[str]:
+    return [f"task.name={task}", f"task.max_train_examples={rows}", f"train.max_steps={-(-rows // 16)}",
+            f"task.max_length={MAX_LENGTH[task]}", f"task.max_eval_examples={eval_rows}"]
+
+
+def add_budget_args(parser) -> None:
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--rows", type=int, default=480, help="train rows, seen once (steps = rows / 16)")
+    parser.add_argument("--eval-rows", type=int, default=200)
 
 def run_cell(method: dict, overrides: list[str], run_dir: Path) -> dict:
     """Train one cell in a fresh Python process; return its summary (or {'error': ...})."""

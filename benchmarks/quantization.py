@@ -9,7 +9,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import COMMON, TASKS, fmt, run_cell, write_results
+from _common import COMMON, add_budget_args, fmt, run_cell, task_overrides, write_results
 
 VARIANTS = {"fp32": [], "bf16": ["train.bf16=true"], "8bit": ["model.quantization=8bit"],
             "4bit": ["model.quantization=4bit"]}
@@ -18,14 +18,14 @@ LORA = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": [
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    add_budget_args(parser)
     args = parser.parse_args()
     rows, raw = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks.split(","):
             base = None
             for variant, extra in VARIANTS.items():
-                overrides = [*TASKS[task], *COMMON, "train.lr=2e-3", "train.head_lr=3e-3", *extra]
+                overrides = [*task_overrides(task, args.rows, args.eval_rows), *COMMON, "train.lr=2e-3", "train.head_lr=3e-3", *extra]
                 s = run_cell(LORA, overrides, Path(tmp) / f"{task}-{variant}")
                 raw.append({"task": task, "variant": variant, "overrides": overrides, **s})
                 if "error" in s:
@@ -41,12 +41,14 @@ def main() -> None:
                 print(rows[-1], flush=True)
     env = next((c["environment"] for c in raw if c.get("environment")), {})
     write_results(
-        "quantization", "PYTHONPATH=. HF_HUB_OFFLINE=1 PEFTKIT_DATA=../shared/data python benchmarks/quantization.py",
+        "quantization", f"PYTHONPATH=. HF_HUB_OFFLINE=1 PEFTKIT_DATA=../shared/data python benchmarks/quantization.py "
+        f"--tasks {args.tasks} --rows {args.rows} --eval-rows {args.eval_rows}",
         "LoRA on a quantized MiniLM base on CPU: memory, speed, accuracy",
         ["task", "base", "val acc %", "Δ acc vs fp32", "peak RSS MB", "× fp32", "model state MB", "train ex/s",
          "× fp32", "train s"], rows, raw,
-        [("MiniLM-L6 (22.7M), LoRA r 8 on query/value, lr 2e-3 (head 3e-3), one pass over 1,600 train rows "
-         "(100 steps, batch 16), <= 500 validation rows, seed 0, one run per cell."),
+        [(f"MiniLM-L6 (22.7M), LoRA r 8 on query/value, lr 2e-3 (head 3e-3), one pass over {args.rows} train rows "
+         f"(batch 16), <= {args.eval_rows} validation rows, seed 0, one run per cell: a tiny budget, so accuracies "
+         "are far below converged values and differences of a few points are noise."),
          (f"Machine: {env.get('cpu')}, {env.get('torch_threads')} torch threads, torch {env.get('torch')}, "
          f"bitsandbytes CPU kernels; the machine is SHARED with other jobs, so speeds are noisy (± tens of %)."),
          ("peak RSS = the training process's peak resident memory (weights, activations, optimizer, Python); "

@@ -16,7 +16,7 @@ METHODS = available_methods()
 # Defaults sized for real models that do not fit the tiny BERT (hidden 32), or that need a schedule to prune in.
 TINY_OPTIONS = {"adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.0, "init_r": 4, "target_r": 2}, "miss": {"r": 8}}
 # Methods that refuse an encoder classifier on purpose, with a PeftkitError naming why.
-REFUSE_ENCODERS: set[str] = {"prefix"}
+REFUSE_ENCODERS: set[str] = set()
 ENCODER_WEIGHTS = ("attention.self.query.weight", "attention.self.key.weight", "intermediate.dense.weight")
 
 
@@ -94,7 +94,7 @@ def test_save_reload_identical_logits_head_saved_stock_peft_and_merge(name, tiny
     weights = "adapter_model.safetensors" if method.uses_peft else "peftkit_weights.safetensors"
     with safe_open(str(tmp_path / "a" / weights), framework="pt") as f:
         assert any("classifier" in k for k in f.keys()), "the head must be saved"  # noqa: SIM118 (not a mapping)
-    if method.uses_peft:
+    if method.uses_peft and not method.stock_peft_blocker:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 
@@ -234,3 +234,31 @@ def test_lora_init_errors_name_the_reason(options, fragment):
 def test_lora_data_inits_need_training_batches(tiny_model_dir):
     with pytest.raises(PeftkitError, match="reads layer inputs from training batches"):
         build(tiny_model_dir, "lora", init="eva")
+
+
+def test_prefix_on_bert_loads_in_stock_peft_after_the_rename(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.adapters.prefix import accept_past_key_values
+
+    method, model = build(tiny_model_dir, "prefix", num_virtual_tokens=4)
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.add_(1.0)
+    model.eval()
+    x, _ = batch()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    save_adapter(model, method, tmp_path / "a", base_model=str(tiny_model_dir("bert")), task={"label_names": ["n", "p"]})
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir("bert")), num_labels=2)
+    stock = PeftModel.from_pretrained(accept_past_key_values(base), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        assert torch.equal(stock(input_ids=x).logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_prefix_on_decoders_is_a_clear_error(kind, tiny_model_dir):
+    path = str(tiny_model_dir(kind))
+    model = load_model(ModelConfig(path), 2, pad_token_id=0)
+    with pytest.raises(PeftkitError, match="Use method prompt or ptuning"):
+        build_method("prefix").apply(model, MethodContext(path, head_modules(model)))

@@ -15,6 +15,7 @@ class PeftMethod(Method):
 
     uses_peft = True
     merge_blocker = None
+    stock_peft_blocker: ClassVar[str | None] = None  # why stock PeftModel.from_pretrained cannot load it as is, if so
 
     def peft_config(self, ctx: MethodContext) -> Any:
         """Return the peft config (LoraConfig, IA3Config, ...) for this run."""
