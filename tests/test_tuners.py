@@ -262,3 +262,31 @@ def test_prefix_on_decoders_is_a_clear_error(kind, tiny_model_dir):
     model = load_model(ModelConfig(path), 2, pad_token_id=0)
     with pytest.raises(PeftkitError, match="Use method prompt or ptuning"):
         build_method("prefix").apply(model, MethodContext(path, head_modules(model)))
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in REFUSE_ENCODERS])
+def test_served_beside_a_lora_adapter_matches_loading_it_alone(name, tiny_model_dir, tmp_path):
+    """The multi-adapter server: LoRA adapters share a mixed batch, every other method gets its own grouped pass."""
+    from shipping_runs import TEXTS, logits_of
+
+    from peftkit.serve import ServedAdapters
+
+    folders = {}
+    for label, method_name in (("own", name), ("lora", "lora")):
+        method, model = build(tiny_model_dir, method_name)
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        folders[label] = save_adapter(model, method, tmp_path / label, base_model=str(tiny_model_dir("bert")),
+                                      task={"name": "toy", "label_names": ["neg", "pos"], "max_length": 32})
+    hub = ServedAdapters(str(tiny_model_dir("bert")))
+    for label, folder in folders.items():
+        hub.add(label, folder)
+    results = hub.predict([(label, TEXTS, None) for label in folders])
+    for (label, folder), predictions in zip(folders.items(), results):
+        loaded = load(folder)
+        want = torch.softmax(logits_of(loaded.model, loaded.tokenizer), -1)
+        got = torch.tensor([list(p["probabilities"].values()) for p in predictions])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
