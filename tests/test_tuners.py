@@ -176,7 +176,7 @@ def test_methods_command_lists_unsupported_peft_types(capsys):
 # --------------------------------------------------------------------------------------------- LoRA's variants
 
 
-@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora", "eva", "corda"])
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora", "eva"])
 def test_lora_inits_train_and_the_saved_folder_reloads_on_the_original_base(init, tiny_run_config, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -185,8 +185,6 @@ def test_lora_inits_train_and_the_saved_folder_reloads_on_the_original_base(init
     from peftkit.inference import evaluate
     from peftkit.train import train
 
-    if init == "corda":
-        pytest.importorskip("attr", reason="peft's corda module imports the attrs package")
     options = {"init": init, "r": 4, "calibration_batches": 2}
     config = tiny_run_config("lora", method_options=options, seed=3, max_steps=4, eval_every=None)
     summary = train(config, run_dir=tmp_path / "run")
@@ -224,6 +222,7 @@ def test_lora_rslora_and_all_linear(tiny_model_dir):
 
 @pytest.mark.parametrize("options, fragment", [
     ({"init": "loftq"}, "modified base to be shipped"),
+    ({"init": "corda"}, "fails inside peft 0.21.2's preprocess_corda"),
     ({"init": "pisa"}, "Did you mean 'pissa'"),
 ])
 def test_lora_init_errors_name_the_reason(options, fragment):

@@ -4,7 +4,9 @@ Variants are options, not new methods:
 - `init`: `default` (peft's: Kaiming-uniform A, zero B), `gaussian` (Gaussian A), `pissa` (A, B from the top singular
   vectors of W; the base keeps the residual), `olora` (from a QR decomposition of W; likewise), `eva` (A from the SVD
   of layer inputs on a few training batches, ranks redistributed), `corda` (context-oriented SVD of W with the
-  covariance of layer inputs on a few training batches; the base keeps the residual). `loftq` is refused: it
+  covariance of layer inputs on a few training batches; the base keeps the residual; REFUSED for now: peft 0.21.2's
+  `preprocess_corda` fails on [batch, seq, hidden] layer inputs, see benchmarks/results/lora_inits.md; the code path
+  is kept for a fixed peft). `loftq` is refused: it
   replaces the base weights by their quantize-dequantize approximation and expects that modified base to be shipped,
   while a peftkit adapter loads onto the original base.
 - PiSSA, OLoRA and CorDA change the base weights. Saving converts the trained adapter into an ordinary LoRA of rank
@@ -29,6 +31,8 @@ from peftkit.errors import PeftkitError, unknown_choice
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "eva", "corda", "loftq")
 CHANGES_BASE = ("pissa", "olora", "corda")  # saved converted to a plain LoRA against the original base
 NEEDS_DATA = ("eva", "corda")
+CORDA_REASON = ("init corda fails inside peft 0.21.2's preprocess_corda on encoder layer inputs ([batch, seq, hidden]: "
+                "'t() expects a tensor with <= 2 dimensions, but self is 3D'); use init eva, pissa or olora")
 LOFTQ_REASON = ("init loftq replaces the base weights by their quantize-dequantize approximation and expects that "
                 "modified base to be shipped, while a peftkit adapter loads onto the original base; use "
                 "model.quantization=4bit with init default/pissa instead")
@@ -50,6 +54,8 @@ class LoraOptions:
             raise unknown_choice("method.init", self.init, LORA_INITS)
         if self.init == "loftq":
             raise PeftkitError(LOFTQ_REASON)
+        if self.init == "corda":
+            raise PeftkitError(CORDA_REASON)
 
 
 class LoRA(PeftMethod):
