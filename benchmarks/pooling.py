@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-COMMON = "train.epochs=1 train.batch_size=16 train.bf16=true train.eval_every=100000 train.progress=false " \
+COMMON = "train.epochs=1 train.batch_size=16 train.eval_every=100000 train.progress=false " \
          "task.max_eval_examples=1000"
 LR = {"lora": "train.lr=2e-3 train.head_lr=2e-3", "full": "train.lr=5e-5 train.head_lr=2e-3",
       "head": "train.lr=2e-3 train.head_lr=2e-3"}

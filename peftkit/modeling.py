@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,23 +76,68 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed
     if cfg.quantization:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model)
+        # Gradient checkpointing off: it trades compute for activation memory on its own, and would blur what the
+        # quantized base costs and saves (benchmarks/quantization.py). Non-quantized parameters become float32.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_weights_trainable(model)
     return model
 
 
+# bitsandbytes matches these against module names as prefixes, regexes or suffixes: `.*pooler` keeps
+# `bert.pooler.dense` (which a plain "pooler" does not match) in full precision with the head.
+QUANTIZATION_SKIP_MODULES = [*HEAD_MODULE_NAMES, r".*pooler"]
+
+
 def quantization_kwargs(kind: str) -> dict:
-    """bitsandbytes settings for QLoRA-style training. CUDA only: on CPU, 4-bit breaks train->eval->train (notes)."""
-    if not torch.cuda.is_available():
-        raise PeftkitError(f"model.quantization={kind} needs a CUDA GPU (bitsandbytes); this machine has none. Unset it to train in full precision")
+    """bitsandbytes settings for QLoRA-style training, on CUDA or on CPU. The head and pooler stay full precision.
+
+    CPU: bitsandbytes >= 0.49 has CPU kernels for LLM.int8 and NF4 (checked on an AVX2 x86-64 CPU without
+    AVX512-BF16). CUDA: one GPU per torchrun rank (LOCAL_RANK); unverified on a GPU in this repository's tests.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PeftkitError(f"model.quantization={kind} needs bitsandbytes (pip install 'peftkit[quantization]')") from None
     from transformers import BitsAndBytesConfig
 
-    skip = [*HEAD_MODULE_NAMES, "pooler"]  # the new head has no checkpoint weights to quantise; the pooler trains
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # once per layer per batch
+    skip = list(QUANTIZATION_SKIP_MODULES)  # the new head has no checkpoint weights to quantise
+    cuda = torch.cuda.is_available()
     if kind == "8bit":
         bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    else:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                                 bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip)
-    return {"quantization_config": bnb, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}  # torchrun: own GPU
+    else:  # NF4 + double quantisation (QLoRA); CPU computes in float32 (bf16 matmuls are slow without AVX512-BF16)
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+                                 llm_int8_skip_modules=skip)
+    device = int(os.environ.get("LOCAL_RANK", "0")) if cuda else "cpu"  # torchrun: each rank its own GPU
+    return {"quantization_config": bnb, "device_map": {"": device}}
+
+
+def keep_4bit_weights_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes' CPU inference repack from breaking train -> eval -> train on a 4-bit base.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` repacks its weight in place into an inference layout the first
+    time it runs in eval mode without grad (`packing_format_for_cpu`); `.train()` does not undo it, and the next
+    training step fails in `matmul_4bit` at `result += bias` ("a view of a leaf Variable that requires grad is being
+    used in an in-place operation"). The repack also rounds the block scales to bf16, so evaluation would not see
+    the weights training sees. So: turn the repack off for these modules, and should a weight arrive packed anyway
+    (e.g. a model evaluated before peftkit got it), unpack it before any forward that trains or needs gradients.
+    """
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+
+    def unpack_for_training(module, args):
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False) and (module.training or torch.is_grad_enabled()):
+            module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            module.register_forward_pre_hook(unpack_for_training)
 
 
 def head_modules(model: nn.Module) -> list[str]:

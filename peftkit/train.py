@@ -24,7 +24,7 @@ from torch.nn.functional import cross_entropy
 from peftkit.adapters import MethodContext, build_method
 from peftkit.adapters.base import is_head_parameter, trainable_state
 from peftkit.artifacts import save_adapter
-from peftkit.batching import BatchOrder
+from peftkit.batching import BatchOrder, first_batches
 from peftkit.checkpoint import TrainState, latest_checkpoint
 from peftkit.config import RunConfig, TrainConfig
 from peftkit.console import progress_bar
@@ -77,13 +77,17 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
 
     # Model and method.
     method = build_method(config.method.name, config.method.options)
+    if config.model.quantization and method.quantization_error():
+        raise PeftkitError(method.quantization_error())
     model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed)
     heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every")
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model = method.apply(model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps))
+    calibration = first_batches(splits["train"], tcfg.batch_size)  # the batches LoRA's eva init reads
+    model = method.apply(model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps,
+                                              calibration))
     if not config.model.quantization:
         model.to(device)
     params = count_parameters(model)

@@ -28,6 +28,16 @@ BUILTIN_METHODS: dict[str, str] = {
     "prompt": "peftkit.adapters.prompt:PromptTuning",
     "ptuning": "peftkit.adapters.ptuning:PTuning",
     "prefix": "peftkit.adapters.prefix:PrefixTuning",
+    "vera": "peftkit.adapters.vera:VeRA",
+    "loha": "peftkit.adapters.loha:LoHa",
+    "lokr": "peftkit.adapters.lokr:LoKr",
+    "oft": "peftkit.adapters.oft:OFT",
+    "boft": "peftkit.adapters.boft:BOFT",
+    "hra": "peftkit.adapters.hra:HRA",
+    "fourierft": "peftkit.adapters.fourierft:FourierFT",
+    "ln_tuning": "peftkit.adapters.ln_tuning:LNTuning",
+    "miss": "peftkit.adapters.miss:MiSS",
+    "peft": "peftkit.adapters.peft_generic:GenericPeft",  # any other peft tuner by peft_type
 }
 
 # Old method names, still accepted in configs and recipe names ("adapter" also names this package and shipped folders).

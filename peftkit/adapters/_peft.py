@@ -1,8 +1,9 @@
 """Shared code for the methods peft implements: apply through `get_peft_model`, save in PEFT's own layout."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -14,6 +15,7 @@ class PeftMethod(Method):
 
     uses_peft = True
     merge_blocker = None
+    stock_peft_blocker: ClassVar[str | None] = None  # why stock PeftModel.from_pretrained cannot load it as is, if so
 
     def peft_config(self, ctx: MethodContext) -> Any:
         """Return the peft config (LoraConfig, IA3Config, ...) for this run."""
@@ -43,3 +45,17 @@ def seq_cls_kwargs(ctx: MethodContext) -> dict[str, Any]:
     from peft import TaskType
 
     return {"task_type": TaskType.SEQ_CLS, "modules_to_save": list(ctx.head_modules)}
+
+
+class OptionsAsPeftConfig(PeftMethod):
+    """A peft tuner whose options dataclass uses peft's own field names: the config is `PeftConfigClass(**options)`.
+
+    Subclasses set `peft_config_name` (the class name in `peft`, e.g. "VeraConfig") and an options dataclass.
+    """
+
+    peft_config_name: ClassVar[str] = ""
+
+    def peft_config(self, ctx: MethodContext) -> Any:
+        import peft
+
+        return getattr(peft, self.peft_config_name)(**dataclasses.asdict(self.options), **seq_cls_kwargs(ctx))

@@ -6,6 +6,7 @@ and optionally `merge` (fold into the base) and `after_optimizer_step` (the one 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +26,8 @@ class MethodContext:
     model_path: str  # resolved base model directory or Hub id (prompt tuning's text init reads its tokenizer)
     head_modules: list[str]  # the task head's module names: ["classifier", "bert.pooler.dense"] (BERT), ["score"] (GPT-2)
     total_steps: int = 1  # optimizer steps in the run (AdaLoRA's rank schedule needs it)
+    # n -> up to n training batches (dicts of tensors, labels included); LoRA's eva/corda inits read them. None: no data
+    calibration: Callable[[int], list[dict[str, Any]]] | None = None
 
 
 class Method:
@@ -36,6 +39,7 @@ class Method:
     merge_blocker: ClassVar[str | None] = "this method adds modules that cannot be folded into the base weights"
     restore_best: ClassVar[bool] = True  # whether the loop may roll back to the best evaluation at the end
     resume_blocker: ClassVar[str | None] = None  # why checkpoints of this method would not resume exactly, if so
+    quantizable: ClassVar[bool] = False  # peft has bitsandbytes (8-bit/4-bit) layers for it: model.quantization works
 
     @property
     def resumable(self) -> bool:
@@ -46,6 +50,14 @@ class Method:
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         raise NotImplementedError
+
+    def quantization_error(self) -> str | None:
+        """Why this method cannot train on a quantized (model.quantization) base, or None when it can."""
+        if self.quantizable:
+            return None
+        return (f"method {self.name!r} cannot train on a quantized base (model.quantization): peft has bitsandbytes "
+                "layers only for the LoRA family (lora, dora, adalora, ia3; through method peft also HIRA, PVERA, "
+                "RANDLORA, ROAD); unset model.quantization or use one of those")
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called by the loop after every optimizer step, before gradients are cleared. Default: nothing."""

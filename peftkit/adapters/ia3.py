@@ -16,7 +16,7 @@ class IA3Options:
 
 class IA3(PeftMethod):
     name = "ia3"
-    options_class = IA3Options
+    quantizable = True
 
     def peft_config(self, ctx: MethodContext) -> Any:
         from peft import IA3Config

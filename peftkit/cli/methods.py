@@ -21,4 +21,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append((name, "peft" if cls.uses_peft else "peftkit", "yes" if cls.merge_blocker is None else "no",
                      (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]))
     print_table(("method", "weights format", "merge", "what it is"), rows)
+    from peftkit.adapters.peft_generic import unsupported_peft_types
+
+    print("\npeft types that cannot work on an encoder classifier (method peft refuses them):")
+    print_table(("peft_type", "why"), unsupported_peft_types())
     return 0
