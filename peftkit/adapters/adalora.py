@@ -37,6 +37,7 @@ class AdaLoraOptions:
 class AdaLoRA(PeftMethod):
     name = "adalora"
     quantizable = True
+    options_class = AdaLoraOptions
     restore_best = False  # pruned ranks change over the run; an earlier snapshot would not match the final pattern
     resume_blocker = "peft keeps its rank allocator's importance scores and rank pattern outside the weights"
 

@@ -17,6 +17,7 @@ class IA3Options:
 class IA3(PeftMethod):
     name = "ia3"
     quantizable = True
+    options_class = IA3Options
 
     def peft_config(self, ctx: MethodContext) -> Any:
         from peft import IA3Config
