@@ -30,7 +30,8 @@ def cache_dir() -> Path:
 
 def model_fingerprint(model_or_path: Any) -> str | None:
     """sha256 hex of the base weights of a model folder (or a loaded model's source folder); None for a Hub id
-    that is not a local folder, or a folder without safetensors weights (nothing to verify against)."""
+    that is not a local folder, or a folder without any weights (nothing to verify against). A folder whose
+    weights are only pickle files (pytorch_model.bin) is refused (PeftkitError), never silently unverified."""
     from peftkit.modeling import require_safetensors, resolve_model_path
 
     if isinstance(model_or_path, (str, os.PathLike)):
