@@ -4,7 +4,13 @@
     GET  /v1/adapters             what is deployed (method, task, labels, metrics; paths with the admin token)
     POST /v1/classify             {"adapter", "texts", "text_pairs"?} -> predictions
     POST /v1/adapters             hot-load an adapter folder (admin token)
-    DELETE /v1/adapters/{name}    unload one (admin token)
+    DELETE /v1/adapters/{name}    unload one (admin token); 404 when it is not (or no longer) loaded
+
+Every request is validated (sizes, UTF-8-encodable text: no lone surrogates) and tokenised on its own before it
+joins a batch, so a bad request gets its own 4xx and never fails its neighbours: 422 invalid, 413 too large,
+404 unknown adapter, 409 unloaded while queued, 500 only for that request's own failure, with a JSON `detail`
+(e.g. "adapter 'x' produced non-finite outputs (NaN or inf); the adapter is broken ..."). A POSTed folder that
+cannot be loaded is a 400 and leaves the served adapters exactly as they were.
 """
 from __future__ import annotations
 
