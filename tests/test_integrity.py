@@ -163,3 +163,15 @@ def test_export_refuses_damage_before_copying_and_keeps_modes_alike(runs, tmp_pa
     load(out)  # the export verifies
     rehash(out)  # and a re-recorded hash still verifies
     load(out)
+
+
+def test_serve_and_combine_clis_refuse_damaged_folders_in_one_line(runs, lora, tmp_path, capsys):
+    listed = copy_adapter(lora, tmp_path / "listed")
+    (listed / "peftkit.json").write_text("[]")
+    err = one_line_exit_2(capsys, ["serve", "--base", str(runs.model_dir), "--adapter", f"x={listed}"])
+    assert "must hold a JSON object" in err
+    flipped = copy_adapter(lora, tmp_path / "flipped")
+    flip_tensor_bytes(flipped / WEIGHTS)
+    err = one_line_exit_2(capsys, ["combine", str(lora), str(flipped), "--weights", "0.5,0.5",
+                                   "--out", str(tmp_path / "c")])
+    assert "sha256" in err and not (tmp_path / "c").exists()
