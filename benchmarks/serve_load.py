@@ -220,7 +220,7 @@ def main() -> int:
     subprocess.run([sys.executable, __file__, "--prepare-only", "--work", str(work), "--steps", str(args.steps)],
                    check=True)
     folders = train_adapters(work, args.steps)  # cached now: only paths
-    bad = damaged_copy(folders["lora0"], folders["lora4"], work / "damaged")
+    bad = damaged_copy(folders["lora0"], folders["lora4"], work / f"damaged-{os.getpid()}")  # one per run
     texts = [json.loads(line)["text"] for line in
              (Path(os.environ.get("PEFTKIT_DATA", "../shared/data")) / "sst2" / "validation.jsonl")
              .read_text().splitlines()[:400]]
@@ -270,6 +270,18 @@ def main() -> int:
     samples.append({"s": round(elapsed, 1), "done": results.done, "rss_mb": round(rss_mb())})
     server.should_exit = True
     thread.join(timeout=30)
+    shutil.rmtree(bad, ignore_errors=True)
+    # leak or heap? after the load, memory a leak holds stays; freed-but-cached malloc heap goes back on a trim
+    import gc
+
+    from peftkit.serve.batcher import _malloc_trim
+
+    gc.collect()
+    rss_after_gc = rss_mb()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    rss_after_trim = rss_mb()
 
     lat = sorted(results.latency)
     valid = results.status.get("valid", Counter())
@@ -289,7 +301,8 @@ def main() -> int:
         "any_5xx_or_reset_for_valid": sum(c for s, c in valid.items() if s >= 500 or s == 0),
         "batches": batcher.batches, "retried_batches": batcher.retried_batches,
         "rss_mb": {"start": round(rss_start), "server_loaded": round(rss_loaded), "end": samples[-1]["rss_mb"],
-                   "max": max(s["rss_mb"] for s in samples)},
+                   "max": max(s["rss_mb"] for s in samples), "after_load_gc": round(rss_after_gc),
+                   "after_load_gc_and_malloc_trim": round(rss_after_trim)},
         "rss_curve": samples,
         "non_200_examples": results.examples,
     }
@@ -324,7 +337,9 @@ def report(s: dict) -> str:
         *[f"| {k} | {', '.join(f'{st}: {c}' for st, c in v.items())} |" for k, v in s["status_by_kind"].items()],
         "", "| admin action | count |", "|---|---|", *[f"| {k} | {v} |" for k, v in s["admin"].items()],
         "", f"RSS (MB): {s['rss_mb']['start']} at start, {s['rss_mb']['server_loaded']} with the base and 3 adapters "
-        f"loaded, max {s['rss_mb']['max']}, {s['rss_mb']['end']} at the end.", "",
+        f"loaded, max {s['rss_mb']['max']}, {s['rss_mb']['end']} at the end; after the load "
+        f"{s['rss_mb']['after_load_gc']} after gc.collect() and {s['rss_mb']['after_load_gc_and_malloc_trim']} "
+        "after malloc_trim(0) (what a trim gives back was cached heap, not a leak).", "",
         "| seconds | requests done | RSS MB |", "|---:|---:|---:|",
         *[f"| {p['s']} | {p['done']} | {p['rss_mb']} |" for p in picked], "",
     ]
