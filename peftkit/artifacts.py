@@ -3,7 +3,8 @@
 Every folder has `peftkit.json` (method, options, base model, task labels and input fields). Weights are in
 PEFT's own layout (`adapter_config.json` + `adapter_model.safetensors`, head included) for methods peft has, so
 stock `peft.PeftModel.from_pretrained(base, folder)` loads them; otherwise in `peftkit_weights.safetensors`.
-Only safetensors and JSON are read: no pickle, no code from the folder.
+Only safetensors and JSON are read: no pickle, no code from the folder. Since format 1.2, `peftkit.json` records
+the sha256 of the weights file; every loader verifies it, and checks that the tensors the adapter needs are there.
 """
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ from peftkit.config import ModelConfig, build_dataclass
 from peftkit.errors import PeftkitError, short_error
 from peftkit.fingerprint import model_fingerprint, short
 from peftkit.formats import ADAPTER_META_FILE, AdapterMeta, TaskInfo
-from peftkit.io import atomic_directory, atomic_write_json, check_safetensors, read_json
+from peftkit.io import (
+    atomic_directory,
+    atomic_write_json,
+    check_safetensors,
+    default_file_mode,
+    read_json,
+    safetensors_keys,
+    sha256_file,
+)
 from peftkit.modeling import (
     ParameterCount,
     head_modules,
@@ -40,11 +49,14 @@ def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_mode
         method.save(model, tmp)
         if method.uses_peft:
             set_peft_base_name(tmp, base_model)
+        for path in tmp.iterdir():
+            default_file_mode(path)  # peft/safetensors may write 0600; a shipped folder is readable alike
         meta = AdapterMeta(
             method=method.name, method_options=dataclasses.asdict(method.options), peft_format=method.uses_peft,
             base_model=portable_model_name(base_model), base_fingerprint=model_fingerprint(base_model), task=task,
             metrics=metrics, adapter_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
             pooling=pooling_of(model), head_modules=head_modules,
+            weights_sha256=weights_hashes(tmp, method.uses_peft),
             **({"trainable_params": params.trainable, "total_params": params.total,
                 "trainable_pct": round(params.trainable_pct, 4)} if params else {}),
         )
@@ -68,6 +80,7 @@ class LoadedAdapter:
     tokenizer: Any
     meta: AdapterMeta
     method: Method
+    directory: Path | None = None
 
     @property
     def label_names(self) -> list[str]:
@@ -89,7 +102,7 @@ def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: 
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, len(meta.label_names), tokenizer.pad_token_id)
     model, method = attach(model, directory, meta, resolve_model_path(base_name))
-    return LoadedAdapter(model, tokenizer, meta, method)
+    return LoadedAdapter(model, tokenizer, meta, method, directory)
 
 
 def attach(model: nn.Module, directory: Path, meta: AdapterMeta, model_path: str) -> tuple[nn.Module, Method]:
@@ -105,10 +118,22 @@ def attach(model: nn.Module, directory: Path, meta: AdapterMeta, model_path: str
     except PeftkitError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # peft/safetensors/torch load errors
-        raise PeftkitError(f"cannot load adapter {directory} ({short_error(e)}); "
+        raise PeftkitError(f"cannot load adapter {directory} ({load_error_text(e)}); "
                            "is the folder damaged or trained on another base?") from None
+    if meta.peft_format:
+        check_peft_keys(model, Path(directory))
     model.eval()
     return model, method
+
+
+def load_error_text(e: BaseException) -> str:
+    """One line for a library's load error: torch's state_dict errors put the useful part ("size mismatch for
+    ...") on a later line than the first."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line.startswith(("size mismatch", "Missing key", "Unexpected key")):
+            return f"{type(e).__name__}: {line[:300]}"
+    return short_error(e)
 
 
 def verify_base(meta: AdapterMeta, base_name: str, allow_mismatch: bool = False) -> str | None:
@@ -125,15 +150,57 @@ def verify_base(meta: AdapterMeta, base_name: str, allow_mismatch: bool = False)
     return actual
 
 
+def weights_file(meta: AdapterMeta | bool) -> str:
+    """The weights file name of an adapter folder: PEFT's, or peftkit's own."""
+    from peftkit.adapters.base import WEIGHTS_FILE
+
+    peft_format = meta.peft_format if isinstance(meta, AdapterMeta) else meta
+    return PEFT_WEIGHTS if peft_format else WEIGHTS_FILE
+
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def weights_hashes(directory: Path, peft_format: bool) -> dict[str, str]:
+    """{weights file name: sha256 hex}: what `peftkit.json` records and every loader verifies."""
+    name = weights_file(peft_format)
+    return {name: sha256_file(Path(directory) / name)}
+
+
 def check_files(directory: Path, meta: AdapterMeta) -> None:
-    """Fail early and clearly on a damaged folder: JSON that does not parse, safetensors that are truncated."""
+    """Fail early and clearly on a damaged folder, before any model is built: JSON that does not parse,
+    safetensors that are truncated, weights whose sha256 differs from the one recorded at save time, and
+    LoRA tensors without their partner (a lora_A without its lora_B, or the other way round)."""
     directory = Path(directory)
     if meta.peft_format:
         config = read_json(directory / "adapter_config.json")
         if not isinstance(config, dict) or "peft_type" not in config:
             raise PeftkitError(f"{directory / 'adapter_config.json'} is not a peft adapter config (no peft_type)")
-        check_safetensors(directory / "adapter_model.safetensors")
-    else:
-        from peftkit.adapters.base import WEIGHTS_FILE
+    path = check_safetensors(directory / weights_file(meta))
+    for name, expected in (meta.weights_sha256 or {}).items():
+        target = directory / name
+        if not target.is_file():
+            raise PeftkitError(f"missing weights file {target} (listed in {ADAPTER_META_FILE})")
+        if sha256_file(target) != expected:
+            raise PeftkitError(f"{target} does not match the sha256 recorded in {ADAPTER_META_FILE} "
+                               "(changed or damaged after it was saved); refusing to load it")
+    if meta.peft_format:
+        keys = safetensors_keys(path)
+        for have, want in ((".lora_A.", ".lora_B."), (".lora_B.", ".lora_A.")):
+            orphans = sorted(k for k in keys if have in k and k.replace(have, want) not in keys)
+            if orphans:
+                raise PeftkitError(f"{path} lacks tensors: {orphans[0].replace(have, want)} (and "
+                                   f"{len(orphans) - 1} more) are missing; the adapter is incomplete")
 
-        check_safetensors(directory / WEIGHTS_FILE)
+
+def check_peft_keys(model: nn.Module, directory: Path, adapter_name: str = "default") -> None:
+    """Refuse a PEFT weights file that lacks tensors the loaded adapter has parameters for: peft would leave
+    them at their initial values (lora_B at zero: the adapter silently does nothing)."""
+    from peft.utils import get_peft_model_state_dict
+
+    path = Path(directory) / PEFT_WEIGHTS
+    expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    missing = sorted(expected - safetensors_keys(path))
+    if missing:
+        raise PeftkitError(f"{path} lacks {len(missing)} of the {len(expected)} tensors this adapter needs "
+                           f"(e.g. {missing[0]}); the adapter is incomplete or damaged")

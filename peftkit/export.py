@@ -17,11 +17,11 @@ from typing import Any
 
 from peftkit.adapters import get_method_class
 from peftkit.adapters.base import WEIGHTS_FILE
-from peftkit.artifacts import check_files, load, set_peft_base_name, verify_base
+from peftkit.artifacts import check_files, load, set_peft_base_name, verify_base, weights_hashes
 from peftkit.errors import PeftkitError, short_error
 from peftkit.fingerprint import model_fingerprint, short
 from peftkit.formats import ADAPTER_META_FILE, SUMMARY_FILE, AdapterMeta
-from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, read_json
+from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, default_file_mode, read_json
 from peftkit.modeling import portable_model_name
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -41,12 +41,17 @@ def adapter_folder(path: str | Path) -> Path:
 
 
 def export_adapter(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a self-contained adapter folder at `out`; returns it."""
+    """Write a self-contained adapter folder at `out`; returns it. The source is verified first (recorded sha256,
+    readable safetensors, complete LoRA pairs, a safetensors base): a folder every loader would refuse is not
+    shipped."""
     source = adapter_folder(run_dir)
     meta = AdapterMeta.read(source)
     check_files(source, meta)
     summary = _read_summary(source.parent)
-    meta.base_fingerprint = meta.base_fingerprint or model_fingerprint(meta.base_model)
+    actual = model_fingerprint(meta.base_model)  # also refuses a local base folder with pickle-only weights
+    if actual is not None:  # the base is here: load the adapter once, so missing tensors are caught too
+        load(source, allow_base_mismatch=True)
+    meta.base_fingerprint = meta.base_fingerprint or actual
     meta.base_model = portable_model_name(meta.base_model)
     for key in ("trainable_params", "total_params", "trainable_pct"):
         if getattr(meta, key) is None and key in summary:
@@ -54,10 +59,12 @@ def export_adapter(run_dir: str | Path, out: str | Path, overwrite: bool = False
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         names = PEFT_FILES if meta.peft_format else (WEIGHTS_FILE,)
         for name in names:
-            shutil.copy2(source / name, tmp / name)
+            shutil.copyfile(source / name, tmp / name)  # contents only: every shipped file gets the same mode
+            default_file_mode(tmp / name)
         if meta.peft_format:
             set_peft_base_name(tmp, meta.base_model)
         meta.adapter_bytes = sum((tmp / n).stat().st_size for n in names)
+        meta.weights_sha256 = weights_hashes(tmp, meta.peft_format)
         meta.write(tmp)
         atomic_write_text(tmp / "README.md", model_card(meta))
     return Path(out)
@@ -226,7 +233,10 @@ def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], how: 
     with atomic_directory(Path(out), overwrite=overwrite) as tmp, torch.no_grad():
         model.save_pretrained(str(tmp), safe_serialization=True)
         set_peft_base_name(tmp, first.base_model)
+        for name in PEFT_FILES:
+            default_file_mode(tmp / name)
         meta.adapter_bytes = sum((tmp / n).stat().st_size for n in PEFT_FILES)
+        meta.weights_sha256 = weights_hashes(tmp, True)
         meta.write(tmp)
         atomic_write_text(tmp / "README.md", model_card(meta))
     return Path(out), f"task head: taken from {folders[0]} (peft cannot average classification heads)"

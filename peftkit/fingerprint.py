@@ -30,8 +30,9 @@ def cache_dir() -> Path:
 
 def model_fingerprint(model_or_path: Any) -> str | None:
     """sha256 hex of the base weights of a model folder (or a loaded model's source folder); None for a Hub id
-    that is not a local folder, or a folder without safetensors weights (nothing to verify against)."""
-    from peftkit.modeling import resolve_model_path
+    that is not a local folder, or a folder without any weights (nothing to verify against). A folder whose
+    weights are only pickle files (pytorch_model.bin) is refused (PeftkitError), never silently unverified."""
+    from peftkit.modeling import require_safetensors, resolve_model_path
 
     if isinstance(model_or_path, (str, os.PathLike)):
         name = str(model_or_path)
@@ -41,6 +42,7 @@ def model_fingerprint(model_or_path: Any) -> str | None:
     folder = Path(resolve_model_path(name)).expanduser() if name else None
     if folder is None or not folder.is_dir():
         return None
+    require_safetensors(str(folder))  # a pickle-only base is refused here, not silently left unverified
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None

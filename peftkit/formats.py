@@ -17,7 +17,7 @@ from peftkit.io import atomic_write_json, read_json
 
 ADAPTER_META_FILE = "peftkit.json"
 SUMMARY_FILE = "summary.json"
-ADAPTER_FORMAT = "1.2"  # 1.2: pooling, head_modules
+ADAPTER_FORMAT = "1.2"  # 1.2: pooling, head_modules, weights_sha256
 SUMMARY_FORMAT = "1.1"
 
 
@@ -35,6 +35,9 @@ def check_version(found: Any, supported: str, where: Path) -> None:
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in data.items() if k in names}
+
+
+_KIND_NAMES = {str: "string", dict: "mapping", list: "list"}
 
 
 def _require(data: dict[str, Any], keys: tuple[str, ...], where: Path) -> None:
@@ -97,6 +100,7 @@ class AdapterMeta:
     combination: dict[str, Any] | None = None  # how they were combined
     pooling: str = "pooler"  # model.pooling the head was trained with (files before 1.2: the stock pooler, frozen)
     head_modules: list[str] | None = None  # modules trained and saved as the head; None (before 1.2): the classifier
+    weights_sha256: dict[str, str] | None = None  # {weights file name: sha256 hex}, verified on every load (1.2)
     format_version: str = ADAPTER_FORMAT
 
     @property
@@ -133,6 +137,17 @@ class AdapterMeta:
         options = data.get("method_options") or {}
         if not isinstance(options, dict):
             raise PeftkitError(f"{where}: method_options must be a mapping, got {type(options).__name__}")
+        for key, kind in (("base_fingerprint", str), ("metrics", dict), ("combination", dict),
+                          ("combined_from", list), ("weights_sha256", dict)):
+            if data.get(key) is not None and not isinstance(data[key], kind):
+                raise PeftkitError(f"{where}: {key} must be a {_KIND_NAMES[kind]} or null, "
+                                   f"got {type(data[key]).__name__}")
+        hashes = data.get("weights_sha256") or {}
+        for name, digest in hashes.items():
+            if (not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= set("0123456789abcdef")
+                    or "/" in name or "\\" in name or name.startswith(".")):
+                raise PeftkitError(f"{where}: weights_sha256 must map file names in the folder to sha256 hex digests, "
+                                   f"got {name!r}: {digest!r}")
         known = _known_fields(cls, data)
         known.update(method_options=options, peft_format=bool(data.get("peft_format")),
                      task=TaskInfo.from_dict(data["task"], where), format_version=ADAPTER_FORMAT)

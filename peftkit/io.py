@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -105,6 +106,26 @@ def check_safetensors(path: str | os.PathLike) -> Path:
     except Exception as e:  # safetensors raises its own SafetensorError: bad header, or data shorter than promised
         raise PeftkitError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
     return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_file_mode(path: str | os.PathLike) -> None:
+    """chmod a file to what a plain open() would have made (0666 minus the umask): shipped files are all alike."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def safetensors_keys(path: str | os.PathLike) -> set[str]:
+    """The tensor names in a safetensors file (checked readable first)."""
+    with safe_open(str(check_safetensors(path)), framework="pt") as f:
+        return set(f.keys())
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -30,6 +30,22 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def require_safetensors(path: str) -> None:
+    """Refuse a local model folder whose weights exist only as pickle files (pytorch_model.bin & co): peftkit
+    never hands such a folder to a loader that may unpickle. Hub ids and folders without weights pass."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise PeftkitError(f"base model folder {path} has no safetensors weights, only {', '.join(pickles)}; "
+                           "peftkit never loads pickle files. Convert it to safetensors (save_pretrained "
+                           "with safe_serialization=True in a trusted environment) and point at that folder")
+
+
 def portable_model_name(name_or_path: str) -> str:
     """The name to write into exported configs: never an absolute path into a virtual environment."""
     if name_or_path in ("default", DEFAULT_MODEL_ID):
@@ -62,7 +78,8 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed
 
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a 90 MB model is noise
     path = resolve_model_path(cfg.name_or_path)
-    kwargs = {"num_labels": num_labels, "trust_remote_code": cfg.trust_remote_code}
+    require_safetensors(path)
+    kwargs = {"num_labels": num_labels, "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}
     if cfg.quantization:
         kwargs.update(quantization_kwargs(cfg.quantization))
     torch.manual_seed(seed)

@@ -41,7 +41,21 @@ def predict_rows(loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: 
     split = encode(rows, loaded.tokenizer, loaded.meta.task.max_length)
     device = next(loaded.model.parameters()).device
     logits = predict_logits(loaded.model, split, batch_size, device, bf16)
+    check_finite(logits, str(loaded.directory or loaded.meta.task.name))
     return format_predictions(logits, loaded.label_names)
+
+
+class BrokenAdapterError(PeftkitError):
+    """The adapter produced NaN or infinite outputs: its weights are broken, not the input."""
+
+
+def check_finite(logits: Any, adapter: str) -> None:
+    """Refuse to turn non-finite logits into probabilities (JSON has no NaN, and a NaN adapter is broken)."""
+    import torch
+
+    if not bool(torch.isfinite(logits).all()):
+        raise BrokenAdapterError(f"adapter {adapter} produced non-finite outputs (NaN or inf); the adapter is broken "
+                                 "(e.g. trained with a diverging learning rate); retrain or re-export it")
 
 
 CHUNK_BATCHES = 32  # batches read per chunk: predict_logits sorts a chunk by length; memory stays constant

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.artifacts import attach, check_files, verify_base
+from peftkit.artifacts import attach, check_files, check_peft_keys, load_error_text, verify_base
 from peftkit.data import EncodedSplit, collate, encode
-from peftkit.errors import PeftkitError, short_error
+from peftkit.errors import PeftkitError
 from peftkit.formats import AdapterMeta
 from peftkit.inference import format_predictions, predict_logits
 from peftkit.modeling import head_modules, load_model, load_tokenizer, resolve_model_path
 from peftkit.pooling import apply_pooling
+from peftkit.predict import BrokenAdapterError, check_finite
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # peft adapter names become ModuleDict keys: no dots
 
@@ -49,10 +50,15 @@ class Deployment:
     def is_pair(self) -> bool:
         return self.meta.task.is_pair
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.meta.method, "task": self.meta.task.name, "labels": self.label_names,
-                "is_pair": self.is_pair, "metrics": self.meta.metrics, "base_model": self.meta.base_model,
-                "mixed_batch": self.host.startswith("lora-"), "path": self.path}
+    def describe(self, private: bool = True) -> dict[str, Any]:
+        """What GET /v1/adapters shows; server-side paths only when `private` (admin token given)."""
+        out = {"name": self.name, "method": self.meta.method, "task": self.meta.task.name, "labels": self.label_names,
+               "is_pair": self.is_pair, "metrics": self.meta.metrics, "mixed_batch": self.host.startswith("lora-")}
+        if private:
+            out.update(base_model=self.meta.base_model, path=self.path)
+        else:  # a task given as a file or folder keeps only its last name
+            out["task"] = Path(self.meta.task.name).name or self.meta.task.name
+        return out
 
 
 @dataclass
@@ -65,7 +71,8 @@ class HostModel:
 
 
 class AdapterPool:
-    """Loads the base once and attaches, detaches and runs adapters on it. Not async: callers hold `lock`."""
+    """Loads the base once and attaches, detaches and runs adapters on it. Not async; thread-safe: add/remove
+    take `admin_lock` and `lock` themselves, predict callers hold `lock`."""
 
     def __init__(self, base: str = "default", allow_base_mismatch: bool = False):
         from peftkit.config import ModelConfig
@@ -79,7 +86,8 @@ class AdapterPool:
         self.heads = head_modules(self.template)
         self.deployments: dict[str, Deployment] = {}
         self.hosts: dict[str, HostModel] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held while the models run or change
+        self.admin_lock = threading.RLock()  # serialises add/remove (a load runs aside, outside `lock`)
 
     # ----------------------------------------------------------------------------------------- models
 
@@ -124,55 +132,74 @@ class AdapterPool:
     # ----------------------------------------------------------------------------------------- deployments
 
     def add(self, name: str, path: str | Path) -> Deployment:
-        """Deploy the adapter folder at `path` under `name` (raises PeftkitError for a bad name, folder or base)."""
-        if not NAME_PATTERN.match(name or "") or name == "__base__":
-            raise PeftkitError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-' (no dots)")
-        if name in self.deployments:
-            raise PeftkitError(f"adapter {name!r} is already loaded; DELETE it first")
-        directory = Path(path)
+        """Deploy the adapter folder at `path` under `name` (raises PeftkitError for a bad name, folder or base).
+
+        Load aside, then swap: the adapter is built and checked on a scratch model (body tensors shared, so
+        cheap) while requests keep running; only a folder that loaded completely is attached to the live
+        models, under `lock`. A failed load leaves the pool exactly as it was."""
+        with self.admin_lock:
+            if not NAME_PATTERN.match(name or "") or name == "__base__":
+                raise PeftkitError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-' (no dots)")
+            if name in self.deployments:
+                raise AdapterExistsError(f"adapter {name!r} is already loaded; DELETE it first")
+            directory = Path(path)
+            try:
+                return self._add(name, directory)
+            except PeftkitError:
+                raise
+            except Exception as e:  # whatever a foreign folder makes peft/torch raise: the folder's fault
+                raise PeftkitError(f"cannot load adapter {directory}: {load_error_text(e)}") from None
+
+    def _add(self, name: str, directory: Path) -> Deployment:
         meta = AdapterMeta.read(directory)
         verify_base(meta, self.base, self.allow_base_mismatch)
         check_files(directory, meta)
         num_labels = len(meta.label_names)
-        is_lora = meta.peft_format and meta.method == "lora"
-        try:
-            if is_lora:
-                key = f"lora-{num_labels}-{meta.pooling}"
+        if meta.peft_format and meta.method == "lora":
+            from peft import PeftModel
+
+            key = f"lora-{num_labels}-{meta.pooling}"
+            try:  # aside: a scratch PeftModel on shared body tensors
+                base = apply_pooling(self.shared_model(num_labels), meta.pooling)
+                scratch = PeftModel.from_pretrained(base, str(directory), adapter_name=name, is_trainable=False)
+            except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+                raise PeftkitError(f"cannot load adapter {directory}: {load_error_text(e)}") from None
+            check_peft_keys(scratch, directory, name)
+            with self.lock:  # swap
                 host = self.hosts.get(key)
                 if host is None:
-                    from peft import PeftModel
-
-                    base = apply_pooling(self.shared_model(num_labels), meta.pooling)
-                    model = PeftModel.from_pretrained(base, str(directory), adapter_name=name,
-                                                      is_trainable=False)
-                    host = self.hosts[key] = HostModel(model, mixed=True)
+                    host = self.hosts[key] = HostModel(scratch.eval(), mixed=True)
                 else:
-                    host.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
-            else:
-                key = f"own-{name}"
-                base = (load_model(self.model_cfg, num_labels, self.tokenizer.pad_token_id)
-                        if self._writes_base(directory, meta) else self.shared_model(num_labels))
-                model, _ = attach(base, directory, meta, self.model_path)
-                host = self.hosts[key] = HostModel(model, mixed=False)
-        except PeftkitError:
-            raise
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise PeftkitError(f"cannot load adapter {directory}: {short_error(e)}") from None
-        host.model.eval()
-        host.deployments.add(name)
-        deployment = self.deployments[name] = Deployment(name, str(directory), meta, key)
+                    try:
+                        host.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
+                    except BaseException:
+                        _purge(host.model, name)
+                        raise
+                    host.model.eval()
+                host.deployments.add(name)
+                deployment = self.deployments[name] = Deployment(name, str(directory), meta, key)
+            return deployment
+        key = f"own-{name}"
+        base = (load_model(self.model_cfg, num_labels, self.tokenizer.pad_token_id)
+                if self._writes_base(directory, meta) else self.shared_model(num_labels))
+        model, _ = attach(base, directory, meta, self.model_path)
+        with self.lock:
+            self.hosts[key] = HostModel(model.eval(), mixed=False, deployments={name})
+            deployment = self.deployments[name] = Deployment(name, str(directory), meta, key)
         return deployment
 
     def remove(self, name: str) -> None:
-        deployment = self.deployments.pop(name)
-        host = self.hosts[deployment.host]
-        host.deployments.discard(name)
-        if not host.deployments:
-            del self.hosts[deployment.host]
-        elif host.mixed:
-            if name in host.model.peft_config and host.model.active_adapter == name:
-                host.model.set_adapter(sorted(host.deployments)[0])
-            host.model.delete_adapter(name)
+        """Unload `name`; UnknownAdapterError when it is not (or no longer) loaded, so DELETE is idempotent."""
+        with self.admin_lock, self.lock:
+            deployment = self.deployments.pop(name, None)
+            if deployment is None:
+                raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+            host = self.hosts[deployment.host]
+            host.deployments.discard(name)
+            if not host.deployments:
+                del self.hosts[deployment.host]
+            elif host.mixed:
+                _purge(host.model, name, keep=sorted(host.deployments)[0])
 
     # ----------------------------------------------------------------------------------------- inference
 
@@ -181,17 +208,20 @@ class AdapterPool:
         return encode(rows, self.tokenizer, deployment.meta.task.max_length)
 
     @torch.inference_mode()
-    def predict(self, jobs: list[tuple[str, list[str], list[str] | None]],
-                batch_size: int = 64) -> list[list[dict[str, Any]]]:
-        """Predictions for several (deployment name, texts, pairs) jobs at once: one mixed forward per LoRA host
-        model, one grouped forward per other deployment."""
-        results: list[list[dict[str, Any]] | None] = [None] * len(jobs)
+    def predict(self, jobs: list[tuple[str, list[str] | EncodedSplit, list[str] | None]],
+                batch_size: int = 64) -> list[list[dict[str, Any]] | Exception]:
+        """Predictions for several (deployment name, texts or an already encoded split, pairs) jobs at once: one
+        mixed forward per LoRA host model, one grouped forward per other deployment. A job whose adapter
+        produced NaN/inf gets a BrokenAdapterError in its place; the other jobs are unaffected. Callers hold
+        `lock`."""
+        results: list[list[dict[str, Any]] | Exception | None] = [None] * len(jobs)
         by_host: dict[str, list[int]] = {}
         for i, (name, _, _) in enumerate(jobs):
             by_host.setdefault(self.deployments[name].host, []).append(i)
         for key, indices in by_host.items():
             host = self.hosts[key]
-            splits = [self.encode_rows(self.deployments[jobs[i][0]], jobs[i][1], jobs[i][2]) for i in indices]
+            splits = [jobs[i][1] if isinstance(jobs[i][1], EncodedSplit)
+                      else self.encode_rows(self.deployments[jobs[i][0]], jobs[i][1], jobs[i][2]) for i in indices]
             joined = _concat(splits)
             if host.mixed:
                 names = [jobs[i][0] for i, s in zip(indices, splits) for _ in range(len(s))]
@@ -202,8 +232,43 @@ class AdapterPool:
             for i, split in zip(indices, splits):
                 chunk = logits[start:start + len(split)]
                 start += len(split)
-                results[i] = format_predictions(chunk, self.deployments[jobs[i][0]].label_names)
+                name = jobs[i][0]
+                try:
+                    check_finite(chunk, repr(name))
+                except BrokenAdapterError as e:
+                    results[i] = e
+                    continue
+                results[i] = format_predictions(chunk, self.deployments[name].label_names)
         return results  # type: ignore[return-value]
+
+
+class AdapterExistsError(PeftkitError):
+    """POST of a name that is already deployed."""
+
+
+class UnknownAdapterError(PeftkitError):
+    """A name that is not (or no longer) deployed."""
+
+
+def _purge(model: nn.Module, name: str, keep: str | None = None) -> None:
+    """Remove every trace of adapter `name` from a shared LoRA PeftModel (also a half-loaded one)."""
+    if name in getattr(model, "peft_config", {}):
+        if keep is not None and model.active_adapter == name:
+            model.set_adapter(keep)
+        try:
+            model.delete_adapter(name)
+        except Exception:  # a half-injected adapter peft cannot delete: drop its modules by hand below
+            model.peft_config.pop(name, None)
+    for module in model.modules():
+        for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout",
+                     "modules_to_save", "lora_magnitude_vector"):
+            container = getattr(module, attr, None)
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
+                del container[name]
+        for attr in ("r", "lora_alpha", "scaling"):
+            table = getattr(module, attr, None)
+            if isinstance(table, dict):
+                table.pop(name, None)
 
 
 def _concat(splits: list[EncodedSplit]) -> EncodedSplit:
