@@ -99,7 +99,7 @@ def test_quantized_run_through_the_loop_exports_an_adapter_for_the_full_precisio
         "method": {"name": "lora", "r": 4}, "train": {"max_steps": 6, "eval_every": 2, "batch_size": 8, "lr": 1e-2,
                                                       "progress": False, "log_every": 1, "seed": 1}})
     summary = train(config, run_dir=tmp_path / "run")
-    assert summary["steps"] == 6
+    assert summary.steps == 6
     loaded = load(tmp_path / "run" / "adapter")  # onto the full-precision base: the adapter does not know the base was quantized
     assert not any("bitsandbytes" in type(m).__module__ for m in loaded.model.modules())
     with torch.no_grad():
@@ -115,6 +115,8 @@ def test_methods_without_kbit_layers_refuse_a_quantized_base(method, tiny_run_co
         train(config, run_dir=tmp_path / "run")
 
 
-def test_unknown_quantization_is_a_clear_error(tiny_model_dir):
-    with pytest.raises(PeftkitError, match="valid: 8bit, 4bit"):
-        load_model(ModelConfig(str(tiny_model_dir("bert")), quantization="3bit"), 2, 0)
+def test_unknown_quantization_is_a_clear_error():
+    from peftkit.config import load_config
+
+    with pytest.raises(PeftkitError, match="Valid: 4bit, 8bit"):
+        load_config(recipe="sst2-lora", overrides=["model.quantization=3bit"])

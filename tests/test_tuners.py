@@ -8,6 +8,7 @@ import torch
 
 from peftkit.adapters import MethodContext, available_methods, build_method, get_method_class
 from peftkit.artifacts import load, save_adapter
+from peftkit.formats import TaskInfo
 from peftkit.config import ModelConfig, RunConfig
 from peftkit.errors import PeftkitError
 from peftkit.modeling import count_parameters, head_modules, load_model
@@ -84,7 +85,7 @@ def test_save_reload_identical_logits_head_saved_stock_peft_and_merge(name, tiny
     with torch.no_grad():
         expected = model(input_ids=x).logits
     base = str(tiny_model_dir("bert"))
-    save_adapter(model, method, tmp_path / "a", base_model=base, task={"label_names": ["neg", "pos"]})
+    save_adapter(model, method, tmp_path / "a", base_model=base, task=TaskInfo(name="toy", label_names=["neg", "pos"]))
     loaded = load(tmp_path / "a")
     with torch.no_grad():
         assert torch.equal(loaded.model(input_ids=x).logits, expected)
@@ -116,11 +117,11 @@ def test_trains_in_the_loop_and_reloads_to_its_numbers(name, tiny_run_config, tm
 
     config = tiny_run_config(name, method_options=TINY_OPTIONS.get(name), seed=7, max_steps=3)
     summary = train(config, run_dir=tmp_path / "run")
-    assert summary["trainable_params"] > 0
+    assert summary.trainable_params > 0
     loaded = load(tmp_path / "run" / "adapter")
     split = encode(load_task(config.task).splits["validation"], loaded.tokenizer, 32)
-    metrics = evaluate(loaded.model, split, 2, 64, loaded.tokenizer.pad_token_id, torch.device("cpu"))
-    assert metrics["loss"] == pytest.approx(summary["best"]["loss"], abs=1e-6)
+    metrics = evaluate(loaded.model, split, 2, 64, torch.device("cpu"))
+    assert metrics["loss"] == pytest.approx(summary.best["loss"], abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- the generic entry
@@ -131,7 +132,7 @@ def test_generic_peft_entry_applies_any_type_and_round_trips(tiny_model_dir, tmp
     assert model.peft_config["default"].peft_type.value == "VERA"
     assert model.peft_config["default"].r == 16
     assert "classifier" in model.peft_config["default"].modules_to_save
-    save_adapter(model, method, tmp_path / "a", base_model=str(tiny_model_dir("bert")), task={"label_names": ["n", "p"]})
+    save_adapter(model, method, tmp_path / "a", base_model=str(tiny_model_dir("bert")), task=TaskInfo(name="toy", label_names=["n", "p"]))
     assert load(tmp_path / "a").method.options.peft_type == "VERA"
 
 
@@ -191,8 +192,8 @@ def test_lora_inits_train_and_the_saved_folder_reloads_on_the_original_base(init
     adapter = tmp_path / "run" / "adapter"
     loaded = load(adapter)  # onto the unmodified base: PiSSA/OLoRA/CorDA were converted to a plain LoRA on save
     split = encode(load_task(config.task).splits["validation"], loaded.tokenizer, 32)
-    metrics = evaluate(loaded.model, split, 2, 64, loaded.tokenizer.pad_token_id, torch.device("cpu"))
-    assert metrics["loss"] == pytest.approx(summary["best"]["loss"], abs=1e-4)
+    metrics = evaluate(loaded.model, split, 2, 64, torch.device("cpu"))
+    assert metrics["loss"] == pytest.approx(summary.best["loss"], abs=1e-4)
     saved = loaded.model.peft_config["default"]
     if init in ("pissa", "olora", "corda"):  # converted on save: rank 2r, an ordinary LoRA
         assert saved.init_lora_weights is True and saved.r == 8
@@ -248,7 +249,7 @@ def test_prefix_on_bert_loads_in_stock_peft_after_the_rename(tiny_model_dir, tmp
     x, _ = batch()
     with torch.no_grad():
         expected = model(input_ids=x).logits
-    save_adapter(model, method, tmp_path / "a", base_model=str(tiny_model_dir("bert")), task={"label_names": ["n", "p"]})
+    save_adapter(model, method, tmp_path / "a", base_model=str(tiny_model_dir("bert")), task=TaskInfo(name="toy", label_names=["n", "p"]))
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir("bert")), num_labels=2)
     stock = PeftModel.from_pretrained(accept_past_key_values(base), str(tmp_path / "a")).eval()
     with torch.no_grad():
@@ -268,7 +269,7 @@ def test_served_beside_a_lora_adapter_matches_loading_it_alone(name, tiny_model_
     """The multi-adapter server: LoRA adapters share a mixed batch, every other method gets its own grouped pass."""
     from shipping_runs import TEXTS, logits_of
 
-    from peftkit.serve import ServedAdapters
+    from peftkit.serve import AdapterPool
 
     folders = {}
     for label, method_name in (("own", name), ("lora", "lora")):
@@ -278,12 +279,13 @@ def test_served_beside_a_lora_adapter_matches_loading_it_alone(name, tiny_model_
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.05 * torch.randn(p.shape, generator=generator))
-        folders[label] = save_adapter(model, method, tmp_path / label, base_model=str(tiny_model_dir("bert")),
-                                      task={"name": "toy", "label_names": ["neg", "pos"], "max_length": 32})
-    hub = ServedAdapters(str(tiny_model_dir("bert")))
+        save_adapter(model, method, tmp_path / label, base_model=str(tiny_model_dir("bert")),
+                     task=TaskInfo(name="toy", label_names=["neg", "pos"], max_length=32))
+        folders[label] = tmp_path / label
+    pool = AdapterPool(str(tiny_model_dir("bert")))
     for label, folder in folders.items():
-        hub.add(label, folder)
-    results = hub.predict([(label, TEXTS, None) for label in folders])
+        pool.add(label, folder)
+    results = pool.predict([(label, TEXTS, None) for label in folders])
     for (label, folder), predictions in zip(folders.items(), results):
         loaded = load(folder)
         want = torch.softmax(logits_of(loaded.model, loaded.tokenizer), -1)
