@@ -57,6 +57,20 @@ class TaskConfig:
     max_length: Annotated[int, Range(ge=8, le=1_000_000)] = 128  # tokens; also capped by the model's positions
     max_train_examples: Positive | None = None  # seeded subsample of train, for CPU-sized budgets
     max_eval_examples: Positive | None = None  # a seeded sample of N rows of validation/test
+    encoding: str = "utf-8"  # of the data files; e.g. latin-1 for a legacy export
+    delimiter: str | None = None  # CSV delimiter; default: sniffed from the file (one of , ; tab |)
+    allow_empty_text: bool = False  # accept texts that are empty after stripping whitespace
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: drop invalid rows, count them in the run summary
+
+    def __post_init__(self) -> None:
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise PeftkitError(f"task.encoding {self.encoding!r} is not a known text encoding (e.g. utf-8, latin-1)") from None
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise PeftkitError(f"task.delimiter must be one character, got {self.delimiter!r}")
 
 
 @dataclass
@@ -92,6 +106,17 @@ class TrainConfig:
     output_dir: str = "runs"
     run_name: str | None = None  # default: <recipe>-<timestamp>
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.run_name is not None:
+            check_plain_name(self.run_name, "train.run_name")
+
+
+def check_plain_name(name: str, where: str) -> str:
+    """A folder name that stays inside its parent: no separators, not '.', '..', empty or absolute."""
+    if not name or name.strip() in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise PeftkitError(f"{where} must be a plain folder name (no '/', '..' or absolute paths), got {name!r}")
+    return name
 
 
 @dataclass
@@ -146,8 +171,17 @@ class RunConfig:
             model=build_dataclass(ModelConfig, data.get("model") or {}, "model"),
             method=MethodSpec(method_class.name, build_dataclass(method_class.options_class, method_data, f"method ({name})")),
             train=build_dataclass(TrainConfig, data.get("train") or {}, "train"),
-            recipe=data.get("recipe"),
+            recipe=_recipe_name(data.get("recipe")),
         )
+
+
+def _recipe_name(name: Any) -> str | None:
+    """The recipe name names the run folder, so it must be a plain string that cannot escape output_dir."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise PeftkitError(f"the config's recipe name must be a string, got {name!r}")
+    return check_plain_name(name, "the recipe name")
 
 
 # --------------------------------------------------------------------------------------------- validation

@@ -25,12 +25,13 @@ from torch import nn
 from peftkit.adapters import MethodContext, build_method
 from peftkit.adapters.base import is_head_parameter, trainable_state
 from peftkit.artifacts import save_adapter
-from peftkit.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from peftkit.checkpoint import TrainState, save_checkpoint
 from peftkit.config import RunConfig, TrainConfig
 from peftkit.console import progress_bar
 from peftkit.data import collate, encode, load_task
 from peftkit.errors import PeftkitError
 from peftkit.formats import RunSummary, TaskInfo
+from peftkit.guards import DivergenceGuard
 from peftkit.inference import autocast, evaluate
 from peftkit.io import atomic_write_text
 from peftkit.measure import MemoryMeter, environment, model_state_mb
@@ -42,6 +43,8 @@ from peftkit.modeling import (
     resolve_device,
     resolve_model_path,
 )
+from peftkit.resume import ResumePlan, resume_view
+from peftkit.validation import apply_method, check_max_length, check_output_dir
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunSummary:
@@ -54,7 +57,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if tcfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PeftkitError("train.bf16=true but this GPU has no bf16 support; set train.bf16=false")
     ranks.init_process_group(device)
+    check_output_dir(tcfg.output_dir, run_dir)
     run_dir = Path(resume) if resume else ranks.agree(Path(run_dir) if run_dir else new_run_dir(config))
+    plan = ResumePlan(run_dir, config) if resume else None  # refuses a changed config before loading anything
 
     # Task, tokenised once.
     tokenizer = load_tokenizer(config.model)
@@ -71,10 +76,11 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     # Model and method.
     method = build_method(config.method.name, config.method.options)
     model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed)
+    check_max_length(config.task.max_length, model, tokenizer)
     heads = head_modules(model)
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every")
-    model = method.apply(model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps))
+    model = apply_method(method, model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps))
     if not config.model.quantization:
         model.to(device)
     params = count_parameters(model)
@@ -87,11 +93,10 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
 
     state, best_weights = TrainState(), None
     checkpoints = run_dir / "checkpoints"
-    if resume:
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
-            raise PeftkitError(f"{run_dir} has no checkpoint to resume from (train.checkpoint_every was not set?)")
-        state, best_weights = load_checkpoint(latest, model, optimizer, scheduler)
+    guard = DivergenceGuard(run_dir)
+    if plan:
+        latest, state, best_weights = plan.load(model, optimizer, scheduler)
+        guard.checkpoint_written(latest)
         if state.step >= total_steps:
             raise PeftkitError(f"{run_dir} is already at step {state.step}, not below this run's {total_steps} steps; raise train.max_steps to continue")
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ranks.is_main, truncate_after=state.step if resume else 0)
@@ -121,6 +126,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             total_loss_sum += loss.item() / tcfg.grad_accum_steps
             state.examples_seen += len(batch["labels"]) * ranks.world
             window_examples += len(batch["labels"]) * ranks.world
+        guard.check_loss(total_loss_sum, state.step + 1)
         if tcfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
         optimizer.step()
@@ -153,7 +159,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total_steps and ranks.is_main:
             state.train_seconds += time.perf_counter() - started
             started = time.perf_counter()
-            save_checkpoint(checkpoints, model, optimizer, scheduler, state, best_weights)
+            guard.check_weights(model, state.step, "checkpoint")
+            guard.checkpoint_written(save_checkpoint(checkpoints, model, optimizer, scheduler, state, best_weights,
+                                                     config_view=resume_view(config)))
         if ranks.world > 1 and tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
             dist.barrier()
     bar.close()
@@ -181,7 +189,11 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         **peak, model_state_mb=model_state_mb(model),
         device=str(device), bf16=tcfg.bf16, world_size=ranks.world, environment=environment(), run_dir=str(run_dir),
     )
+    if task.skipped_rows:
+        summary.extra["skipped_rows"] = len(task.skipped_rows)
+        summary.extra["skipped_rows_first"] = task.skipped_rows[:10]
     if ranks.is_main:
+        guard.check_weights(model, state.step)
         task_info = TaskInfo(name=task.name, label_names=task.label_names, is_pair=task.is_pair, metrics=list(task.metrics),
                              text_field=config.task.text_field, text_pair_field=config.task.text_pair_field,
                              max_length=config.task.max_length)
