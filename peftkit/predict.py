@@ -52,7 +52,7 @@ def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size:
 
     text_field, pair_field = loaded.meta.task.input_fields
     written = 0
-    bar = tqdm(desc="predict", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(desc="predict", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True, delay=1.0)
     chunk: list[tuple[str, dict[str, Any]]] = []
 
     def flush() -> None:

@@ -43,7 +43,7 @@ def resume_view(config) -> dict[str, Any]:
 
 
 def config_hash(view: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(view, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256("\n".join(f"{k}={_canonical(v)}" for k, v in sorted(view.items())).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -92,7 +92,14 @@ def changed_keys(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[
     if saved is None:
         return []
     keys = sorted(set(saved) | set(current))
-    return [k for k in keys if json.dumps(saved.get(k), default=str) != json.dumps(current.get(k), default=str)]
+    return [k for k in keys if _canonical(saved.get(k)) != _canonical(current.get(k))]
+
+
+def _canonical(value: Any) -> str:
+    """JSON text of a config value, numbers as floats: a YAML round trip may turn 16 into 16.0."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    return json.dumps(value, default=str, sort_keys=True)
 
 
 def clean_stale(run_dir: Path) -> list[Path]:
