@@ -68,7 +68,8 @@ class TaskConfig:
         try:
             codecs.lookup(self.encoding)
         except LookupError:
-            raise PeftkitError(f"task.encoding {self.encoding!r} is not a known text encoding (e.g. utf-8, latin-1)") from None
+            raise PeftkitError(f"task.encoding {self.encoding!r} is not a known text encoding "
+                               "(e.g. utf-8, latin-1)") from None
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise PeftkitError(f"task.delimiter must be one character, got {self.delimiter!r}")
 
@@ -242,6 +243,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise PeftkitError(f"{where} must be true or false, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:  # no count, size or seed is this big; torch cannot hold it either
+                raise PeftkitError(f"{where} is too large, got {value!r}")
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)

@@ -80,7 +80,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     heads = head_modules(model)
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every")
-    model = apply_method(method, model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps))
+    context = MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps)
+    model = apply_method(method, model, context)
     if not config.model.quantization:
         model.to(device)
     params = count_parameters(model)

@@ -141,7 +141,8 @@ def _csv_rows(f: IO[str], name: str, delimiter: str | None, bad_rows: list[str] 
 
 def read_rows(path: Path, encoding: str = "utf-8", delimiter: str | None = None,
               bad_rows: list[str] | None = None) -> list[Row]:
-    return [Row.at(where, row) for where, row in iter_rows(path, encoding=encoding, delimiter=delimiter, bad_rows=bad_rows)]
+    rows = iter_rows(path, encoding=encoding, delimiter=delimiter, bad_rows=bad_rows)
+    return [Row.at(where, row) for where, row in rows]
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -152,7 +153,8 @@ def read_meta(folder: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise PeftkitError(f"{path} is not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PeftkitError(f"{path} is not valid JSON ({reason})") from None
     if not isinstance(meta, dict):
         raise PeftkitError(f"{path} must hold a JSON object (e.g. {{\"label_names\": [\"neg\", \"pos\"]}})")
     if "label_names" in meta:
@@ -184,7 +186,8 @@ def check_text(value: Any, field: str, where: str, allow_empty: bool = False) ->
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise BadRow(f"{where}: {field!r} holds an invalid character (lone surrogate {value[e.start]!r} at {e.start})") from None
+        raise BadRow(f"{where}: {field!r} holds an invalid character (lone surrogate {value[e.start]!r} at "
+                     f"{e.start})") from None
     if not allow_empty and not value.strip():
         raise BadRow(f"{where}: {field!r} is empty (set task.allow_empty_text=true to keep empty texts)")
     return value
@@ -239,6 +242,10 @@ def normalise_splits(name: str, raw: dict[str, list[dict]], cfg, pair_field: str
 
     `bad_rows` (a list, with `task.on_bad_row: skip`) collects the location of every dropped row.
     """
+    if isinstance(label_names, list) and len(label_names) < 2:
+        shown = ", ".join(map(str, label_names)) or "none"
+        raise PeftkitError(f"task {name} has {len(label_names)} class ({shown}); a "
+                           "classifier needs at least 2 classes (check the train labels or task.label_names)")
     label_names = check_label_names(label_names, f"task {name}")
     index = {n: i for i, n in enumerate(label_names)}
     splits: dict[str, list[dict[str, Any]]] = {}
@@ -321,4 +328,5 @@ def apply_method(method, model, ctx):
     except (ValueError, KeyError) as e:
         targets = getattr(method.options, "target_modules", None)
         named = f" (target_modules={targets})" if targets is not None else ""
-        raise PeftkitError(f"method {method.name!r} could not be applied to this model{named}: {short_error(e)}") from None
+        raise PeftkitError(f"method {method.name!r} could not be applied to this model{named}: "
+                           f"{short_error(e)}") from None

@@ -159,12 +159,13 @@ def _override_cases() -> list[Case]:
         for j, (value, expect) in enumerate(BAD_VALUES.items()):
             def build(env, folder, field=field, value=value):
                 return ["train", "--config", str(env.config(folder)), "--dry-run", f"{field}={value}"]
-            cases.append(Case(f"dry:{field}={value}", "override", build, expect, fast=(i * 10 + j) % 10 == i % 10))
+            cases.append(Case(f"dry:{field}={value}", "override", build, expect, fast=i % 2 == 0 and j == i % 10))
     choice_values = [("method.bias=weird", ERROR), ("train.metric_for_best=bogus", ERROR),
                      ("task.on_bad_row=maybe", ERROR), ("model.quantization=3bit", ERROR),
-                     ("train.run_name=../../x", ERROR), ("train.run_name=/tmp/abs", ERROR), ("train.run_name=..", ERROR),
-                     ("train.run_name=ok-name", OK), ("task.encoding=nosuchcodec", ERROR), ("task.delimiter=;;", ERROR),
-                     ("method.name=nosuch", ERROR), ("method.target_modules=[1, [2]]", ERROR), ("nosection.x=1", ERROR),
+                     ("train.run_name=../../x", ERROR), ("train.run_name=/tmp/abs", ERROR),
+                     ("train.run_name=..", ERROR), ("train.run_name=ok-name", OK),
+                     ("task.encoding=nosuchcodec", ERROR), ("task.delimiter=;;", ERROR), ("method.name=nosuch", ERROR),
+                     ("method.target_modules=[1, [2]]", ERROR), ("nosection.x=1", ERROR),
                      ("train.lrr=1", ERROR), ("lr=1", ERROR), ("train.=1", ERROR), ("train.bf16=maybe", ERROR),
                      ("task.allow_empty_text=yes", OK), ("train.lr=5e-4", OK), ("train.seed=4294967296", ERROR)]
     for k, (item, expect) in enumerate(choice_values):
@@ -200,9 +201,11 @@ def _override_cases() -> list[Case]:
     cases += [Case("train:--run-dir under a file", "override", run_dir_is_file, ERROR),
               Case("train:output_dir is a file", "override", output_dir_is_file, ERROR, fast=True),
               Case("cli:no args", "override", lambda env, folder: ["train"], ERROR),
-              Case("cli:unknown flag", "override", lambda env, folder: ["train", "sst2-lora", "--nosuch"], ERROR, True),
+              Case("cli:unknown flag", "override", lambda env, folder: ["train", "sst2-lora", "--nosuch"], ERROR,
+                   True),
               Case("cli:unknown verb", "override", lambda env, folder: ["nosuchverb"], ERROR),
-              Case("cli:recipe is a YAML list", "override", lambda env, folder: ["train", "[1, 2]", "--dry-run"], ERROR),
+              Case("cli:recipe is a YAML list", "override", lambda env, folder: ["train", "[1, 2]", "--dry-run"],
+                   ERROR),
               Case("cli:recipe and --config", "override",
                    lambda env, folder: ["train", "sst2-lora", "--config", str(env.config(folder))], ERROR)]
     return cases
@@ -249,7 +252,8 @@ def _config_cases() -> list[Case]:
         return ["train", "--config", str(folder / "dir.yaml"), "--dry-run"]
 
     cases += [Case("config:a directory", "config", directory, ERROR, True),
-              Case("config:missing", "config", lambda env, folder: ["train", "--config", str(folder / "no.yaml")], ERROR)]
+              Case("config:missing", "config", lambda env, folder: ["train", "--config", str(folder / "no.yaml")],
+                   ERROR)]
     return cases
 
 
@@ -301,10 +305,12 @@ def _data_cases() -> list[Case]:
         folder_task(f"train row: {name} (skip)", OK, train=with_row(row), overrides=["task.on_bad_row=skip"])
     for name in ("null text", "lone surrogate", "unknown label name", "missing label"):
         folder_task(f"validation row: {name}", ERROR, validation=with_row(bad_rows[name], 3)[:12])
-    folder_task("empty text allowed", OK, train=with_row(bad_rows["empty text"]), overrides=["task.allow_empty_text=true"])
+    folder_task("empty text allowed", OK, train=with_row(bad_rows["empty text"]),
+                overrides=["task.allow_empty_text=true"])
     folder_task("float label 1.0", OK, train=with_row({"text": "whole", "label": 1.0}))
     folder_task("bool label", ANY, train=with_row({"text": "bool", "label": True}))
-    folder_task("labels missing after row 1", ERROR, train=good[:1] + [{"text": r["text"]} for r in good[1:]], fast=True)
+    folder_task("labels missing after row 1", ERROR, train=good[:1] + [{"text": r["text"]} for r in good[1:]],
+                fast=True)
     folder_task("one class in train", ERROR, train=[{**r, "label": 0} for r in good], fast=True)
     folder_task("partial test labels", ERROR, test=_rows(6, 2) + [{"text": "unlabelled"}])
     folder_task("unlabelled test", OK, test=[{"text": r["text"]} for r in _rows(6, 2)])
@@ -318,12 +324,10 @@ def _data_cases() -> list[Case]:
     folder_task("empty validation file", ERROR, validation=[], fast=True)
     folder_task("empty train file", ERROR, train=[])
     folder_task("blank-line train file", ERROR, train=b"\n\n  \n")
-    folder_task("latin-1 train", ERROR, train="".join(json.dumps({"text": f"caf\u00e9 {r['text']}", "label": r["label"]},
-                                                           ensure_ascii=False) + "\n" for r in good).encode("latin-1"),
-                fast=True)
-    folder_task("latin-1 train with task.encoding", OK, overrides=["task.encoding=latin-1"],
-                train="".join(json.dumps({"text": f"caf\u00e9 {r['text']}", "label": r["label"]}, ensure_ascii=False)
-                              + "\n" for r in good).encode("latin-1"))
+    latin1 = _jsonl([json.dumps({"text": f"caf\u00e9 {r['text']}", "label": r["label"]}, ensure_ascii=False)
+                     for r in good]).encode("latin-1")
+    folder_task("latin-1 train", ERROR, train=latin1, fast=True)
+    folder_task("latin-1 train with task.encoding", OK, overrides=["task.encoding=latin-1"], train=latin1)
     folder_task("CRLF lines", OK, train=_jsonl(good).replace("\n", "\r\n").encode())
     folder_task("UTF-8 BOM", ANY, train=b"\xef\xbb\xbf" + _jsonl(good).encode())
     folder_task("binary garbage train", ERROR, train=bytes(random.Random(1).randrange(256) for _ in range(500)))
@@ -337,8 +341,8 @@ def _data_cases() -> list[Case]:
     file_task("csv empty text cell", ERROR, csv_good + ",1\n", ".csv")
     file_task("csv empty label cell", ERROR, csv_good + "text without label,\n", ".csv")
     file_task("csv semicolons (sniffed)", OK, csv_good.replace(",", ";").replace(";", ",", 0), ".csv")
-    file_task("csv semicolons (task.delimiter)", OK, "text;label\n" + "".join(f"{r['text']};{r['label']}\n" for r in good),
-              ".csv", ["task.delimiter=;"])
+    semicolons = "text;label\n" + "".join(f"{r['text']};{r['label']}\n" for r in good)
+    file_task("csv semicolons (task.delimiter)", OK, semicolons, ".csv", ["task.delimiter=;"])
     file_task("csv tabs", OK, "text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in good), ".csv")
     file_task("csv quoted newline", OK, header + "\"two\nlines\",1\n" + csv_good[len(header):], ".csv")
     file_task("csv latin-1", ERROR, csv_good.replace("really", "caf\u00e9").encode("latin-1"), ".csv")
@@ -351,7 +355,7 @@ def _data_cases() -> list[Case]:
     file_task("jsonl text_field missing", ERROR, _jsonl(good), overrides=["task.text_field=body"])
     file_task("jsonl label as text", ERROR, _jsonl(good), overrides=["task.text_field=label"])
     file_task("jsonl 1-class", ERROR, _jsonl([{**r, "label": "x"} for r in good]))
-    file_task("jsonl NaN labels only", ERROR, "".join('{"text": "t%d", "label": NaN}\n' % i for i in range(20)))
+    file_task("jsonl NaN labels only", ERROR, "".join(f'{{"text": "t{i}", "label": NaN}}\n' for i in range(20)))
 
     def missing_validation_file(env, folder):
         path = folder / "rows.jsonl"
@@ -443,8 +447,10 @@ def _adapter_cases() -> list[Case]:
         path.write_bytes(data[: len(data) // 2])
 
     return [
-        Case("adapter:peftkit.json a list", "adapter", damaged(lambda a: (a / "peftkit.json").write_text("[1]")), ERROR),
-        Case("adapter:peftkit.json not JSON", "adapter", damaged(lambda a: (a / "peftkit.json").write_text("{")), ERROR),
+        Case("adapter:peftkit.json a list", "adapter", damaged(lambda a: (a / "peftkit.json").write_text("[1]")),
+             ERROR),
+        Case("adapter:peftkit.json not JSON", "adapter", damaged(lambda a: (a / "peftkit.json").write_text("{")),
+             ERROR),
         Case("adapter:peftkit.json missing", "adapter", damaged(lambda a: (a / "peftkit.json").unlink()), ERROR),
         Case("adapter:weights truncated", "adapter", damaged(lambda a: truncate(a / "adapter_model.safetensors")),
              ERROR),

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     if args.input != "-" and args.output != "-" and Path(args.input).resolve() == Path(args.output).resolve():
         raise PeftkitError("--output must differ from --input")
     if args.output != "-" and Path(args.output).is_dir():
-        raise PeftkitError(f"--output {args.output} is a directory; name a file (e.g. {Path(args.output) / 'preds.jsonl'})")
+        example = Path(args.output) / "preds.jsonl"
+        raise PeftkitError(f"--output {args.output} is a directory; name a file (e.g. {example})")
     loaded = load(args.adapter_dir, base=args.base, allow_base_mismatch=args.allow_base_mismatch)
     with atomic_output(args.output) as out:
         progress = sys.stderr.isatty() or args.output != "-"
