@@ -200,7 +200,19 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
         if key not in hints:
             raise unknown_choice(f"key in {where}", str(key), names)
         values[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**values)
+    built = cls(**values)
+    for name in names:  # a default written as 16 for a float field is 16.0, as it is once read back from YAML
+        value = getattr(built, name)
+        if name not in values and type(value) is int and _base_type(hints[name]) is float:
+            setattr(built, name, float(value))
+    return built
+
+
+def _base_type(hint: Any) -> Any:
+    """float for float, Annotated[float, ...] and float | None; the hint itself otherwise."""
+    while typing.get_origin(hint) in (Annotated, typing.Union, types.UnionType):
+        hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+    return hint
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
