@@ -57,8 +57,7 @@ def make_env(root: Path) -> Path:
 
 
 def peftkit(*args: str) -> subprocess.Popen:
-    # One hash seed for every process: peft keeps target_modules as a set and writes adapter_config.json (and
-    # peftkit.json's method options) in hash order, which otherwise varies between processes, killed or not.
+    # One hash seed for every process, as a precaution: peft keeps target_modules as a set.
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     return subprocess.Popen([sys.executable, "-m", "peftkit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -175,9 +174,10 @@ def main() -> int:
             " evaluation every 4).", "",
             "Each run is killed with SIGKILL, continued with `peftkit train --resume RUN`, and compared with an "
             "uninterrupted run: every adapter file byte for byte, summary.json without timing/memory/path fields, "
-            "metrics.jsonl without throughput. Every process runs with PYTHONHASHSEED=0: peft writes "
-            "`target_modules` (a set) in hash order, so without it adapter_config.json differs between any two "
-            "processes (seen in a first attempt: weights, summaries and metrics matched, the JSON order did not).", "",
+            "metrics.jsonl without throughput. Every process runs with PYTHONHASHSEED=0 as a precaution (peft keeps "
+            "`target_modules` as a set). Earlier attempts found adapter_config.json and peftkit.json differing "
+            "(weights, summaries and metrics equal): a fresh run wrote lora_alpha 16, a resumed one 16.0 (read back "
+            "from config.yaml); config.py now stores float defaults as floats.", "",
             f"**{matches}/{args.trials} match bitwise.** Control (a second uninterrupted run, same command) matches "
             f"the first: {control_note}.", "",
             "| trial | killed | then | bitwise match |", "| ---: | --- | --- | --- |",
