@@ -17,6 +17,7 @@ from torch import nn
 from peftkit.adapters.base import trainable_state
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
+from peftkit.resume import write_manifest
 
 LATEST = "latest"
 
@@ -35,7 +36,8 @@ class TrainState:
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
-                    best_weights: dict[str, torch.Tensor] | None, keep: int = 2) -> Path:
+                    best_weights: dict[str, torch.Tensor] | None, keep: int = 2,
+                    config_view: dict | None = None) -> Path:
     final = folder / f"step-{state.step:07d}"
     with atomic_directory(final, overwrite=True) as tmp:
         save_tensors(tmp / "trainable.safetensors", trainable_state(model))
@@ -58,6 +60,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
             "scheduler": scheduler.state_dict(),
             "python_random": _to_json(random.getstate()),
         })
+        write_manifest(tmp, config_view)  # last: sha256 of every file, and the run's config (see resume.py)
     atomic_write_text(folder / LATEST, final.name + "\n")
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -57,6 +57,21 @@ class TaskConfig:
     max_length: Annotated[int, Range(ge=8, le=1_000_000)] = 128  # tokens; also capped by the model's positions
     max_train_examples: Positive | None = None  # seeded subsample of train, for CPU-sized budgets
     max_eval_examples: Positive | None = None  # a seeded sample of N rows of validation/test
+    encoding: str = "utf-8"  # of the data files; e.g. latin-1 for a legacy export
+    delimiter: str | None = None  # CSV delimiter; default: sniffed from the file (one of , ; tab |)
+    allow_empty_text: bool = False  # accept texts that are empty after stripping whitespace
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: drop invalid rows, count them in the run summary
+
+    def __post_init__(self) -> None:
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise PeftkitError(f"task.encoding {self.encoding!r} is not a known text encoding "
+                               "(e.g. utf-8, latin-1)") from None
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise PeftkitError(f"task.delimiter must be one character, got {self.delimiter!r}")
 
 
 @dataclass
@@ -100,6 +115,17 @@ class TrainConfig:
     run_name: str | None = None  # default: <recipe>-<timestamp>
     progress: bool = True
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 sharding (distributed.py)
+
+    def __post_init__(self) -> None:
+        if self.run_name is not None:
+            check_plain_name(self.run_name, "train.run_name")
+
+
+def check_plain_name(name: str, where: str) -> str:
+    """A folder name that stays inside its parent: no separators, not '.', '..', empty or absolute."""
+    if not name or name.strip() in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise PeftkitError(f"{where} must be a plain folder name (no '/', '..' or absolute paths), got {name!r}")
+    return name
 
 
 @dataclass
@@ -154,8 +180,17 @@ class RunConfig:
             model=build_dataclass(ModelConfig, data.get("model") or {}, "model"),
             method=MethodSpec(method_class.name, build_dataclass(method_class.options_class, method_data, f"method ({name})")),
             train=build_dataclass(TrainConfig, data.get("train") or {}, "train"),
-            recipe=data.get("recipe"),
+            recipe=_recipe_name(data.get("recipe")),
         )
+
+
+def _recipe_name(name: Any) -> str | None:
+    """The recipe name names the run folder, so it must be a plain string that cannot escape output_dir."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise PeftkitError(f"the config's recipe name must be a string, got {name!r}")
+    return check_plain_name(name, "the recipe name")
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -173,7 +208,19 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
         if key not in hints:
             raise unknown_choice(f"key in {where}", str(key), names)
         values[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**values)
+    built = cls(**values)
+    for name in names:  # a default written as 16 for a float field is 16.0, as it is once read back from YAML
+        value = getattr(built, name)
+        if name not in values and type(value) is int and _base_type(hints[name]) is float:
+            setattr(built, name, float(value))
+    return built
+
+
+def _base_type(hint: Any) -> Any:
+    """float for float, Annotated[float, ...] and float | None; the hint itself otherwise."""
+    while typing.get_origin(hint) in (Annotated, typing.Union, types.UnionType):
+        hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+    return hint
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -216,6 +263,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise PeftkitError(f"{where} must be true or false, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:  # no count, size or seed is this big; torch cannot hold it either
+                raise PeftkitError(f"{where} is too large, got {value!r}")
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)

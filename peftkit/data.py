@@ -5,18 +5,16 @@ A task folder holds train.jsonl, validation.jsonl, optional test.jsonl and meta.
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
-import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from peftkit import validation
 from peftkit.config import TaskConfig
 from peftkit.errors import PeftkitError, unknown_choice
 
@@ -55,6 +53,7 @@ class Task:
     is_pair: bool
     metrics: tuple[str, ...]
     splits: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    skipped_rows: list[str] = field(default_factory=list)  # `file:line` of rows dropped by task.on_bad_row=skip
 
     @property
     def num_labels(self) -> int:
@@ -88,6 +87,7 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     """Find the task named by `cfg.name` and read its splits."""
     path = Path(cfg.name).expanduser()
     root = data_dir(cfg)
+    _BAD_ROWS.clear()
     if path.suffix.lower() in TASK_FILE_SUFFIXES:
         task = _file_task(cfg, path, seed)
     elif path.is_dir() and (path / "train.jsonl").exists():
@@ -111,9 +111,9 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
 
 
 def _folder_task(cfg: TaskConfig, folder: Path) -> Task:
-    meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
+    meta = validation.read_meta(folder)
     pair_field = cfg.text_pair_field or ("text_pair" if "text_pair" in meta.get("fields", {}) else None)
-    raw = {s: read_rows(folder / f"{s}.jsonl") for s in SPLITS if (folder / f"{s}.jsonl").exists()}
+    raw = {s: read_rows(folder / f"{s}.jsonl", cfg) for s in SPLITS if (folder / f"{s}.jsonl").exists()}
     if "validation" not in raw:
         raise PeftkitError(f"task folder {folder} has no validation.jsonl")
     if pair_field is None and raw["train"] and "text_pair" in raw["train"][0]:
@@ -124,15 +124,15 @@ def _folder_task(cfg: TaskConfig, folder: Path) -> Task:
 
 
 def _file_task(cfg: TaskConfig, path: Path, seed: int) -> Task:
-    train = read_rows(path)
+    train = read_rows(path, cfg)
     raw = {"train": train}
     if cfg.validation_file:
-        raw["validation"] = read_rows(Path(cfg.validation_file))
+        raw["validation"] = read_rows(Path(cfg.validation_file), cfg)
     else:  # hold out a seeded 10% so the loop can still pick its best step
         rest, held = holdout(train, seed)
         raw = {"train": rest, "validation": held}
     if cfg.test_file:
-        raw["test"] = read_rows(Path(cfg.test_file))
+        raw["test"] = read_rows(Path(cfg.test_file), cfg)
     label_names = cfg.label_names or _distinct_labels(train, cfg.label_field)
     return _normalise(path.stem, raw, cfg, cfg.text_pair_field, label_names, None)
 
@@ -169,85 +169,36 @@ def holdout(rows: list, seed: int, share: float = 0.1) -> tuple[list, list]:
     return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
 
 
-def iter_rows(source: str | Path, stdin: IO[str] | None = None, what: str = "data") -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_rows(source: str | Path, stdin: IO[str] | None = None, what: str = "data", encoding: str = "utf-8",
+              delimiter: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (where, row) one row at a time from a JSONL or CSV file, or '-' for JSONL on stdin.
 
     Streaming, so `peftkit predict` runs in constant memory; `where` (file:line) goes into every error.
     """
-    if str(source) == "-":
-        yield from _jsonl_rows(stdin or sys.stdin, "<stdin>")
-        return
-    path = Path(source)
-    if not path.is_file():
-        raise PeftkitError(f"{what} file {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            for number, row in enumerate(csv.DictReader(f), 2):
-                yield f"{path}:{number}", row
-    else:
-        with path.open(encoding="utf-8") as f:
-            yield from _jsonl_rows(f, str(path))
+    return validation.iter_rows(source, stdin, what, encoding, delimiter)
 
 
-def _jsonl_rows(lines: Iterable[str], name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PeftkitError(f"{name}:{number} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise PeftkitError(f"{name}:{number} is not a JSON object (one object per line expected)")
-            yield f"{name}:{number}", row
+def read_rows(path: Path, cfg: TaskConfig | None = None) -> list[dict[str, Any]]:
+    """Every row of a file, each a `validation.Row` that knows its file:line; bad rows go to `_BAD_ROWS`
+    (with task.on_bad_row=skip) instead of stopping the read."""
+    cfg = cfg or TaskConfig()
+    bad = _BAD_ROWS if cfg.on_bad_row == "skip" else None
+    return validation.read_rows(path, cfg.encoding, cfg.delimiter, bad)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    return [row for _, row in iter_rows(path)]
+_BAD_ROWS: list[str] = []  # rows skipped while reading the task being loaded (collected into Task.skipped_rows)
 
 
 def _distinct_labels(rows: list[dict], label_field: str) -> list[str]:
-    values = {str(r.get(label_field)) for r in rows if r.get(label_field) is not None}
-    return sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    return validation.distinct_labels(rows, label_field)
 
 
 def _normalise(name: str, raw: dict[str, list[dict]], cfg: TaskConfig, pair_field: str | None,
                label_names: list[str], metrics: tuple[str, ...] | None) -> Task:
-    index = {str(n): i for i, n in enumerate(label_names)}
-    splits = {}
-    for split, rows in raw.items():
-        out = []
-        for number, row in enumerate(rows, 1):
-            if cfg.text_field not in row:
-                raise unknown_choice(f"text field in {name}/{split} row {number}", cfg.text_field, row)
-            if pair_field and pair_field not in row:
-                raise unknown_choice(f"text_pair field in {name}/{split} row {number}", pair_field, row)
-            item = {"text": str(row[cfg.text_field])}
-            if pair_field:
-                item["text_pair"] = str(row[pair_field])
-            label = row.get(cfg.label_field)
-            if label is not None and label != "":
-                item["label"] = _label_index(label, index, label_names, f"{name}/{split} row {number}")
-            out.append(item)
-        splits[split] = out
-    if not splits.get("train") or "label" not in splits["train"][0]:
-        raise PeftkitError(f"task {name}: the train split is empty or has no {cfg.label_field!r} field")
+    bad = _BAD_ROWS if cfg.on_bad_row == "skip" else None
+    splits, label_names = validation.normalise_splits(name, raw, cfg, pair_field, label_names, bad)
     default_metrics = ("accuracy", "f1") if len(label_names) == 2 else ("accuracy", "macro_f1")
-    return Task(name, [str(n) for n in label_names], pair_field is not None, metrics or default_metrics, splits)
-
-
-def _label_index(label: Any, index: dict[str, int], names: list[str], where: str) -> int:
-    if isinstance(label, bool):
-        label = int(label)
-    if str(label) in index:  # a label name, also when names are numbers ("1".."5") read from the data
-        return index[str(label)]
-    if isinstance(label, int) or (isinstance(label, str) and label.isdigit()):
-        value = int(label)
-        if not 0 <= value < len(names):
-            raise PeftkitError(f"{where}: label {value} is outside 0..{len(names) - 1} ({len(names)} label names)")
-        return value
-    if str(label) not in index:
-        raise unknown_choice(f"label in {where}", str(label), names)
-    return index[str(label)]
+    return Task(name, label_names, pair_field is not None, metrics or default_metrics, splits, list(_BAD_ROWS))
 
 
 # --------------------------------------------------------------------------------------------- tokens

@@ -104,18 +104,22 @@ class Ranks:
     # ------------------------------------------------------------------ checkpoints and weights across shards
 
     def save_checkpoint(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                        state: TrainState, best_weights: dict[str, torch.Tensor] | None) -> None:
-        """Called on every rank; rank 0 writes. Under FSDP all ranks first gather the full tensors onto rank 0."""
+                        state: TrainState, best_weights: dict[str, torch.Tensor] | None,
+                        config_view: dict | None = None) -> Path:
+        """Called on every rank; rank 0 writes. Under FSDP all ranks first gather the full tensors onto rank 0.
+        Returns the checkpoint's folder (the path it has, or will have, on rank 0)."""
         if not self.sharded:
             if self.is_main:
-                save_checkpoint(folder, model, optimizer, scheduler, state, best_weights)
-            return
+                return save_checkpoint(folder, model, optimizer, scheduler, state, best_weights, config_view=config_view)
+            return folder / f"step-{state.step:07d}"
         weights = self._gather({n: p for n, p in model.named_parameters() if p.requires_grad})
         best = self._gather(best_weights) if best_weights is not None else None
         opt = optimizer.state_dict()
         opt["state"] = {i: self._gather(slots) for i, slots in opt["state"].items()}
         if self.is_main:
-            save_checkpoint(folder, _FullState(weights), _FullState(optimizer=opt), scheduler, state, best)
+            return save_checkpoint(folder, _FullState(weights), _FullState(optimizer=opt), scheduler, state, best,
+                                   config_view=config_view)
+        return folder / f"step-{state.step:07d}"
 
     def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
                         ) -> tuple[TrainState, dict[str, torch.Tensor] | None]:

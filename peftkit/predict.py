@@ -17,6 +17,7 @@ from peftkit.data import encode, iter_rows
 from peftkit.errors import PeftkitError
 from peftkit.inference import format_predictions, predict_logits
 from peftkit.io import atomic_open
+from peftkit.validation import check_text
 
 
 def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str | None) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str 
     def pick(field: str, fallback: str) -> Any:
         for name in (field, fallback):
             if name in row and row[name] is not None:
-                return str(row[name])
+                return check_text(row[name], name, where, allow_empty=True)
         raise PeftkitError(f"{where} has no {field!r} field (fields: {', '.join(map(str, row)) or 'none'})")
 
     item = {"text": pick(text_field, "text")}
@@ -68,7 +69,7 @@ def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size:
 
     text_field, pair_field = loaded.meta.task.input_fields
     written = 0
-    bar = tqdm(desc="predict", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(desc="predict", unit="row", disable=not progress, file=sys.stderr, dynamic_ncols=True, delay=1.0)
     chunk: list[tuple[str, dict[str, Any]]] = []
 
     def flush() -> None:

@@ -25,13 +25,14 @@ from peftkit.adapters import MethodContext, build_method
 from peftkit.adapters.base import is_head_parameter, trainable_state
 from peftkit.artifacts import save_adapter
 from peftkit.batching import BatchOrder, first_batches
-from peftkit.checkpoint import TrainState, latest_checkpoint
+from peftkit.checkpoint import TrainState
 from peftkit.config import RunConfig, TrainConfig
 from peftkit.console import progress_bar
 from peftkit.data import collate, encode, load_task
 from peftkit.distributed import Ranks
 from peftkit.errors import PeftkitError
 from peftkit.formats import RunSummary, TaskInfo
+from peftkit.guards import DivergenceGuard
 from peftkit.inference import evaluate
 from peftkit.io import atomic_write_text
 from peftkit.loggers import MetricsLog, RunLog
@@ -45,6 +46,8 @@ from peftkit.modeling import (
     trained_head_modules,
 )
 from peftkit.precision import autocast, resolve_bf16
+from peftkit.resume import ResumePlan, resume_view
+from peftkit.validation import apply_method, check_max_length, check_output_dir
 
 __all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
 
@@ -60,7 +63,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         raise PeftkitError("train.bf16=true but this GPU has no bf16 support; set train.bf16=false")
     bf16 = resolve_bf16(tcfg.bf16, device)  # null (the default): on where it pays
     ranks.init_process_group(device)
+    check_output_dir(tcfg.output_dir, run_dir)
     run_dir = Path(resume) if resume else ranks.agree(Path(run_dir) if run_dir else new_run_dir(config))
+    plan = ResumePlan(run_dir, config) if resume else None  # refuses a changed config before loading anything
 
     # Task, tokenised once.
     tokenizer = load_tokenizer(config.model)
@@ -80,14 +85,15 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if config.model.quantization and method.quantization_error():
         raise PeftkitError(method.quantization_error())
     model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed)
+    check_max_length(config.task.max_length, model, tokenizer)
     heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every")
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     calibration = first_batches(splits["train"], tcfg.batch_size)  # the batches LoRA's eva init reads
-    model = method.apply(model, MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps,
-                                              calibration))
+    context = MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps, calibration)
+    model = apply_method(method, model, context)
     if not config.model.quantization:
         model.to(device)
     params = count_parameters(model)
@@ -101,11 +107,10 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
 
     state, best_weights = TrainState(), None
     checkpoints = run_dir / "checkpoints"
-    if resume:
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
-            raise PeftkitError(f"{run_dir} has no checkpoint to resume from (train.checkpoint_every was not set?)")
-        state, best_weights = ranks.load_checkpoint(latest, model, optimizer, scheduler)
+    guard = DivergenceGuard(run_dir)
+    if plan:
+        latest, state, best_weights = plan.load(model, optimizer, scheduler, ranks)
+        guard.checkpoint_written(latest)
         if state.step >= total_steps:
             raise PeftkitError(f"{run_dir} is already at step {state.step}, not below this run's {total_steps} steps; raise train.max_steps to continue")
     log = RunLog(run_dir, enabled=ranks.is_main, truncate_after=state.step if resume else 0, report_to=tcfg.report_to)
@@ -142,6 +147,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             state.examples_seen += len(indices) * ranks.world
             window_examples += len(indices) * ranks.world
             window_tokens += sum(lengths[i] for i in indices) * ranks.world
+        if device.type == "cpu" or (state.step + 1) % tcfg.log_every == 0:  # on GPUs: no host sync every step
+            guard.check_loss(float(window_total_loss), state.step + 1)
         if tcfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm)
         optimizer.step()
@@ -176,7 +183,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total_steps:
             state.train_seconds += paused - started
             started = paused
-            ranks.save_checkpoint(checkpoints, model, optimizer, scheduler, state, best_weights)
+            guard.check_weights(model, state.step, "checkpoint")
+            guard.checkpoint_written(ranks.save_checkpoint(checkpoints, model, optimizer, scheduler, state,
+                                                           best_weights, config_view=resume_view(config)))
         if ranks.world > 1 and tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
             dist.barrier()
         excluded = time.perf_counter() - paused
@@ -207,10 +216,14 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         **peak, model_state_mb=ranks.model_state_mb(model),
         device=str(device), bf16=bf16, world_size=ranks.world, environment=environment(), run_dir=str(run_dir),
     )
+    if task.skipped_rows:
+        summary.extra["skipped_rows"] = len(task.skipped_rows)
+        summary.extra["skipped_rows_first"] = task.skipped_rows[:10]
     saved = ranks.full_model(model, lambda: method.apply(  # under FSDP: an unsharded copy with the gathered weights
         load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed),
         MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps)))
     if ranks.is_main:
+        guard.check_weights(model, state.step)
         task_info = TaskInfo(name=task.name, label_names=task.label_names, is_pair=task.is_pair, metrics=list(task.metrics),
                              text_field=config.task.text_field, text_pair_field=config.task.text_pair_field,
                              max_length=config.task.max_length)

@@ -18,8 +18,15 @@ from peftkit.errors import PeftkitError
 VERBS = ("recipes", "methods", "train", "eval", "bench", "export", "combine", "predict", "serve")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (like every other peftkit error) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"peftkit: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning: one loop, many methods.")
+    parser = OneLineParser(prog="peftkit", description="Parameter-efficient fine-tuning: one loop, many methods.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for verb in VERBS:
         module = importlib.import_module(f"peftkit.cli.{verb}")

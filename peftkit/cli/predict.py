@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
         raise PeftkitError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.input != "-" and args.output != "-" and Path(args.input).resolve() == Path(args.output).resolve():
         raise PeftkitError("--output must differ from --input")
+    if args.output != "-" and Path(args.output).is_dir():
+        example = Path(args.output) / "preds.jsonl"
+        raise PeftkitError(f"--output {args.output} is a directory; name a file (e.g. {example})")
     loaded = load(args.adapter_dir, base=args.base, allow_base_mismatch=args.allow_base_mismatch)
     with atomic_output(args.output) as out:
         progress = sys.stderr.isatty() or args.output != "-"

@@ -51,4 +51,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{summary.recipe}: validation {metrics} (step {best['step']}); "
           f"{summary.trainable_params:,} trainable params ({summary.trainable_pct:.3f}%); "
           f"{summary.train_seconds:.1f}s, {summary.train_examples_per_s:.1f} examples/s; run: {summary.run_dir}")
+    if summary.extra.get("skipped_rows"):
+        print(f"skipped {summary.extra['skipped_rows']} bad rows (task.on_bad_row=skip), first: "
+              f"{', '.join(summary.extra['skipped_rows_first'][:3])}")
     return 0

@@ -1,0 +1,332 @@
+"""Data checks that name the file and line: row readers (JSONL, CSV with a sniffed or given dialect, any declared
+encoding), text and label checks, `meta.json`, and the per-task rules (labels on every train/validation row, at
+least two classes in train, known validation labels). With `task.on_bad_row: skip` an invalid row is dropped and
+counted instead of stopping the run; file-level problems (encoding, not JSON, empty split) always stop it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from peftkit.errors import PeftkitError, unknown_choice
+
+CSV_DELIMITERS = ",;\t|"
+
+
+class Row(dict):
+    """A data row that remembers where it came from (`file:line`), so later checks can name it."""
+
+    where: str = ""
+
+    @classmethod
+    def at(cls, where: str, data: dict[str, Any]) -> Row:
+        row = cls(data)
+        row.where = where
+        return row
+
+
+class BadRow(PeftkitError):
+    """One row is invalid; with `task.on_bad_row: skip` it is dropped and counted, otherwise it stops the run."""
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def iter_rows(source: str | Path, stdin: IO[str] | None = None, what: str = "data", encoding: str = "utf-8",
+              delimiter: str | None = None, bad_rows: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (`file:line`, row) from a JSONL or CSV file, or '-' for JSONL on stdin, one row at a time.
+
+    A row that cannot be parsed raises BadRow, unless `bad_rows` is a list: then its location is appended there
+    and reading continues. Undecodable bytes always stop with the file, line and the encoding that was tried.
+    """
+    import sys
+
+    if str(source) == "-":
+        yield from _jsonl_rows(stdin or sys.stdin, "<stdin>", bad_rows)
+        return
+    path = Path(source)
+    if path.is_dir():
+        raise PeftkitError(f"{what} file {path} is a directory, not a JSONL/CSV file")
+    if not path.is_file():
+        raise PeftkitError(f"{what} file {path} does not exist")
+    try:
+        with path.open(newline="" if path.suffix.lower() == ".csv" else None, encoding=encoding) as f:
+            if path.suffix.lower() == ".csv":
+                yield from _csv_rows(f, str(path), delimiter, bad_rows)
+            else:
+                yield from _jsonl_rows(f, str(path), bad_rows)
+    except UnicodeDecodeError as e:
+        line = _line_of_byte(path, e.start)
+        hint = " (set task.encoding, e.g. task.encoding=latin-1)" if what == "data" else " (save it as UTF-8)"
+        raise PeftkitError(f"{path}:{line} is not valid {encoding} text: byte 0x{e.object[e.start]:02x} at offset "
+                           f"{e.start}{hint}") from None
+    except csv.Error as e:
+        raise PeftkitError(f"{path} is not a readable CSV file ({e})") from None
+
+
+def _line_of_byte(path: Path, offset: int) -> int:
+    """1-based line of a byte offset reported by a decoder (the offset counts from the current decode chunk, so
+    this is the first line that fails to decode, found by reading the raw bytes)."""
+    data = path.read_bytes()
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return number
+    return data[:offset].count(b"\n") + 1
+
+
+def _jsonl_rows(lines: Iterable[str], name: str, bad_rows: list[str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{name}:{number}"
+        try:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadRow(f"{where} is not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise BadRow(f"{where} is nested too deeply to be a data row") from None
+            if not isinstance(row, dict):
+                raise BadRow(f"{where} is not a JSON object (one object per line expected)")
+        except BadRow:
+            if bad_rows is None:
+                raise
+            bad_rows.append(where)
+            continue
+        yield where, row
+
+
+def _csv_rows(f: IO[str], name: str, delimiter: str | None, bad_rows: list[str] | None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+    if delimiter is None:
+        sample = f.read(65536)
+        f.seek(0)
+        try:
+            delimiter = csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS).delimiter
+        except csv.Error:
+            delimiter = ","
+        if delimiter != "," and delimiter not in sample.partition("\n")[0]:
+            delimiter = ","  # the header line decides: a stray ';' in the texts is not a dialect
+    reader = csv.reader(f, delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return
+    if len(set(header)) != len(header):
+        raise PeftkitError(f"{name}:1: the CSV header repeats a column name: {header!r}")
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        where = f"{name}:{reader.line_num}"
+        if not cells:
+            continue
+        try:
+            if len(cells) > len(header):
+                raise BadRow(f"{where} has {len(cells)} cells but the header has {len(header)} "
+                             f"(delimiter {delimiter!r}; set task.delimiter if that is wrong)")
+        except BadRow:
+            if bad_rows is None:
+                raise
+            bad_rows.append(where)
+            continue
+        yield where, dict(zip(header, cells))  # a short row lacks its last cells: checked as a missing field
+
+
+def read_rows(path: Path, encoding: str = "utf-8", delimiter: str | None = None,
+              bad_rows: list[str] | None = None) -> list[Row]:
+    rows = iter_rows(path, encoding=encoding, delimiter=delimiter, bad_rows=bad_rows)
+    return [Row.at(where, row) for where, row in rows]
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """A task folder's meta.json (optional): a JSON object whose label_names, if present, is a list."""
+    path = folder / "meta.json"
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PeftkitError(f"{path} is not valid JSON ({reason})") from None
+    if not isinstance(meta, dict):
+        raise PeftkitError(f"{path} must hold a JSON object (e.g. {{\"label_names\": [\"neg\", \"pos\"]}})")
+    if "label_names" in meta:
+        check_label_names(meta["label_names"], str(path))
+    if not isinstance(meta.get("fields", {}), (dict, list)):
+        raise PeftkitError(f"{path}: fields must be a mapping or list, got {meta['fields']!r}")
+    return meta
+
+
+# --------------------------------------------------------------------------------------------- values
+
+
+def check_label_names(names: Any, where: str) -> list[str]:
+    if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
+        raise PeftkitError(f"{where}: label_names must be a list of strings, got {names!r}")
+    if len(names) < 2:
+        raise PeftkitError(f"{where}: label_names must name at least 2 classes, got {names!r}")
+    if len({str(n) for n in names}) != len(names):
+        raise PeftkitError(f"{where}: label_names has duplicates: {names!r}")
+    return [str(n) for n in names]
+
+
+def check_text(value: Any, field: str, where: str, allow_empty: bool = False) -> str:
+    """A text cell must be a string of valid Unicode, non-empty after strip unless empty texts are allowed."""
+    if value is None:
+        raise BadRow(f"{where}: {field!r} is missing or null")
+    if not isinstance(value, str):
+        raise BadRow(f"{where}: {field!r} must be a string, got {type(value).__name__} {_short(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRow(f"{where}: {field!r} holds an invalid character (lone surrogate {value[e.start]!r} at "
+                     f"{e.start})") from None
+    if not allow_empty and not value.strip():
+        raise BadRow(f"{where}: {field!r} is empty (set task.allow_empty_text=true to keep empty texts)")
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_label_value(label: Any) -> bool:
+    """Labels are strings, integers or booleans; a float only when it is a whole number (1.0), never NaN."""
+    if isinstance(label, (str, int)):  # bool is an int
+        return True
+    return isinstance(label, float) and math.isfinite(label) and label.is_integer()
+
+
+def label_index(label: Any, index: dict[str, int], names: list[str], where: str) -> int:
+    if not is_label_value(label):
+        raise BadRow(f"{where}: label must be a string or an integer, got {type(label).__name__} {_short(label)}")
+    if isinstance(label, bool):
+        label = int(label)
+    if isinstance(label, float):
+        label = int(label)
+    if str(label) in index:  # a label name, also when names are numbers ("1".."5") read from the data
+        return index[str(label)]
+    if isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit()):
+        value = int(label)
+        if not 0 <= value < len(names):
+            raise BadRow(f"{where}: label {value} is outside 0..{len(names) - 1} ({len(names)} label names)")
+        return value
+    error = unknown_choice(f"label in {where}", str(label), names)
+    raise BadRow(str(error))
+
+
+def distinct_labels(rows: list[dict], label_field: str) -> list[str]:
+    """Sorted distinct valid labels (numbers numerically); invalid ones are reported later, by row."""
+    values = {str(int(v) if isinstance(v, (bool, float)) else v) for r in rows
+              if (v := r.get(label_field)) is not None and v != "" and is_label_value(v)}
+    return sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+
+
+# --------------------------------------------------------------------------------------------- a task's rows
+
+
+def normalise_splits(name: str, raw: dict[str, list[dict]], cfg, pair_field: str | None, label_names: Any,
+                     bad_rows: list[str] | None = None) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Rows of every split as {'text', 'text_pair'?, 'label'?}, checked; returns (splits, label names).
+
+    `bad_rows` (a list, with `task.on_bad_row: skip`) collects the location of every dropped row.
+    """
+    if isinstance(label_names, list) and len(label_names) < 2:
+        shown = ", ".join(map(str, label_names)) or "none"
+        raise PeftkitError(f"task {name} has {len(label_names)} class ({shown}); a "
+                           "classifier needs at least 2 classes (check the train labels or task.label_names)")
+    label_names = check_label_names(label_names, f"task {name}")
+    index = {n: i for i, n in enumerate(label_names)}
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for split, rows in raw.items():
+        out = []
+        for number, row in enumerate(rows, 1):
+            where = getattr(row, "where", "") or f"{name}/{split} row {number}"
+            try:
+                item = _normalise_row(row, where, split, cfg, pair_field, index, label_names)
+            except BadRow:
+                if bad_rows is None:
+                    raise
+                bad_rows.append(where)
+                continue
+            out.append(item)
+        splits[split] = out
+    for split in ("train", "validation"):
+        if split in raw and not raw[split]:
+            raise PeftkitError(f"task {name}: the {split} split has no rows (is the file empty?)")
+        if split in splits and not splits[split]:
+            raise PeftkitError(f"task {name}: every row of the {split} split was invalid and skipped")
+    test = splits.get("test")
+    if test and 0 < sum("label" in r for r in test) < len(test):
+        first = next(getattr(r, "where", "") for r, item in zip(raw["test"], test) if "label" not in item)
+        raise PeftkitError(f"task {name}: some test rows have a label and some do not (first without: {first or '?'})")
+    classes = {r["label"] for r in splits["train"]}
+    if len(classes) < 2:
+        shown = ", ".join(label_names[c] for c in sorted(classes))
+        raise PeftkitError(f"task {name}: the train split has {len(classes)} distinct label ({shown}); "
+                           "a classifier needs at least 2 classes")
+    return splits, label_names
+
+
+def _normalise_row(row: dict, where: str, split: str, cfg, pair_field: str | None, index: dict[str, int],
+                   label_names: list[str]) -> dict[str, Any]:
+    for kind, field in (("text", cfg.text_field), ("text_pair", pair_field)):
+        if field and field not in row:
+            raise BadRow(f"{where}: the {kind} field (task.{kind}_field) {field!r} is missing; "
+                         f"fields: {', '.join(map(str, row)) or 'none'}")
+    item = {"text": check_text(row[cfg.text_field], cfg.text_field, where, cfg.allow_empty_text)}
+    if pair_field:
+        item["text_pair"] = check_text(row[pair_field], pair_field, where, cfg.allow_empty_text)
+    label = row.get(cfg.label_field)
+    if label is None or (isinstance(label, str) and not label.strip()):
+        if split in ("train", "validation"):
+            raise BadRow(f"{where}: no {cfg.label_field!r} value (every {split} row needs a label)")
+    else:
+        item["label"] = label_index(label, index, label_names, where)
+    return item
+
+
+def check_max_length(max_length: int, model, tokenizer) -> None:
+    """task.max_length may not exceed what the model can embed: a clear error, not a position-embedding crash."""
+    limits = [getattr(model.config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    limits = [v for v in limits if isinstance(v, int) and v > 0]
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 10**7 and limits:
+        limits.append(tok_max)
+    if limits and max_length > min(limits):
+        raise PeftkitError(f"task.max_length={max_length} exceeds the model's {min(limits)} positions; "
+                           f"set task.max_length={min(limits)} or less")
+
+
+def check_output_dir(output_dir: str | Path, run_dir: str | Path | None = None) -> None:
+    """The run folder's parent must be a folder (or not exist yet), never a file such as /etc/passwd."""
+    for path in (Path(output_dir), *( [Path(run_dir)] if run_dir else [])):
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise PeftkitError(f"cannot write a run under {path}: {probe} is a file, not a folder")
+
+
+def apply_method(method, model, ctx):
+    """`method.apply`, with a library's ValueError (peft: target modules not found, bad bias) as one line."""
+    from peftkit.errors import short_error
+
+    try:
+        return method.apply(model, ctx)
+    except (ValueError, KeyError) as e:
+        targets = getattr(method.options, "target_modules", None)
+        named = f" (target_modules={targets})" if targets is not None else ""
+        raise PeftkitError(f"method {method.name!r} could not be applied to this model{named}: "
+                           f"{short_error(e)}") from None
