@@ -1,5 +1,6 @@
 """Shared by the small benchmark scripts: one training run per subprocess (clean peak-memory numbers), through
 `peftkit.train.train` (the function users call), and results written as markdown + JSON with the exact command."""
+
 from __future__ import annotations
 
 import json
@@ -12,19 +13,32 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # A CPU-sized budget: one pass over a seeded subsample of `rows` train rows at batch 16, <= eval_rows validation rows.
 MAX_LENGTH = {"sst2": 64, "financial_phrasebank": 96}
 TASKS = list(MAX_LENGTH)
-COMMON = ["model.name_or_path=default", "train.batch_size=16", "train.progress=false", "train.log_every=10",
-          "train.eval_every=null", "train.device=cpu", "train.warmup_ratio=0.06"]
+COMMON = [
+    "model.name_or_path=default",
+    "train.batch_size=16",
+    "train.progress=false",
+    "train.log_every=10",
+    "train.eval_every=null",
+    "train.device=cpu",
+    "train.warmup_ratio=0.06",
+]
 
 
 def task_overrides(task: str, rows: int, eval_rows: int) -> list[str]:
-    return [f"task.name={task}", f"task.max_train_examples={rows}", f"train.max_steps={-(-rows // 16)}",
-            f"task.max_length={MAX_LENGTH[task]}", f"task.max_eval_examples={eval_rows}"]
+    return [
+        f"task.name={task}",
+        f"task.max_train_examples={rows}",
+        f"train.max_steps={-(-rows // 16)}",
+        f"task.max_length={MAX_LENGTH[task]}",
+        f"task.max_eval_examples={eval_rows}",
+    ]
 
 
 def add_budget_args(parser) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--rows", type=int, default=480, help="train rows, seen once (steps = rows / 16)")
     parser.add_argument("--eval-rows", type=int, default=200)
+
 
 def run_cell(method: dict, overrides: list[str], run_dir: Path) -> dict:
     """Train one cell in a fresh Python process; return its summary (or {'error': ...})."""
@@ -51,14 +65,28 @@ def _child(payload: str) -> None:
     data = apply_overrides({"method": spec["method"]}, spec["overrides"])
     data["recipe"] = "bench"
     summary = train(RunConfig.from_dict(data), run_dir=spec["run_dir"])
-    keep = ("best", "trainable_params", "total_params", "trainable_pct", "train_seconds", "train_examples_per_s",
-            "peak_memory_mb", "baseline_memory_mb", "peak_memory_above_baseline_mb", "model_state_mb",
-            "adapter_bytes", "steps", "examples_seen", "environment")
+    keep = (
+        "best",
+        "trainable_params",
+        "total_params",
+        "trainable_pct",
+        "train_seconds",
+        "train_examples_per_s",
+        "peak_memory_mb",
+        "baseline_memory_mb",
+        "peak_memory_above_baseline_mb",
+        "model_state_mb",
+        "adapter_bytes",
+        "steps",
+        "examples_seen",
+        "environment",
+    )
     print(json.dumps({k: summary.get(k) for k in keep}))
 
 
-def write_results(name: str, command: str, title: str, header: list[str], rows: list[list], raw: list[dict],
-                  notes: list[str]) -> Path:
+def write_results(
+    name: str, command: str, title: str, header: list[str], rows: list[list], raw: list[dict], notes: list[str]
+) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", "```bash", command, "```", ""]
     lines += ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]

@@ -9,6 +9,7 @@ timing/memory/path fields, metrics.jsonl minus throughput.
 
     python benchmarks/kill_resume.py --trials 10 --seed 0 --out benchmarks/results/kill_resume.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-VOLATILE_SUMMARY = {"train_seconds", "train_examples_per_s", "peak_memory_mb", "baseline_memory_mb",
-                    "peak_memory_above_baseline_mb", "run_dir", "environment"}
+VOLATILE_SUMMARY = {
+    "train_seconds",
+    "train_examples_per_s",
+    "peak_memory_mb",
+    "baseline_memory_mb",
+    "peak_memory_above_baseline_mb",
+    "run_dir",
+    "environment",
+}
 
 
 def make_env(root: Path) -> Path:
@@ -34,8 +42,16 @@ def make_env(root: Path) -> Path:
 
     model = root / "tiny-bert"
     torch.manual_seed(0)
-    AutoModel.from_config(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=128)).save_pretrained(model)
+    AutoModel.from_config(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    ).save_pretrained(model)
     AutoTokenizer.from_pretrained(resolve_model_path("default")).save_pretrained(model)
     task = root / "toy"
     task.mkdir()
@@ -47,20 +63,35 @@ def make_env(root: Path) -> Path:
         (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (task / "meta.json").write_text(json.dumps({"label_names": ["negative", "positive"]}))
     config = root / "kill.yaml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "recipe": "kill", "task": {"name": str(task), "max_length": 32}, "model": {"name_or_path": str(model)},
-        "method": {"name": "lora"},
-        "train": {"max_steps": 16, "batch_size": 16, "lr": 0.01, "eval_every": 4, "checkpoint_every": 2,
-                  "log_every": 1, "progress": False, "seed": 0},
-    }))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "recipe": "kill",
+                "task": {"name": str(task), "max_length": 32},
+                "model": {"name_or_path": str(model)},
+                "method": {"name": "lora"},
+                "train": {
+                    "max_steps": 16,
+                    "batch_size": 16,
+                    "lr": 0.01,
+                    "eval_every": 4,
+                    "checkpoint_every": 2,
+                    "log_every": 1,
+                    "progress": False,
+                    "seed": 0,
+                },
+            }
+        )
+    )
     return config
 
 
 def peftkit(*args: str) -> subprocess.Popen:
     # One hash seed for every process, as a precaution: peft keeps target_modules as a set.
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    return subprocess.Popen([sys.executable, "-m", "peftkit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "peftkit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def logged_step(run: Path) -> int:
@@ -78,8 +109,9 @@ def kill_when(proc: subprocess.Popen, run: Path, mode: str, target: int, delay: 
     while proc.poll() is None:
         if mode == "checkpoint":
             try:
-                tmp = [e.name for e in os.scandir(checkpoints)
-                       if e.name.startswith(".step-") and e.name.endswith(".tmp")]
+                tmp = [
+                    e.name for e in os.scandir(checkpoints) if e.name.startswith(".step-") and e.name.endswith(".tmp")
+                ]
             except FileNotFoundError:
                 tmp = []
             if tmp and int(tmp[0].split(".")[1].split("-")[1]) >= target:
@@ -98,16 +130,24 @@ def kill_when(proc: subprocess.Popen, run: Path, mode: str, target: int, delay: 
 def comparable(run: Path) -> dict:
     adapter = {p.name: p.read_bytes() for p in sorted((run / "adapter").iterdir())}
     summary = {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k not in VOLATILE_SUMMARY}
-    metrics = [{k: v for k, v in json.loads(line).items() if k != "examples_per_s"}
-               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        {k: v for k, v in json.loads(line).items() if k != "examples_per_s"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
     return {"adapter": adapter, "summary": summary, "metrics": metrics}
 
 
 def differences(got: dict, reference: dict) -> str:
-    out = [f"adapter/{name}" for name in sorted(set(got["adapter"]) | set(reference["adapter"]))
-           if got["adapter"].get(name) != reference["adapter"].get(name)]
-    out += [f"summary.{k}" for k in sorted(set(got["summary"]) | set(reference["summary"]))
-            if got["summary"].get(k) != reference["summary"].get(k)]
+    out = [
+        f"adapter/{name}"
+        for name in sorted(set(got["adapter"]) | set(reference["adapter"]))
+        if got["adapter"].get(name) != reference["adapter"].get(name)
+    ]
+    out += [
+        f"summary.{k}"
+        for k in sorted(set(got["summary"]) | set(reference["summary"]))
+        if got["summary"].get(k) != reference["summary"].get(k)
+    ]
     if got["metrics"] != reference["metrics"]:
         out.append("metrics.jsonl")
     return ", ".join(out) + " differ"
@@ -153,8 +193,9 @@ def main() -> int:
                 _, resume_err = restart.communicate()
                 resume = restart
             if resume.returncode != 0:
-                rows.append((trial, moment, f"failed: {resume_err.strip().splitlines()[-1] if resume_err else '?'}",
-                             "no"))
+                rows.append(
+                    (trial, moment, f"failed: {resume_err.strip().splitlines()[-1] if resume_err else '?'}", "no")
+                )
                 continue
             notes = [line for line in resume_err.splitlines() if line.startswith("peftkit:")]
             if notes:
@@ -169,19 +210,25 @@ def main() -> int:
     print(f"{matches}/{args.trials} killed-and-resumed runs match the uninterrupted run bitwise")
     if args.out:
         lines = [
-            "# kill -9 and resume", "",
+            "# kill -9 and resume",
+            "",
             f"Command: `{command}` (2 shared CPU cores; tiny random BERT, toy task, 16 steps, checkpoint every 2,"
-            " evaluation every 4).", "",
+            " evaluation every 4).",
+            "",
             "Each run is killed with SIGKILL, continued with `peftkit train --resume RUN`, and compared with an "
             "uninterrupted run: every adapter file byte for byte, summary.json without timing/memory/path fields, "
             "metrics.jsonl without throughput. Every process runs with PYTHONHASHSEED=0 as a precaution (peft keeps "
             "`target_modules` as a set). Earlier attempts found adapter_config.json and peftkit.json differing "
             "(weights, summaries and metrics equal): a fresh run wrote lora_alpha 16, a resumed one 16.0 (read back "
-            "from config.yaml); config.py now stores float defaults as floats.", "",
+            "from config.yaml); config.py now stores float defaults as floats.",
+            "",
             f"**{matches}/{args.trials} match bitwise.** Control (a second uninterrupted run, same command) matches "
-            f"the first: {control_note}.", "",
-            "| trial | killed | then | bitwise match |", "| ---: | --- | --- | --- |",
-            *[f"| {t} | {m} | {h} | {d} |" for t, m, h, d in rows], "",
+            f"the first: {control_note}.",
+            "",
+            "| trial | killed | then | bitwise match |",
+            "| ---: | --- | --- | --- |",
+            *[f"| {t} | {m} | {h} | {d} |" for t, m, h, d in rows],
+            "",
         ]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(lines))

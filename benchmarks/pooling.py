@@ -7,6 +7,7 @@ into the results), evaluated once at the end on at most 1000 validation rows. Re
 cell, so a partial run leaves a partial table. Order: LoRA pooler vs mean (what `auto` decides), LoRA cls/last,
 the head probe (pooler, mean), then full fine-tuning with each pooling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-COMMON = "train.epochs=1 train.batch_size=16 train.eval_every=100000 train.progress=false " \
-         "task.max_eval_examples=1000"
-LR = {"lora": "train.lr=2e-3 train.head_lr=2e-3", "full": "train.lr=5e-5 train.head_lr=2e-3",
-      "head": "train.lr=2e-3 train.head_lr=2e-3"}
+COMMON = "train.epochs=1 train.batch_size=16 train.eval_every=100000 train.progress=false task.max_eval_examples=1000"
+LR = {
+    "lora": "train.lr=2e-3 train.head_lr=2e-3",
+    "full": "train.lr=5e-5 train.head_lr=2e-3",
+    "head": "train.lr=2e-3 train.head_lr=2e-3",
+}
 TASK = {"banking77": "", "sst2": "task.max_train_examples=8000"}
 POOLINGS = ("pooler", "cls", "mean", "last")
 # the most informative cells first (the default's choice: trained pooler vs the sentence-transformers mean), then
@@ -33,17 +36,23 @@ CELLS += [(t, "full", p) for t in ("banking77", "sst2") for p in POOLINGS]
 
 def command(task: str, method: str, pooling: str, runs: Path) -> str:
     name = f"{task}-{method}-{pooling}"
-    return (f"python -m peftkit train {task}-{method} {COMMON} {LR[method]} {TASK[task]} model.pooling={pooling} "
-            f"train.output_dir={runs} train.run_name={name}").replace("  ", " ")
+    return (
+        f"python -m peftkit train {task}-{method} {COMMON} {LR[method]} {TASK[task]} model.pooling={pooling} "
+        f"train.output_dir={runs} train.run_name={name}"
+    ).replace("  ", " ")
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| task | method | pooling | validation accuracy | train s | trainable params |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = [
+        "| task | method | pooling | validation accuracy | train s | trainable params |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for r in rows:
         acc = f"{100 * r['accuracy']:.1f}%" if r.get("accuracy") is not None else r.get("error", "failed")
-        lines.append(f"| {r['task']} | {r['method']} | {r['pooling']} | {acc} | {r.get('train_seconds', '')} | "
-                     f"{r.get('trainable_params', '')} |")
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['pooling']} | {acc} | {r.get('train_seconds', '')} | "
+            f"{r.get('trainable_params', '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -63,13 +72,22 @@ def main() -> None:
         cmd = command(task, method, pooling, runs)
         started = time.time()
         proc = subprocess.run(shlex.split(cmd), capture_output=True, text=True)
-        row = {"task": task, "method": method, "pooling": pooling, "command": cmd,
-               "wall_seconds": round(time.time() - started, 1)}
+        row = {
+            "task": task,
+            "method": method,
+            "pooling": pooling,
+            "command": cmd,
+            "wall_seconds": round(time.time() - started, 1),
+        }
         summary = runs / f"{task}-{method}-{pooling}" / "summary.json"
         if proc.returncode == 0 and summary.is_file():
             s = json.loads(summary.read_text())
-            row.update(accuracy=s["best"]["accuracy"], train_seconds=s["train_seconds"],
-                       trainable_params=s["trainable_params"], validation_examples=s["validation_examples"])
+            row.update(
+                accuracy=s["best"]["accuracy"],
+                train_seconds=s["train_seconds"],
+                trainable_params=s["trainable_params"],
+                validation_examples=s["validation_examples"],
+            )
         else:
             row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
         rows.append(row)
@@ -78,8 +96,18 @@ def main() -> None:
         (out / "pooling.md").write_text(
             "# Pooling comparison (all-MiniLM-L6-v2, 1 epoch, batch 16, bf16, one seed)\n\n"
             f"Produced by `python benchmarks/pooling.py` on {sys.platform}; each row's exact command is in "
-            "`pooling.json`. Common: `" + COMMON + "`; LoRA `" + LR["lora"] + "`, full `" + LR["full"] + "`; sst2 `"
-            + TASK["sst2"] + "`.\n\n" + table(rows) + "\n")
+            "`pooling.json`. Common: `"
+            + COMMON
+            + "`; LoRA `"
+            + LR["lora"]
+            + "`, full `"
+            + LR["full"]
+            + "`; sst2 `"
+            + TASK["sst2"]
+            + "`.\n\n"
+            + table(rows)
+            + "\n"
+        )
     print(table(rows))
 
 

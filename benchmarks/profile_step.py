@@ -8,6 +8,7 @@
 
 Both draw the same 2,000 training rows; 3 warm-up steps, then 10 profiled steps. Prints the top operators.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,11 +28,11 @@ from peftkit.modeling import head_modules, load_model, load_tokenizer, resolve_m
 def batches(split, mode: str, batch_size: int, n: int) -> list[list[int]]:
     perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(0)).tolist()
     if mode.startswith("after"):  # one chunk of 50 batches sorted by length, as train.batching=bucketed does
-        chunk = sorted(perm[:batch_size * 50], key=lambda i: len(split.features["input_ids"][i]))
-        groups = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(perm[: batch_size * 50], key=lambda i: len(split.features["input_ids"][i]))
+        groups = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(1)).tolist()
         return [groups[i] for i in order][:n]
-    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n)]
+    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(n)]
 
 
 def main(mode: str = "before") -> None:
@@ -76,8 +77,10 @@ def main(mode: str = "before") -> None:
             r, p = step(indices)
             real, padded = real + r, padded + p
         seconds = time.perf_counter() - started
-    print(f"mode={mode} (bf16 {bf16}): {seconds / 10 * 1000:.0f} ms/step, {320 / seconds:.1f} ex/s, "
-          f"real tokens {real / padded:.0%} of {padded} in the batches")
+    print(
+        f"mode={mode} (bf16 {bf16}): {seconds / 10 * 1000:.0f} ms/step, {320 / seconds:.1f} ex/s, "
+        f"real tokens {real / padded:.0%} of {padded} in the batches"
+    )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40))
 
 

@@ -16,6 +16,7 @@ valid request to a stable adapter answered 200, whatever its neighbours sent.
 `--executor to_thread --trim-every 0` runs the batcher the way it ran before issue 11 (asyncio.to_thread's pool,
 no malloc_trim), for comparing the RSS curve.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,27 @@ def train_adapters(root: Path, steps: int) -> dict[str, Path]:
         options = {"r": 4} if name == "lora4" else {}
         if not (run / "adapter" / "peftkit.json").exists():
             shutil.rmtree(run, ignore_errors=True)
-            config = RunConfig.from_dict({
-                "recipe": f"load-{name}", "task": {"name": "sst2", "max_length": 64, "max_train_examples": steps * 8,
-                                                   "max_eval_examples": 16},
-                "model": {"name_or_path": "default"}, "method": {"name": method, **options},
-                "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-3, "progress": False, "seed": seed,
-                          "output_dir": str(root)},
-            })
+            config = RunConfig.from_dict(
+                {
+                    "recipe": f"load-{name}",
+                    "task": {
+                        "name": "sst2",
+                        "max_length": 64,
+                        "max_train_examples": steps * 8,
+                        "max_eval_examples": 16,
+                    },
+                    "model": {"name_or_path": "default"},
+                    "method": {"name": method, **options},
+                    "train": {
+                        "max_steps": steps,
+                        "batch_size": 8,
+                        "lr": 1e-3,
+                        "progress": False,
+                        "seed": seed,
+                        "output_dir": str(root),
+                    },
+                }
+            )
             train(config, run_dir=run)
         out[name] = run / "adapter"
     return out
@@ -157,8 +172,9 @@ def client_loop(port: int, plan, cursor, results: Results, deadline: float) -> N
     conn.close()
 
 
-def admin_loop(port: int, token: str, folders: dict[str, Path], bad: Path, stop: threading.Event,
-               counts: Counter, interval: float) -> None:
+def admin_loop(
+    port: int, token: str, folders: dict[str, Path], bad: Path, stop: threading.Event, counts: Counter, interval: float
+) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
 
@@ -217,13 +233,17 @@ def main() -> int:
         train_adapters(work, args.steps)
         return 0
     # training happens in a child process, so this process's RSS is the server's alone
-    subprocess.run([sys.executable, __file__, "--prepare-only", "--work", str(work), "--steps", str(args.steps)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--prepare-only", "--work", str(work), "--steps", str(args.steps)], check=True
+    )
     folders = train_adapters(work, args.steps)  # cached now: only paths
     bad = damaged_copy(folders["lora0"], folders["lora4"], work / f"damaged-{os.getpid()}")  # one per run
-    texts = [json.loads(line)["text"] for line in
-             (Path(os.environ.get("PEFTKIT_DATA", "../shared/data")) / "sst2" / "validation.jsonl")
-             .read_text().splitlines()[:400]]
+    texts = [
+        json.loads(line)["text"]
+        for line in (Path(os.environ.get("PEFTKIT_DATA", "../shared/data")) / "sst2" / "validation.jsonl")
+        .read_text()
+        .splitlines()[:400]
+    ]
     plan = build_plan(args.requests, args.malformed, texts)
     token = "load-test-token"
     rss_start = rss_mb()
@@ -250,14 +270,19 @@ def main() -> int:
 
     def sampler():
         while not stop.wait(1.0):
-            samples.append({"s": round(time.monotonic() - started, 1), "done": results.done,
-                            "rss_mb": round(rss_mb())})
+            samples.append(
+                {"s": round(time.monotonic() - started, 1), "done": results.done, "rss_mb": round(rss_mb())}
+            )
 
-    threads = [threading.Thread(target=sampler, daemon=True),
-               threading.Thread(target=admin_loop, args=(port, token, folders, bad, stop, admin_counts,
-                                                          args.admin_interval), daemon=True)]
-    clients = [threading.Thread(target=client_loop, args=(port, plan, cursor, results, deadline))
-               for _ in range(args.clients)]
+    threads = [
+        threading.Thread(target=sampler, daemon=True),
+        threading.Thread(
+            target=admin_loop, args=(port, token, folders, bad, stop, admin_counts, args.admin_interval), daemon=True
+        ),
+    ]
+    clients = [
+        threading.Thread(target=client_loop, args=(port, plan, cursor, results, deadline)) for _ in range(args.clients)
+    ]
     load_before = os.getloadavg()
     for t in threads + clients:
         t.start()
@@ -287,11 +312,20 @@ def main() -> int:
     valid = results.status.get("valid", Counter())
     summary = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_before": load_before,
-                    "loadavg_after": os.getloadavg()},
-        "note": args.note, "executor": args.executor, "trim_every": args.trim_every,
-        "requests_planned": len(plan), "requests_sent": results.done, "clients": args.clients,
-        "seconds": round(elapsed, 1), "requests_per_s": round(results.done / elapsed, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "note": args.note,
+        "executor": args.executor,
+        "trim_every": args.trim_every,
+        "requests_planned": len(plan),
+        "requests_sent": results.done,
+        "clients": args.clients,
+        "seconds": round(elapsed, 1),
+        "requests_per_s": round(results.done / elapsed, 1),
         "valid_p50_ms": round(1000 * statistics.median(lat), 1) if lat else None,
         "valid_p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,
         "status_by_category": {k: dict(sorted(v.items())) for k, v in sorted(results.status.items())},
@@ -299,10 +333,16 @@ def main() -> int:
         "admin": dict(sorted(admin_counts.items())),
         "valid_stable_non_200": sum(c for s, c in valid.items() if s != 200),
         "any_5xx_or_reset_for_valid": sum(c for s, c in valid.items() if s >= 500 or s == 0),
-        "batches": batcher.batches, "retried_batches": batcher.retried_batches,
-        "rss_mb": {"start": round(rss_start), "server_loaded": round(rss_loaded), "end": samples[-1]["rss_mb"],
-                   "max": max(s["rss_mb"] for s in samples), "after_load_gc": round(rss_after_gc),
-                   "after_load_gc_and_malloc_trim": round(rss_after_trim)},
+        "batches": batcher.batches,
+        "retried_batches": batcher.retried_batches,
+        "rss_mb": {
+            "start": round(rss_start),
+            "server_loaded": round(rss_loaded),
+            "end": samples[-1]["rss_mb"],
+            "max": max(s["rss_mb"] for s in samples),
+            "after_load_gc": round(rss_after_gc),
+            "after_load_gc_and_malloc_trim": round(rss_after_trim),
+        },
         "rss_curve": samples,
         "non_200_examples": results.examples,
     }
@@ -319,29 +359,45 @@ def report(s: dict) -> str:
     step = max(1, len(curve) // 12)
     picked = curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else [])
     lines = [
-        "# serve load test", "",
-        f"Command: `{s['command']}`", "",
+        "# serve load test",
+        "",
+        f"Command: `{s['command']}`",
+        "",
         f"Machine: {s['machine']['cpus']} CPUs, load average {s['machine']['loadavg_before'][0]:.1f} before and "
         f"{s['machine']['loadavg_after'][0]:.1f} after (shared with other jobs); {s['machine']['platform']}.",
-        *([f"Note: {s['note']}"] if s["note"] else []), "",
+        *([f"Note: {s['note']}"] if s["note"] else []),
+        "",
         f"Batcher: executor `{s['executor']}`, malloc_trim every {s['trim_every'] or 'never'} batches; "
-        f"{s['batches']} batches, {s['retried_batches']} retried one by one.", "",
+        f"{s['batches']} batches, {s['retried_batches']} retried one by one.",
+        "",
         f"**{s['requests_sent']} requests** ({s['requests_planned']} planned) from {s['clients']} clients in "
         f"{s['seconds']} s: **{s['requests_per_s']} requests/s**; valid requests p50 **{s['valid_p50_ms']} ms**, "
-        f"p99 **{s['valid_p99_ms']} ms**.", "",
+        f"p99 **{s['valid_p99_ms']} ms**.",
+        "",
         f"Valid requests to stable adapters not answered 200: **{s['valid_stable_non_200']}** "
-        f"(5xx or resets: {s['any_5xx_or_reset_for_valid']}).", "",
-        "| category | status counts |", "|---|---|",
+        f"(5xx or resets: {s['any_5xx_or_reset_for_valid']}).",
+        "",
+        "| category | status counts |",
+        "|---|---|",
         *[f"| {k} | {', '.join(f'{st}: {c}' for st, c in v.items())} |" for k, v in s["status_by_category"].items()],
-        "", "| request kind | status counts |", "|---|---|",
+        "",
+        "| request kind | status counts |",
+        "|---|---|",
         *[f"| {k} | {', '.join(f'{st}: {c}' for st, c in v.items())} |" for k, v in s["status_by_kind"].items()],
-        "", "| admin action | count |", "|---|---|", *[f"| {k} | {v} |" for k, v in s["admin"].items()],
-        "", f"RSS (MB): {s['rss_mb']['start']} at start, {s['rss_mb']['server_loaded']} with the base and 3 adapters "
+        "",
+        "| admin action | count |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in s["admin"].items()],
+        "",
+        f"RSS (MB): {s['rss_mb']['start']} at start, {s['rss_mb']['server_loaded']} with the base and 3 adapters "
         f"loaded, max {s['rss_mb']['max']}, {s['rss_mb']['end']} at the end; after the load "
         f"{s['rss_mb']['after_load_gc']} after gc.collect() and {s['rss_mb']['after_load_gc_and_malloc_trim']} "
-        "after malloc_trim(0) (what a trim gives back was cached heap, not a leak).", "",
-        "| seconds | requests done | RSS MB |", "|---:|---:|---:|",
-        *[f"| {p['s']} | {p['done']} | {p['rss_mb']} |" for p in picked], "",
+        "after malloc_trim(0) (what a trim gives back was cached heap, not a leak).",
+        "",
+        "| seconds | requests done | RSS MB |",
+        "|---:|---:|---:|",
+        *[f"| {p['s']} | {p['done']} | {p['rss_mb']} |" for p in picked],
+        "",
     ]
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ given), (2) prints per-example latency of the base alone vs the unmerged adapter
 (3) RSS of serving 1 vs 10 adapters on one base, (4) throughput and p50/p99 latency of the HTTP server with 16
 concurrent clients on 127.0.0.1, single-adapter vs mixed-adapter traffic. Bounded: stops by itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,15 @@ def train_runs(root: Path, steps: int) -> list[Path]:
 
     out = []
     for method in ("lora", "ia3", "bottleneck"):
-        config = RunConfig.from_dict({
-            "recipe": f"bench-{method}", "task": {"name": "sst2", "max_length": 64, "max_train_examples": steps * 8,
-                                                  "max_eval_examples": 16},
-            "model": {"name_or_path": "default"}, "method": {"name": method},
-            "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-3, "progress": False, "output_dir": str(root)},
-        })
+        config = RunConfig.from_dict(
+            {
+                "recipe": f"bench-{method}",
+                "task": {"name": "sst2", "max_length": 64, "max_train_examples": steps * 8, "max_eval_examples": 16},
+                "model": {"name_or_path": "default"},
+                "method": {"name": method},
+                "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-3, "progress": False, "output_dir": str(root)},
+            }
+        )
         train(config, run_dir=root / method)
         out.append(root / method)
     return out
@@ -70,8 +74,9 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
     for run in run_dirs:
         loaded = load(run / "adapter")
         split = encode([{"text": t} for t in texts], loaded.tokenizer, 64)
-        base = load_model(ModelConfig(name_or_path=loaded.meta.base_model), len(loaded.label_names),
-                          loaded.tokenizer.pad_token_id).eval()
+        base = load_model(
+            ModelConfig(name_or_path=loaded.meta.base_model), len(loaded.label_names), loaded.tokenizer.pad_token_id
+        ).eval()
         t_base = time_per_example(base, split)
         t_adapter = time_per_example(loaded.model, split)
         if loaded.method.merge_blocker is None:
@@ -131,8 +136,11 @@ async def load_test(port: int, adapters: list[str], texts: list[str], requests: 
         await asyncio.gather(*(client(c, k) for k in range(clients)))
         wall = time.perf_counter() - start
     latencies.sort()
-    return {"rps": len(latencies) / wall, "p50": statistics.median(latencies) * 1000,
-            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000}
+    return {
+        "rps": len(latencies) / wall,
+        "p50": statistics.median(latencies) * 1000,
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
+    }
 
 
 def server_table(lora_adapter: Path, ia3_adapter: Path, texts: list[str], requests: int) -> None:
@@ -157,9 +165,11 @@ def server_table(lora_adapter: Path, ia3_adapter: Path, texts: list[str], reques
         print(f"## HTTP server, 16 concurrent clients on 127.0.0.1, {requests} requests of 1 text each\n")
         print("| traffic | requests/s | p50 (ms) | p99 (ms) | model passes |")
         print("|---|---|---|---|---|")
-        for label, names in (("single adapter (lora0)", ["lora0"]),
-                             ("mixed: 8 LoRA adapters (one mixed-batch pass)", [f"lora{i}" for i in range(8)]),
-                             ("mixed: 8 LoRA + IA3 (grouped passes)", [*(f"lora{i}" for i in range(8)), "ia3"])):
+        for label, names in (
+            ("single adapter (lora0)", ["lora0"]),
+            ("mixed: 8 LoRA adapters (one mixed-batch pass)", [f"lora{i}" for i in range(8)]),
+            ("mixed: 8 LoRA + IA3 (grouped passes)", [*(f"lora{i}" for i in range(8)), "ia3"]),
+        ):
             before = app.state.batcher.batches
             r = asyncio.run(load_test(port, names, texts, requests))
             passes = app.state.batcher.batches - before

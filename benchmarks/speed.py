@@ -12,6 +12,7 @@ All runs: the same seeded subsample of training rows, one epoch, the same learni
 validation split after training (not timed). Then the roofline part (matmul peak fp32/bf16 and the LoRA step's
 FLOPs) and `peftkit predict` wall time on the SST-2 validation set 8 times over. Writes OUT.md and OUT.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,26 @@ def rows_and_config(task: str, method: str, train_rows: int, overrides: list[str
     from peftkit.config import load_config
     from peftkit.data import load_task
 
-    config = load_config(recipe=f"{task}-{method}", overrides=[
-        f"task.max_train_examples={train_rows}", "train.epochs=1", "train.max_steps=null", "train.eval_every=null",
-        "train.checkpoint_every=null", "train.progress=false", "train.log_every=1000000",
-        f"task.max_eval_examples={eval_rows or 'null'}", *overrides])
+    config = load_config(
+        recipe=f"{task}-{method}",
+        overrides=[
+            f"task.max_train_examples={train_rows}",
+            "train.epochs=1",
+            "train.max_steps=null",
+            "train.eval_every=null",
+            "train.checkpoint_every=null",
+            "train.progress=false",
+            "train.log_every=1000000",
+            f"task.max_eval_examples={eval_rows or 'null'}",
+            *overrides,
+        ],
+    )
     return load_task(config.task, seed=config.train.seed), config
 
 
-def run_peftkit(task: str, method: str, train_rows: int, overrides: list[str], keep: str | None,
-                eval_rows: int | None) -> dict:
+def run_peftkit(
+    task: str, method: str, train_rows: int, overrides: list[str], keep: str | None, eval_rows: int | None
+) -> dict:
     from peftkit.data import encode
     from peftkit.modeling import load_tokenizer
     from peftkit.train import train
@@ -67,11 +79,19 @@ def run_peftkit(task: str, method: str, train_rows: int, overrides: list[str], k
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(keep) if keep else Path(tmp) / "run"
         summary = train(config, run_dir=run_dir)
-    return {"examples_per_s": summary.train_examples_per_s, "train_seconds": summary.train_seconds,
-            "tokens_per_s": sum(lengths) / summary.train_seconds, "peak_memory_mb": summary.peak_memory_mb,
-            "accuracy": summary.final["accuracy"], "bf16": summary.bf16, "batch_size": config.train.batch_size,
-            "max_length": config.task.max_length, "batching": config.train.batching,
-            "real_tokens": sum(lengths), "examples": summary.examples_seen}
+    return {
+        "examples_per_s": summary.train_examples_per_s,
+        "train_seconds": summary.train_seconds,
+        "tokens_per_s": sum(lengths) / summary.train_seconds,
+        "peak_memory_mb": summary.peak_memory_mb,
+        "accuracy": summary.final["accuracy"],
+        "bf16": summary.bf16,
+        "batch_size": config.train.batch_size,
+        "max_length": config.task.max_length,
+        "batching": config.train.batching,
+        "real_tokens": sum(lengths),
+        "examples": summary.examples_seen,
+    }
 
 
 def run_trainer(task: str, method: str, train_rows: int, best: bool, eval_rows: int | None) -> dict:
@@ -101,16 +121,33 @@ def run_trainer(task: str, method: str, train_rows: int, best: bool, eval_rows: 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels)
     if method == "lora":
-        peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=LORA["r"], lora_alpha=LORA["alpha"],
-                                 lora_dropout=LORA["dropout"], target_modules=LORA["target_modules"])
+        peft_config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"],
+        )
         model = get_peft_model(model, peft_config)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=32, per_device_eval_batch_size=64, num_train_epochs=1,
-            learning_rate=config.train.lr, weight_decay=config.train.weight_decay,
+            output_dir=tmp,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=64,
+            num_train_epochs=1,
+            learning_rate=config.train.lr,
+            weight_decay=config.train.weight_decay,
             warmup_steps=int(config.train.warmup_ratio * -(-len(train_set) // 32)),
-            save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], seed=0, use_cpu=True,
-            disable_tqdm=True, bf16=best, train_sampling_strategy="group_by_length" if best else "random")
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            seed=0,
+            use_cpu=True,
+            disable_tqdm=True,
+            bf16=best,
+            train_sampling_strategy="group_by_length" if best else "random",
+        )
         collator = DataCollatorWithPadding(tokenizer)
         trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator)
         rss_reset()
@@ -122,19 +159,30 @@ def run_trainer(task: str, method: str, train_rows: int, best: bool, eval_rows: 
     logits = logits[0] if isinstance(logits, tuple) else logits
     accuracy = float((logits.argmax(-1) == [r["labels"] for r in validation]).mean())
     real = sum(len(r["input_ids"]) for r in train_set)
-    return {"examples_per_s": len(train_set) / seconds, "train_seconds": seconds, "tokens_per_s": real / seconds,
-            "peak_memory_mb": peak, "accuracy": accuracy, "bf16": best, "batch_size": 32, "max_length": 128,
-            "batching": "group_by_length" if best else "random", "real_tokens": real, "examples": len(train_set)}
+    return {
+        "examples_per_s": len(train_set) / seconds,
+        "train_seconds": seconds,
+        "tokens_per_s": real / seconds,
+        "peak_memory_mb": peak,
+        "accuracy": accuracy,
+        "bf16": best,
+        "batch_size": 32,
+        "max_length": 128,
+        "batching": "group_by_length" if best else "random",
+        "real_tokens": real,
+        "examples": len(train_set),
+    }
 
 
 def child(spec: dict) -> dict:
     variant, task, method, rows = spec["variant"], spec["task"], spec["method"], spec["train_rows"]
     if variant.startswith("trainer"):
         return run_trainer(task, method, rows, variant == "trainer-best", spec.get("eval_rows"))
-    overrides = {"peftkit-default": [],
-                 "peftkit-matched": ["task.max_length=128", "train.batch_size=32", "train.bf16=false",
-                                     "train.batching=random"],
-                 "peftkit-ckpt": ["train.gradient_checkpointing=true"]}[variant]
+    overrides = {
+        "peftkit-default": [],
+        "peftkit-matched": ["task.max_length=128", "train.batch_size=32", "train.bf16=false", "train.batching=random"],
+        "peftkit-ckpt": ["train.gradient_checkpointing=true"],
+    }[variant]
     return run_peftkit(task, method, rows, overrides, spec.get("keep"), spec.get("eval_rows"))
 
 
@@ -154,7 +202,7 @@ def matmul_peak(dtype_name: str, n: int = 1536, repeats: int = 12) -> float:
         started = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - started)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def lora_step_flops_per_token(mean_length: float) -> dict:
@@ -166,8 +214,11 @@ def lora_step_flops_per_token(mean_length: float) -> dict:
 
     model = load_model(ModelConfig(), 2, 0)
     hidden = model.config.hidden_size
-    linear = sum(2 * m.in_features * m.out_features for name, m in model.named_modules()
-                 if type(m).__name__ == "Linear" and ".encoder." in f".{name}")
+    linear = sum(
+        2 * m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if type(m).__name__ == "Linear" and ".encoder." in f".{name}"
+    )
     attention = model.config.num_hidden_layers * 2 * 2 * mean_length * hidden
     lora_layers = 2 * model.config.num_hidden_layers
     lora = lora_layers * 2 * 2 * LORA["r"] * hidden  # A and B, forward
@@ -184,10 +235,24 @@ def time_predict(adapter: Path, work: Path, repeats: int) -> dict:
     source.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows * 8))
     out: dict = {"rows": len(rows) * 8, "default": [], "no_bf16": []}
     for _ in range(repeats):
-        for key, flags in (("default", []), ("no_bf16", ["--no-bf16"]))[:1 if not bf16_pays_here() else 2]:
+        for key, flags in (("default", []), ("no_bf16", ["--no-bf16"]))[: 1 if not bf16_pays_here() else 2]:
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "peftkit", "predict", str(adapter), "--input", str(source),
-                            "--output", str(work / "out.jsonl"), *flags], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "peftkit",
+                    "predict",
+                    str(adapter),
+                    "--input",
+                    str(source),
+                    "--output",
+                    str(work / "out.jsonl"),
+                    *flags,
+                ],
+                check=True,
+                capture_output=True,
+            )
             out[key].append(round(time.perf_counter() - started, 2))
     return out
 
@@ -250,11 +315,20 @@ def main() -> None:
         for task, method in cells:
             variants = list(VARIANTS) if method != "full" else args.full_variants.split(",")
             variants += ["peftkit-ckpt"] if (task, method) == cells[0] else []
-            variants = [v for v in variants if f"{task}-{method}-{v}" not in args.skip.split(",")
-                        and (repeat == 0 or f"{task}-{method}-{v}" not in args.once.split(","))]
-            for variant in (variants if repeat % 2 == 0 else variants[::-1]):  # alternate the order
-                spec = {"variant": variant, "task": task, "method": method, "train_rows": args.train_rows,
-                        "eval_rows": args.eval_rows}
+            variants = [
+                v
+                for v in variants
+                if f"{task}-{method}-{v}" not in args.skip.split(",")
+                and (repeat == 0 or f"{task}-{method}-{v}" not in args.once.split(","))
+            ]
+            for variant in variants if repeat % 2 == 0 else variants[::-1]:  # alternate the order
+                spec = {
+                    "variant": variant,
+                    "task": task,
+                    "method": method,
+                    "train_rows": args.train_rows,
+                    "eval_rows": args.eval_rows,
+                }
                 if (task, method, variant, repeat) == (cells[0][0], "lora", "peftkit-default", 0):
                     spec["keep"] = str(work / "adapter-run")
                 result = {**spec, "repeat": repeat, **spawn(spec)}
@@ -267,9 +341,16 @@ def main() -> None:
 
     peak = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
     report = summarise(runs, cells, peak, predict)
-    report.update({"command": "python " + " ".join(sys.argv), "wall_seconds": round(time.perf_counter() - started),
-                   "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                   "load_average": os.getloadavg(), "matmul_peak_flops": peak})
+    report.update(
+        {
+            "command": "python " + " ".join(sys.argv),
+            "wall_seconds": round(time.perf_counter() - started),
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "matmul_peak_flops": peak,
+        }
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**report, "runs": runs}, indent=1))
@@ -282,18 +363,25 @@ def summarise(runs: list[dict], cells, peak: dict, predict: dict | None) -> dict
     for task, method in cells:
         row = {"task": task, "method": method}
         for variant in (*VARIANTS, "peftkit-ckpt"):
-            done = [r for r in runs if (r["task"], r["method"], r["variant"]) == (task, method, variant)
-                    and "error" not in r]
+            done = [
+                r
+                for r in runs
+                if (r["task"], r["method"], r["variant"]) == (task, method, variant) and "error" not in r
+            ]
             if done:
-                row[variant] = {k: median([r[k] for r in done]) for k in
-                                ("examples_per_s", "tokens_per_s", "peak_memory_mb", "accuracy", "train_seconds")}
+                row[variant] = {
+                    k: median([r[k] for r in done])
+                    for k in ("examples_per_s", "tokens_per_s", "peak_memory_mb", "accuracy", "train_seconds")
+                }
                 row[variant]["each_examples_per_s"] = [round(r["examples_per_s"], 1) for r in done]
                 row[variant]["bf16"] = done[0]["bf16"]
                 row[variant]["mean_length"] = done[0]["real_tokens"] / done[0]["examples"]
         ex = {v: row[v]["examples_per_s"] for v in VARIANTS if v in row}
-        pairs = {"defaults_vs_trainer_defaults": ("peftkit-default", "trainer-default"),
-                 "defaults_vs_trainer_best": ("peftkit-default", "trainer-best"),
-                 "matched_fp32_vs_trainer_defaults": ("peftkit-matched", "trainer-default")}
+        pairs = {
+            "defaults_vs_trainer_defaults": ("peftkit-default", "trainer-default"),
+            "defaults_vs_trainer_best": ("peftkit-default", "trainer-best"),
+            "matched_fp32_vs_trainer_defaults": ("peftkit-matched", "trainer-default"),
+        }
         row["ratios"] = {k: ex[a] / ex[b] for k, (a, b) in pairs.items() if a in ex and b in ex}
         table.append(row)
     roofline = None
@@ -302,46 +390,71 @@ def summarise(runs: list[dict], cells, peak: dict, predict: dict | None) -> dict
         d = first["peftkit-default"]
         flops = lora_step_flops_per_token(d["mean_length"])
         achieved = d["tokens_per_s"] * flops["step"]
-        roofline = {"flops_per_token": flops, "achieved_flops": achieved, "bf16" if d["bf16"] else "fp32": True,
-                    "fraction_of_peak": achieved / peak["bfloat16" if d["bf16"] else "float32"]}
+        roofline = {
+            "flops_per_token": flops,
+            "achieved_flops": achieved,
+            "bf16" if d["bf16"] else "fp32": True,
+            "fraction_of_peak": achieved / peak["bfloat16" if d["bf16"] else "float32"],
+        }
     return {"table": table, "roofline": roofline, "predict": predict}
 
 
 def to_markdown(report: dict) -> str:
-    lines = ["# peftkit vs transformers.Trainer + peft: training speed on this machine", "",
-             f"Command: `{report.get('command')}` ({report.get('wall_seconds')} s). "
-             f"Machine: {report.get('cpu_count')} cores, torch threads {report.get('torch_threads')}, "
-             f"load average at the end {report.get('load_average')} "
-             "(the machine was shared with other jobs: treat ratios as rough).", "",
-             "| task | method | setting | ex/s (median; each run) | tokens/s | peak RSS MB | val acc | bf16 |",
-             "|---|---|---|---|---:|---:|---:|---|"]
+    lines = [
+        "# peftkit vs transformers.Trainer + peft: training speed on this machine",
+        "",
+        f"Command: `{report.get('command')}` ({report.get('wall_seconds')} s). "
+        f"Machine: {report.get('cpu_count')} cores, torch threads {report.get('torch_threads')}, "
+        f"load average at the end {report.get('load_average')} "
+        "(the machine was shared with other jobs: treat ratios as rough).",
+        "",
+        "| task | method | setting | ex/s (median; each run) | tokens/s | peak RSS MB | val acc | bf16 |",
+        "|---|---|---|---|---:|---:|---:|---|",
+    ]
     for row in report["table"]:
         for variant in (*VARIANTS, "peftkit-ckpt"):
             if variant in row:
                 v = row[variant]
-                lines.append(f"| {row['task']} | {row['method']} | {variant} | {v['examples_per_s']:.1f} "
-                             f"({', '.join(map(str, v['each_examples_per_s']))}) | {v['tokens_per_s']:.0f} | "
-                             f"{v['peak_memory_mb']:.0f} | {v['accuracy']:.4f} | {v['bf16']} |")
-    lines += ["", "| task | method | peftkit defaults / Trainer defaults (target >= 2.5x) | "
-              "peftkit defaults / Trainer best (>= 1.3x) | peftkit matched fp32 / Trainer defaults (>= 1.0x) |",
-              "|---|---|---:|---:|---:|"]
+                lines.append(
+                    f"| {row['task']} | {row['method']} | {variant} | {v['examples_per_s']:.1f} "
+                    f"({', '.join(map(str, v['each_examples_per_s']))}) | {v['tokens_per_s']:.0f} | "
+                    f"{v['peak_memory_mb']:.0f} | {v['accuracy']:.4f} | {v['bf16']} |"
+                )
+    lines += [
+        "",
+        "| task | method | peftkit defaults / Trainer defaults (target >= 2.5x) | "
+        "peftkit defaults / Trainer best (>= 1.3x) | peftkit matched fp32 / Trainer defaults (>= 1.0x) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for row in report["table"]:
         r = row["ratios"]
-        shown = [f"{r[k]:.2f}x" if k in r else "–" for k in
-                 ("defaults_vs_trainer_defaults", "defaults_vs_trainer_best", "matched_fp32_vs_trainer_defaults")]
+        shown = [
+            f"{r[k]:.2f}x" if k in r else "–"
+            for k in ("defaults_vs_trainer_defaults", "defaults_vs_trainer_best", "matched_fp32_vs_trainer_defaults")
+        ]
         lines.append(f"| {row['task']} | {row['method']} | {' | '.join(shown)} |")
     if report.get("roofline"):
         rf = report["roofline"]
         peak = report.get("matmul_peak_flops", {})
-        lines += ["", f"Roofline: matmul peak fp32 {peak.get('float32', 0) / 1e9:.1f} GFLOP/s, bf16 "
-                  f"{peak.get('bfloat16', 0) / 1e9:.1f} GFLOP/s; LoRA step {rf['flops_per_token']['step'] / 1e6:.1f} "
-                  f"MFLOP per real token; achieved {rf['achieved_flops'] / 1e9:.1f} GFLOP/s = "
-                  f"{rf['fraction_of_peak']:.0%} of the peak of the precision used."]
+        lines += [
+            "",
+            f"Roofline: matmul peak fp32 {peak.get('float32', 0) / 1e9:.1f} GFLOP/s, bf16 "
+            f"{peak.get('bfloat16', 0) / 1e9:.1f} GFLOP/s; LoRA step {rf['flops_per_token']['step'] / 1e6:.1f} "
+            f"MFLOP per real token; achieved {rf['achieved_flops'] / 1e9:.1f} GFLOP/s = "
+            f"{rf['fraction_of_peak']:.0%} of the peak of the precision used.",
+        ]
     if report.get("predict"):
         p = report["predict"]
-        lines += ["", f"`peftkit predict` on {p['rows']} rows (SST-2 validation x8), wall time incl. start-up: "
-                  f"defaults {p['default']} s" + (f", --no-bf16 {p['no_bf16']} s." if p["no_bf16"] else
-                                                  " (bf16 does not pay on this CPU, so the defaults are fp32).")]
+        lines += [
+            "",
+            f"`peftkit predict` on {p['rows']} rows (SST-2 validation x8), wall time incl. start-up: "
+            f"defaults {p['default']} s"
+            + (
+                f", --no-bf16 {p['no_bf16']} s."
+                if p["no_bf16"]
+                else " (bf16 does not pay on this CPU, so the defaults are fp32)."
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
 """peftkit: parameter-efficient adaptation methods, one training loop, benchmark tables, shippable adapters."""
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ stock `peft.PeftModel.from_pretrained(base, folder)` loads them; otherwise in `p
 Only safetensors and JSON are read: no pickle, no code from the folder. Since format 1.2, `peftkit.json` records
 the sha256 of the weights file; every loader verifies it, and checks that the tensors the adapter needs are there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,9 +41,17 @@ from peftkit.modeling import (
 from peftkit.pooling import apply_pooling, pooling_of
 
 
-def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_model: str, task: TaskInfo,
-                 metrics: dict[str, Any] | None = None, params: ParameterCount | None = None,
-                 head_modules: list[str] | None = None) -> AdapterMeta:
+def save_adapter(
+    model: nn.Module,
+    method: Method,
+    directory: Path,
+    *,
+    base_model: str,
+    task: TaskInfo,
+    metrics: dict[str, Any] | None = None,
+    params: ParameterCount | None = None,
+    head_modules: list[str] | None = None,
+) -> AdapterMeta:
     """Write the adapter folder atomically: either the whole folder appears, or nothing changes."""
     directory = Path(directory)
     with atomic_directory(directory, overwrite=True) as tmp:
@@ -52,13 +61,26 @@ def save_adapter(model: nn.Module, method: Method, directory: Path, *, base_mode
         for path in tmp.iterdir():
             default_file_mode(path)  # peft/safetensors may write 0600; a shipped folder is readable alike
         meta = AdapterMeta(
-            method=method.name, method_options=dataclasses.asdict(method.options), peft_format=method.uses_peft,
-            base_model=portable_model_name(base_model), base_fingerprint=model_fingerprint(base_model), task=task,
-            metrics=metrics, adapter_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
-            pooling=pooling_of(model), head_modules=head_modules,
+            method=method.name,
+            method_options=dataclasses.asdict(method.options),
+            peft_format=method.uses_peft,
+            base_model=portable_model_name(base_model),
+            base_fingerprint=model_fingerprint(base_model),
+            task=task,
+            metrics=metrics,
+            adapter_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+            pooling=pooling_of(model),
+            head_modules=head_modules,
             weights_sha256=weights_hashes(tmp, method.uses_peft),
-            **({"trainable_params": params.trainable, "total_params": params.total,
-                "trainable_pct": round(params.trainable_pct, 4)} if params else {}),
+            **(
+                {
+                    "trainable_params": params.trainable,
+                    "total_params": params.total,
+                    "trainable_pct": round(params.trainable_pct, 4),
+                }
+                if params
+                else {}
+            ),
         )
         meta.write(tmp)
     return meta
@@ -118,8 +140,10 @@ def attach(model: nn.Module, directory: Path, meta: AdapterMeta, model_path: str
     except PeftkitError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # peft/safetensors/torch load errors
-        raise PeftkitError(f"cannot load adapter {directory} ({load_error_text(e)}); "
-                           "is the folder damaged or trained on another base?") from None
+        raise PeftkitError(
+            f"cannot load adapter {directory} ({load_error_text(e)}); "
+            "is the folder damaged or trained on another base?"
+        ) from None
     if meta.peft_format:
         check_peft_keys(model, Path(directory))
     model.eval()
@@ -182,15 +206,19 @@ def check_files(directory: Path, meta: AdapterMeta) -> None:
         if not target.is_file():
             raise PeftkitError(f"missing weights file {target} (listed in {ADAPTER_META_FILE})")
         if sha256_file(target) != expected:
-            raise PeftkitError(f"{target} does not match the sha256 recorded in {ADAPTER_META_FILE} "
-                               "(changed or damaged after it was saved); refusing to load it")
+            raise PeftkitError(
+                f"{target} does not match the sha256 recorded in {ADAPTER_META_FILE} "
+                "(changed or damaged after it was saved); refusing to load it"
+            )
     if meta.peft_format:
         keys = safetensors_keys(path)
         for have, want in ((".lora_A.", ".lora_B."), (".lora_B.", ".lora_A.")):
             orphans = sorted(k for k in keys if have in k and k.replace(have, want) not in keys)
             if orphans:
-                raise PeftkitError(f"{path} lacks tensors: {orphans[0].replace(have, want)} (and "
-                                   f"{len(orphans) - 1} more) are missing; the adapter is incomplete")
+                raise PeftkitError(
+                    f"{path} lacks tensors: {orphans[0].replace(have, want)} (and "
+                    f"{len(orphans) - 1} more) are missing; the adapter is incomplete"
+                )
 
 
 def check_peft_keys(model: nn.Module, directory: Path, adapter_name: str = "default") -> None:
@@ -202,5 +230,7 @@ def check_peft_keys(model: nn.Module, directory: Path, adapter_name: str = "defa
     expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
     missing = sorted(expected - safetensors_keys(path))
     if missing:
-        raise PeftkitError(f"{path} lacks {len(missing)} of the {len(expected)} tensors this adapter needs "
-                           f"(e.g. {missing[0]}); the adapter is incomplete or damaged")
+        raise PeftkitError(
+            f"{path} lacks {len(missing)} of the {len(expected)} tensors this adapter needs "
+            f"(e.g. {missing[0]}); the adapter is incomplete or damaged"
+        )

@@ -8,6 +8,7 @@ the same length, so dynamic padding adds little, while the data order stays rand
 Under torchrun a global batch holds `batch_size` rows per rank and rank r takes the r-th slice, so ranks never
 overlap, each sees rows of the same length bucket, and every rank takes the same number of steps.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,15 @@ class BatchOrder:
     batch; nothing else needs saving because each epoch's batches are recomputed from the seed.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int, ranks, lengths: list[int] | None = None,
-                 batching: Batching = "random"):
+    def __init__(
+        self,
+        num_rows: int,
+        batch_size: int,
+        seed: int,
+        ranks,
+        lengths: list[int] | None = None,
+        batching: Batching = "random",
+    ):
         if num_rows == 0:
             raise PeftkitError("the train split is empty")
         if batching == "bucketed" and lengths is None:
@@ -50,20 +58,20 @@ class BatchOrder:
         perm = torch.randperm(self.num_rows, generator=generator).tolist()
         size = self.global_batch
         if self.batching == "random":
-            batches = [perm[i:i + size] for i in range(0, len(perm), size)]
+            batches = [perm[i : i + size] for i in range(0, len(perm), size)]
         else:
             batches = []
             step = size * CHUNK_BATCHES
             for c in range(0, len(perm), step):  # a stable sort keeps the shuffled order among equal lengths
-                chunk = sorted(perm[c:c + step], key=self.lengths.__getitem__)
-                batches.extend(chunk[i:i + size] for i in range(0, len(chunk), size))
+                chunk = sorted(perm[c : c + step], key=self.lengths.__getitem__)
+                batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
             # only the very last batch can be partial; keep it last so torchrun's drop of it stays exact
             full, tail = [b for b in batches if len(b) == size], [b for b in batches if len(b) < size]
             shuffle = torch.randperm(len(full), generator=generator).tolist()
             batches = [full[i] for i in shuffle] + tail
         if self.ranks.world > 1 and len(batches) > 1 and len(batches[-1]) < size:
             batches = batches[:-1]  # the partial batch: ranks could not split it evenly
-        return batches[:self.batches_per_epoch]
+        return batches[: self.batches_per_epoch]
 
     def next(self, state) -> list[int]:
         """This rank's rows of the next micro-batch; advances state.epoch / state.batch_in_epoch."""
@@ -74,7 +82,7 @@ class BatchOrder:
         batch = self._batches[min(state.batch_in_epoch, len(self._batches) - 1)]
         state.batch_in_epoch += 1
         start = self.ranks.rank * self.batch_size
-        return batch[start:start + self.batch_size] or batch[:self.batch_size]
+        return batch[start : start + self.batch_size] or batch[: self.batch_size]
 
     def padding_efficiency(self, epoch: int = 0) -> float:
         """Real tokens / padded tokens over one epoch's batches (needs lengths)."""
@@ -83,7 +91,7 @@ class BatchOrder:
         real = padded = 0
         for batch in self.epoch_batches(epoch):
             for r in range(self.ranks.world):
-                rows = batch[r * self.batch_size:(r + 1) * self.batch_size]
+                rows = batch[r * self.batch_size : (r + 1) * self.batch_size]
                 if rows:
                     lengths = [self.lengths[i] for i in rows]
                     real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)

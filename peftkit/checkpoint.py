@@ -4,6 +4,7 @@ A checkpoint holds the trainable weights, the optimizer state (tensors flattened
 JSON), the scheduler state, the RNG states and the loop's position in the data order, so a resumed run takes the
 same steps it would have taken without the interruption.
 """
+
 from __future__ import annotations
 
 import random
@@ -35,9 +36,16 @@ class TrainState:
     train_seconds: float = 0.0
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
-                    best_weights: dict[str, torch.Tensor] | None, keep: int = 2,
-                    config_view: dict | None = None) -> Path:
+def save_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: TrainState,
+    best_weights: dict[str, torch.Tensor] | None,
+    keep: int = 2,
+    config_view: dict | None = None,
+) -> Path:
     final = folder / f"step-{state.step:07d}"
     with atomic_directory(final, overwrite=True) as tmp:
         save_tensors(tmp / "trainable.safetensors", trainable_state(model))
@@ -53,13 +61,16 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_tensors(tmp / "rng.safetensors", rng)
-        atomic_write_json(tmp / "state.json", {
-            "train_state": asdict(state),
-            "optimizer_param_groups": opt["param_groups"],
-            "optimizer_scalars": scalars,
-            "scheduler": scheduler.state_dict(),
-            "python_random": _to_json(random.getstate()),
-        })
+        atomic_write_json(
+            tmp / "state.json",
+            {
+                "train_state": asdict(state),
+                "optimizer_param_groups": opt["param_groups"],
+                "optimizer_scalars": scalars,
+                "scheduler": scheduler.state_dict(),
+                "python_random": _to_json(random.getstate()),
+            },
+        )
         write_manifest(tmp, config_view)  # last: sha256 of every file, and the run's config (see resume.py)
     atomic_write_text(folder / LATEST, final.name + "\n")
     for old in sorted(folder.glob("step-*"))[:-keep]:
@@ -75,13 +86,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
-                    ) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
+) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
     meta = read_json(path / "state.json")
     weights = load_tensors(path / "trainable.safetensors")
     expected = set(trainable_state(model))
     if set(weights) != expected:
-        raise PeftkitError(f"checkpoint {path} does not match this run's trainable parameters (different method or model?)")
+        raise PeftkitError(
+            f"checkpoint {path} does not match this run's trainable parameters (different method or model?)"
+        )
     model.load_state_dict(weights, strict=False)
     flat = {**load_tensors(path / "optimizer.safetensors"), **meta["optimizer_scalars"]}
     opt_state: dict[int, dict] = {}

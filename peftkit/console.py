@@ -1,4 +1,5 @@
 """Terminal output shared by the CLI, the loop and the bench: quiet libraries, progress bars, plain tables."""
+
 from __future__ import annotations
 
 import logging

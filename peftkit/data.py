@@ -3,6 +3,7 @@
 A task folder holds train.jsonl, validation.jsonl, optional test.jsonl and meta.json (label_names), with rows
 {"text": ..., "label": ...} or, for sentence pairs, {"text": ..., "text_pair": ..., "label": ...}.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,9 @@ class BuiltinTask:
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
     "sst2": BuiltinTask("glue", "sst2", "sentence", None, ("accuracy",), 2),
     "banking77": BuiltinTask("PolyAI/banking77", None, "text", None, ("accuracy", "macro_f1"), 77),
-    "financial_phrasebank": BuiltinTask("takala/financial_phrasebank", "sentences_50agree", "sentence", None, ("accuracy", "macro_f1"), 3),
+    "financial_phrasebank": BuiltinTask(
+        "takala/financial_phrasebank", "sentences_50agree", "sentence", None, ("accuracy", "macro_f1"), 3
+    ),
     "rte": BuiltinTask("glue", "rte", "sentence1", "sentence2", ("accuracy",), 2),
     "mrpc": BuiltinTask("glue", "mrpc", "sentence1", "sentence2", ("accuracy", "f1"), 2),
 }
@@ -66,7 +69,12 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         """What an adapter folder records about its task (enough to predict without the data)."""
-        return {"name": self.name, "label_names": self.label_names, "is_pair": self.is_pair, "metrics": list(self.metrics)}
+        return {
+            "name": self.name,
+            "label_names": self.label_names,
+            "is_pair": self.is_pair,
+            "metrics": list(self.metrics),
+        }
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -75,7 +83,9 @@ class Task:
 def is_task_source(name: str) -> bool:
     """True when `name` is an existing task folder or JSONL/CSV file rather than a built-in task name."""
     path = Path(name).expanduser()
-    return (path.is_file() and path.suffix.lower() in TASK_FILE_SUFFIXES) or (path.is_dir() and (path / "train.jsonl").exists())
+    return (path.is_file() and path.suffix.lower() in TASK_FILE_SUFFIXES) or (
+        path.is_dir() and (path / "train.jsonl").exists()
+    )
 
 
 def data_dir(cfg: TaskConfig) -> Path | None:
@@ -97,7 +107,9 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     elif cfg.name in BUILTIN_TASKS and root is None:
         task = _hub_task(cfg, BUILTIN_TASKS[cfg.name], seed)
     elif cfg.name in BUILTIN_TASKS:
-        raise PeftkitError(f"task {cfg.name!r} is not in the data folder {root} (from --data-dir / ${DATA_ENV}); expected {root / cfg.name}/train.jsonl")
+        raise PeftkitError(
+            f"task {cfg.name!r} is not in the data folder {root} (from --data-dir / ${DATA_ENV}); expected {root / cfg.name}/train.jsonl"
+        )
     else:
         raise unknown_choice("task (or a .jsonl/.csv path, or a task folder)", cfg.name, BUILTIN_TASKS)
     rng = random.Random(seed)
@@ -149,7 +161,9 @@ def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int) -> Task:
     try:
         ds = datasets.load_dataset(spec.hf_path, spec.hf_name)
     except Exception as e:
-        raise PeftkitError(f"task {cfg.name!r}: no data folder set and the Hub copy {spec.hf_path} could not be loaded ({type(e).__name__}); set --data-dir or ${DATA_ENV}") from None
+        raise PeftkitError(
+            f"task {cfg.name!r}: no data folder set and the Hub copy {spec.hf_path} could not be loaded ({type(e).__name__}); set --data-dir or ${DATA_ENV}"
+        ) from None
     label_names = ds["train"].features["label"].names
     raw = {s: [dict(r) for r in ds[s]] for s in SPLITS if s in ds}
     raw = {s: rows for s, rows in raw.items() if rows and rows[0]["label"] >= 0}  # GLUE hides test labels (-1)
@@ -169,8 +183,13 @@ def holdout(rows: list, seed: int, share: float = 0.1) -> tuple[list, list]:
     return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
 
 
-def iter_rows(source: str | Path, stdin: IO[str] | None = None, what: str = "data", encoding: str = "utf-8",
-              delimiter: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_rows(
+    source: str | Path,
+    stdin: IO[str] | None = None,
+    what: str = "data",
+    encoding: str = "utf-8",
+    delimiter: str | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (where, row) one row at a time from a JSONL or CSV file, or '-' for JSONL on stdin.
 
     Streaming, so `peftkit predict` runs in constant memory; `where` (file:line) goes into every error.
@@ -193,8 +212,14 @@ def _distinct_labels(rows: list[dict], label_field: str) -> list[str]:
     return validation.distinct_labels(rows, label_field)
 
 
-def _normalise(name: str, raw: dict[str, list[dict]], cfg: TaskConfig, pair_field: str | None,
-               label_names: list[str], metrics: tuple[str, ...] | None) -> Task:
+def _normalise(
+    name: str,
+    raw: dict[str, list[dict]],
+    cfg: TaskConfig,
+    pair_field: str | None,
+    label_names: list[str],
+    metrics: tuple[str, ...] | None,
+) -> Task:
     bad = _BAD_ROWS if cfg.on_bad_row == "skip" else None
     splits, label_names = validation.normalise_splits(name, raw, cfg, pair_field, label_names, bad)
     default_metrics = ("accuracy", "f1") if len(label_names) == 2 else ("accuracy", "macro_f1")

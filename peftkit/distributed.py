@@ -13,6 +13,7 @@ checkpoint scatters the full tensors back into each rank's shard.
 Every rank loads the full base model before sharding it, so the load itself still needs one full copy per rank;
 what sharding saves is the training state held from then on.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,7 +69,7 @@ class Ranks:
             return path
         data = torch.zeros(4096, dtype=torch.uint8)
         raw = str(path).encode()[:4095]
-        data[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        data[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
         data = data.to(self.device)
         dist.broadcast(data, src=0)
         return Path(bytes(data.cpu().tolist()).rstrip(b"\0").decode())
@@ -83,19 +84,24 @@ class Ranks:
         if self.mode == "ddp":
             return nn.parallel.DistributedDataParallel(model)
         if method_name not in FSDP_METHODS:
-            raise PeftkitError(f"train.distributed=fsdp supports the methods {', '.join(FSDP_METHODS)}, not "
-                               f"{method_name!r}; use train.distributed=ddp")
+            raise PeftkitError(
+                f"train.distributed=fsdp supports the methods {', '.join(FSDP_METHODS)}, not "
+                f"{method_name!r}; use train.distributed=ddp"
+            )
         if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
-            raise PeftkitError("train.distributed=fsdp cannot shard a bitsandbytes-quantized base; "
-                               "use train.distributed=ddp")
+            raise PeftkitError(
+                "train.distributed=fsdp cannot shard a bitsandbytes-quantized base; use train.distributed=ddp"
+            )
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world,))
         blocks = transformer_blocks(model)
         if not blocks:
-            raise PeftkitError(f"train.distributed=fsdp found no transformer blocks in {type(model).__name__} "
-                               "(no _no_split_modules); use train.distributed=ddp")
+            raise PeftkitError(
+                f"train.distributed=fsdp found no transformer blocks in {type(model).__name__} "
+                "(no _no_split_modules); use train.distributed=ddp"
+            )
         for block in blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)  # the rest: embeddings, final norms, the task head
@@ -103,26 +109,37 @@ class Ranks:
 
     # ------------------------------------------------------------------ checkpoints and weights across shards
 
-    def save_checkpoint(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                        state: TrainState, best_weights: dict[str, torch.Tensor] | None,
-                        config_view: dict | None = None) -> Path:
+    def save_checkpoint(
+        self,
+        folder: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        state: TrainState,
+        best_weights: dict[str, torch.Tensor] | None,
+        config_view: dict | None = None,
+    ) -> Path:
         """Called on every rank; rank 0 writes. Under FSDP all ranks first gather the full tensors onto rank 0.
         Returns the checkpoint's folder (the path it has, or will have, on rank 0)."""
         if not self.sharded:
             if self.is_main:
-                return save_checkpoint(folder, model, optimizer, scheduler, state, best_weights, config_view=config_view)
+                return save_checkpoint(
+                    folder, model, optimizer, scheduler, state, best_weights, config_view=config_view
+                )
             return folder / f"step-{state.step:07d}"
         weights = self._gather({n: p for n, p in model.named_parameters() if p.requires_grad})
         best = self._gather(best_weights) if best_weights is not None else None
         opt = optimizer.state_dict()
         opt["state"] = {i: self._gather(slots) for i, slots in opt["state"].items()}
         if self.is_main:
-            return save_checkpoint(folder, _FullState(weights), _FullState(optimizer=opt), scheduler, state, best,
-                                   config_view=config_view)
+            return save_checkpoint(
+                folder, _FullState(weights), _FullState(optimizer=opt), scheduler, state, best, config_view=config_view
+            )
         return folder / f"step-{state.step:07d}"
 
-    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
-                        ) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    def load_checkpoint(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
+    ) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
         """Every rank reads the checkpoint (a shared folder across nodes); under FSDP each keeps its shard."""
         if not self.sharded:
             return load_checkpoint(path, model, optimizer, scheduler)
@@ -132,8 +149,9 @@ class Ranks:
         self.load_weights(model, full_model.loaded)
         ordered = [p for group in optimizer.param_groups for p in group["params"]]
         opt = full_opt.loaded
-        opt["state"] = {i: {k: _shard_like(v, ordered[i]) for k, v in slots.items()}
-                        for i, slots in opt["state"].items()}
+        opt["state"] = {
+            i: {k: _shard_like(v, ordered[i]) for k, v in slots.items()} for i, slots in opt["state"].items()
+        }
         optimizer.load_state_dict(opt)
         if best is not None:
             best = {n: _shard_like(t, params[n]) for n, t in best.items()}

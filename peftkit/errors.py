@@ -1,4 +1,5 @@
 """One exception type for every user mistake, so the CLI can print one line and exit 2."""
+
 from __future__ import annotations
 
 import difflib

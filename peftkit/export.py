@@ -6,6 +6,7 @@ completes peftkit.json (labels, input fields, base fingerprint, metrics) and wri
 `combine_adapters` combines LoRA adapters of one base with peft's `add_weighted_adapter`.
 Every output folder appears atomically (io.atomic_directory): all of it, or nothing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,15 +71,18 @@ def export_adapter(run_dir: str | Path, out: str | Path, overwrite: bool = False
     return Path(out)
 
 
-def export_merged(run_dir: str | Path, out: str | Path, allow_base_mismatch: bool = False,
-                  overwrite: bool = False) -> Path:
+def export_merged(
+    run_dir: str | Path, out: str | Path, allow_base_mismatch: bool = False, overwrite: bool = False
+) -> Path:
     """Fold the adapter into its base and save a plain transformers model (safetensors) with tokenizer and labels."""
     source = adapter_folder(run_dir)
     meta = AdapterMeta.read(source)
     method_class = get_method_class(meta.method)
     if method_class.merge_blocker is not None:
-        raise PeftkitError(f"method {meta.method!r} cannot be merged: {method_class.merge_blocker}; "
-                           "export the adapter folder instead (without --merge)")
+        raise PeftkitError(
+            f"method {meta.method!r} cannot be merged: {method_class.merge_blocker}; "
+            "export the adapter folder instead (without --merge)"
+        )
     loaded = load(source, allow_base_mismatch=allow_base_mismatch)
     merged = loaded.method.merge(loaded.model)
     names = loaded.label_names
@@ -89,9 +93,14 @@ def export_merged(run_dir: str | Path, out: str | Path, allow_base_mismatch: boo
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(tmp))
-        info = {"merged_from": meta.method, "base_model": base, "base_fingerprint": meta.base_fingerprint,
-                "task": dataclasses.asdict(meta.task), "metrics": meta.metrics,
-                "pooling": meta.pooling}  # config.json: peftkit_pooling, applied on load
+        info = {
+            "merged_from": meta.method,
+            "base_model": base,
+            "base_fingerprint": meta.base_fingerprint,
+            "task": dataclasses.asdict(meta.task),
+            "metrics": meta.metrics,
+            "pooling": meta.pooling,
+        }  # config.json: peftkit_pooling, applied on load
         atomic_write_json(tmp / "peftkit_merged.json", info)
         atomic_write_text(tmp / "README.md", _merged_card(meta))
     return Path(out)
@@ -109,8 +118,11 @@ def model_card(meta: AdapterMeta) -> str:
     fields = f"`{text_field}`" + (f" + `{pair_field}`" if pair_field else "")
     labels = ", ".join(map(str, task.label_names))
     size = meta.adapter_bytes
-    weights = ("PEFT (adapter_config.json + adapter_model.safetensors, head included)" if meta.peft_format
-               else "peftkit (peftkit_weights.safetensors)")
+    weights = (
+        "PEFT (adapter_config.json + adapter_model.safetensors, head included)"
+        if meta.peft_format
+        else "peftkit (peftkit_weights.safetensors)"
+    )
     lines = [
         f"# {task.name} — {meta.method} adapter",
         "",
@@ -162,11 +174,13 @@ def _or_na(value: Any) -> Any:
 
 def _merged_card(meta: AdapterMeta) -> str:
     task = meta.task
-    return (f"# {task.name} — {meta.method} merged into {meta.base_model}\n\n"
-            f"A plain transformers model; labels {', '.join(map(str, task.label_names))}.\n\n"
-            "```python\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
-            "model = AutoModelForSequenceClassification.from_pretrained('THIS_FOLDER')\n"
-            "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')\n```\n")
+    return (
+        f"# {task.name} — {meta.method} merged into {meta.base_model}\n\n"
+        f"A plain transformers model; labels {', '.join(map(str, task.label_names))}.\n\n"
+        "```python\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        "model = AutoModelForSequenceClassification.from_pretrained('THIS_FOLDER')\n"
+        "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')\n```\n"
+    )
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
@@ -177,8 +191,14 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- combine
 
 
-def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], how: str = "linear", density: float = 0.5,
-                     out: str | Path = "combined", overwrite: bool = False) -> tuple[Path, str]:
+def combine_adapters(
+    adapter_dirs: list[str | Path],
+    weights: list[float],
+    how: str = "linear",
+    density: float = 0.5,
+    out: str | Path = "combined",
+    overwrite: bool = False,
+) -> tuple[Path, str]:
     """Combine LoRA adapters trained on one base into one LoRA adapter (peft `add_weighted_adapter`).
 
     peft cannot average the task head (modules_to_save), so every adapter must have the same label names and
@@ -225,8 +245,10 @@ def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], how: 
         model.delete_adapter(name)
     new_config = model.peft_config["default"]
     meta = dataclasses.replace(
-        first, method_options={**first.method_options, "r": new_config.r, "alpha": new_config.lora_alpha},
-        base_model=portable_model_name(first.base_model), metrics=None,
+        first,
+        method_options={**first.method_options, "r": new_config.r, "alpha": new_config.lora_alpha},
+        base_model=portable_model_name(first.base_model),
+        metrics=None,
         combined_from=[{"adapter": str(f), "weight": w} for f, w in zip(folders, weights)],
         combination={"how": how, "density": density if how == "ties" else None, "head_from": str(folders[0])},
     )
@@ -242,16 +264,18 @@ def combine_adapters(adapter_dirs: list[str | Path], weights: list[float], how: 
     return Path(out), f"task head: taken from {folders[0]} (peft cannot average classification heads)"
 
 
-def _check_combinable(adapter_dirs: list[str | Path], weights: list[float], how: str,
-                      density: float) -> tuple[list[Path], list[AdapterMeta]]:
+def _check_combinable(
+    adapter_dirs: list[str | Path], weights: list[float], how: str, density: float
+) -> tuple[list[Path], list[AdapterMeta]]:
     """Refuse, before loading any model, what peft's weighted combination cannot do; return folders and metas."""
     if how not in COMBINE_HOWS:
         raise PeftkitError(f"unknown combine --how {how!r}; valid: {', '.join(COMBINE_HOWS)}")
     if not adapter_dirs:
         raise PeftkitError("combine needs at least one adapter folder")
     if len(weights) != len(adapter_dirs):
-        raise PeftkitError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters; "
-                           "give one per adapter")
+        raise PeftkitError(
+            f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters; give one per adapter"
+        )
     if how == "ties" and not 0.0 < density <= 1.0:
         raise PeftkitError(f"--density must be in (0, 1], got {density}")
     folders = [adapter_folder(d) for d in adapter_dirs]
@@ -259,15 +283,21 @@ def _check_combinable(adapter_dirs: list[str | Path], weights: list[float], how:
     first = metas[0]
     for folder, meta in zip(folders, metas):
         if meta.method != "lora":
-            raise PeftkitError(f"{folder} is a {meta.method!r} adapter; combine takes plain LoRA adapters only "
-                               "(peft's weighted combination does not support DoRA, AdaLoRA or other methods)")
+            raise PeftkitError(
+                f"{folder} is a {meta.method!r} adapter; combine takes plain LoRA adapters only "
+                "(peft's weighted combination does not support DoRA, AdaLoRA or other methods)"
+            )
         check_files(folder, meta)
         if meta.label_names != first.label_names:
-            raise PeftkitError(f"{folder} has labels {meta.label_names}, {folders[0]} has {first.label_names}; "
-                               "combined adapters must share one label set")
+            raise PeftkitError(
+                f"{folder} has labels {meta.label_names}, {folders[0]} has {first.label_names}; "
+                "combined adapters must share one label set"
+            )
         if len({meta.base_fingerprint, first.base_fingerprint} - {None}) > 1:
-            raise PeftkitError(f"{folder} was trained on another base ({short(meta.base_fingerprint)}) than "
-                               f"{folders[0]} ({short(first.base_fingerprint)}); combine needs one base")
+            raise PeftkitError(
+                f"{folder} was trained on another base ({short(meta.base_fingerprint)}) than "
+                f"{folders[0]} ({short(first.base_fingerprint)}); combine needs one base"
+            )
     ranks = [read_json(f / "adapter_config.json").get("r") for f in folders]
     if how in ("linear", "ties") and len(folders) > 1 and len(set(ranks)) > 1:
         raise PeftkitError(f"--how {how} needs equal LoRA ranks, these have r={ranks}; use --how cat (rank = sum)")

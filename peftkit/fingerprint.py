@@ -6,6 +6,7 @@ does not depend on how the checkpoint is sharded). Hashing a 90 MB model takes a
 serving and predict call it on every start, so results are cached by (path, file sizes, mtimes) in
 `$PEFTKIT_CACHE/fingerprints.json` (default `~/.cache/peftkit`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -104,7 +105,7 @@ def _hash_files(files: list[Path]) -> str:
             if data_start + end > len(maps[path]):
                 raise PeftkitError(f"{path} is truncated (tensor {name} runs past the end of the file)")
             digest.update(f"{name}|{info['dtype']}|{info['shape']}|".encode())
-            digest.update(maps[path][data_start + begin:data_start + end])
+            digest.update(maps[path][data_start + begin : data_start + end])
     finally:
         for m in maps.values():
             m.close()

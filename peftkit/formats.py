@@ -4,6 +4,7 @@ Each format is one dataclass with one writer (`write`) and one reader (`read`). 
 "MAJOR.MINOR": a reader accepts every minor version of the major it knows (keys added by a newer minor are
 ignored) and refuses a newer major with a message saying to upgrade. Version 1 files (the integer 1) read as 1.0.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,10 @@ def check_version(found: Any, supported: str, where: Path) -> None:
     if not major.isdigit():
         raise PeftkitError(f"{where} has no valid format_version (found {found!r}); is it a peftkit file?")
     if int(major) > int(supported.split(".")[0]):
-        raise PeftkitError(f"{where} has format_version {text}, newer than this peftkit reads ({supported}); "
-                           "upgrade peftkit (pip install -U peftkit)")
+        raise PeftkitError(
+            f"{where} has format_version {text}, newer than this peftkit reads ({supported}); "
+            "upgrade peftkit (pip install -U peftkit)"
+        )
 
 
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -122,8 +125,10 @@ class AdapterMeta:
             raise PeftkitError(f"adapter folder {directory} does not exist")
         path = directory / ADAPTER_META_FILE
         if not path.is_file():
-            raise PeftkitError(f"{directory} is not a peftkit adapter folder (no {ADAPTER_META_FILE}); "
-                               "for a run folder pass RUN_DIR/adapter")
+            raise PeftkitError(
+                f"{directory} is not a peftkit adapter folder (no {ADAPTER_META_FILE}); "
+                "for a run folder pass RUN_DIR/adapter"
+            )
         return cls.from_dict(read_json(path), path)
 
     @classmethod
@@ -137,20 +142,38 @@ class AdapterMeta:
         options = data.get("method_options") or {}
         if not isinstance(options, dict):
             raise PeftkitError(f"{where}: method_options must be a mapping, got {type(options).__name__}")
-        for key, kind in (("base_fingerprint", str), ("metrics", dict), ("combination", dict),
-                          ("combined_from", list), ("weights_sha256", dict)):
+        for key, kind in (
+            ("base_fingerprint", str),
+            ("metrics", dict),
+            ("combination", dict),
+            ("combined_from", list),
+            ("weights_sha256", dict),
+        ):
             if data.get(key) is not None and not isinstance(data[key], kind):
-                raise PeftkitError(f"{where}: {key} must be a {_KIND_NAMES[kind]} or null, "
-                                   f"got {type(data[key]).__name__}")
+                raise PeftkitError(
+                    f"{where}: {key} must be a {_KIND_NAMES[kind]} or null, got {type(data[key]).__name__}"
+                )
         hashes = data.get("weights_sha256") or {}
         for name, digest in hashes.items():
-            if (not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= set("0123456789abcdef")
-                    or "/" in name or "\\" in name or name.startswith(".")):
-                raise PeftkitError(f"{where}: weights_sha256 must map file names in the folder to sha256 hex digests, "
-                                   f"got {name!r}: {digest!r}")
+            if (
+                not isinstance(digest, str)
+                or len(digest) != 64
+                or not set(digest) <= set("0123456789abcdef")
+                or "/" in name
+                or "\\" in name
+                or name.startswith(".")
+            ):
+                raise PeftkitError(
+                    f"{where}: weights_sha256 must map file names in the folder to sha256 hex digests, "
+                    f"got {name!r}: {digest!r}"
+                )
         known = _known_fields(cls, data)
-        known.update(method_options=options, peft_format=bool(data.get("peft_format")),
-                     task=TaskInfo.from_dict(data["task"], where), format_version=ADAPTER_FORMAT)
+        known.update(
+            method_options=options,
+            peft_format=bool(data.get("peft_format")),
+            task=TaskInfo.from_dict(data["task"], where),
+            format_version=ADAPTER_FORMAT,
+        )
         if known.get("pooling", "pooler") not in ("pooler", "cls", "mean", "last"):
             raise PeftkitError(f"{where}: pooling must be pooler, cls, mean or last, got {known['pooling']!r}")
         heads = known.get("head_modules")
@@ -214,8 +237,11 @@ class RunSummary:
         if not isinstance(data, dict):
             raise PeftkitError(f"{path} must hold a JSON object")
         check_version(data.get("format_version", 1), SUMMARY_FORMAT, path)
-        required = tuple(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        required = tuple(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
         _require(data, required, path)
         return cls(**{**_known_fields(cls, data), "format_version": SUMMARY_FORMAT})
 

@@ -3,6 +3,7 @@
 The loop reports each step's loss and every checkpoint it completes; the guard raises a one-line PeftkitError
 naming the step and the last good checkpoint (the one to resume from with a lower learning rate).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,14 +22,17 @@ class DivergenceGuard:
     def _where(self) -> str:
         if self.last_checkpoint is None:
             return "no checkpoint was written before it; lower train.lr (or raise train.warmup_ratio) and start again"
-        return (f"last good checkpoint: {self.last_checkpoint}; resume with `peftkit train --resume {self.run_dir}` "
-                "after lowering the cause, or start again with a lower train.lr")
+        return (
+            f"last good checkpoint: {self.last_checkpoint}; resume with `peftkit train --resume {self.run_dir}` "
+            "after lowering the cause, or start again with a lower train.lr"
+        )
 
     def check_loss(self, loss: float, step: int) -> None:
         """`step` is the optimizer step being taken (1-based)."""
         if not math.isfinite(loss):
-            raise PeftkitError(f"training diverged: the loss is {loss} at step {step}; nothing was saved from it; "
-                               f"{self._where()}")
+            raise PeftkitError(
+                f"training diverged: the loss is {loss} at step {step}; nothing was saved from it; {self._where()}"
+            )
 
     def check_weights(self, tensors: dict[str, torch.Tensor] | nn.Module, step: int, what: str = "adapter") -> None:
         """Refuse to write `what` when any tensor holds NaN or infinity."""
@@ -36,8 +40,10 @@ class DivergenceGuard:
             tensors = {n: p for n, p in tensors.named_parameters() if p.requires_grad}
         for name, tensor in tensors.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise PeftkitError(f"training diverged: {name} holds non-finite values at step {step}; the {what} "
-                                   f"was not written; {self._where()}")
+                raise PeftkitError(
+                    f"training diverged: {name} holds non-finite values at step {step}; the {what} "
+                    f"was not written; {self._where()}"
+                )
 
     def checkpoint_written(self, path: Path) -> None:
         self.last_checkpoint = path

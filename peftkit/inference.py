@@ -1,4 +1,5 @@
 """Batched forward passes for evaluation and prediction, shared by the loop, `peftkit eval`, predict and serve."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,9 @@ __all__ = ["autocast", "evaluate", "evaluate_run", "predict_logits"]
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, split: EncodedSplit, batch_size: int, device: torch.device,
-                   bf16: bool | None = False) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, split: EncodedSplit, batch_size: int, device: torch.device, bf16: bool | None = False
+) -> torch.Tensor:
     """Logits for every row of `split`, in input order, as float32 on the CPU.
 
     Rows are batched longest first (so each batch pads little) and put back in input order. `bf16=None` turns
@@ -29,7 +31,7 @@ def predict_logits(model: nn.Module, split: EncodedSplit, batch_size: int, devic
     order = sorted(range(len(split)), key=lambda i: -lengths[i])
     out = []
     for start in range(0, len(order), batch_size):
-        batch = collate(split, order[start:start + batch_size])
+        batch = collate(split, order[start : start + batch_size])
         batch.pop("labels", None)
         with autocast(device, bf16):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
@@ -49,13 +51,24 @@ def format_predictions(logits: torch.Tensor, label_names: list[str]) -> list[dic
     out = []
     for row in probs.tolist():
         label = max(range(len(row)), key=row.__getitem__)
-        out.append({"label": label, "label_name": label_names[label],
-                    "probabilities": {name: round(p, 6) for name, p in zip(label_names, row)}})
+        out.append(
+            {
+                "label": label,
+                "label_name": label_names[label],
+                "probabilities": {name: round(p, 6) for name, p in zip(label_names, row)},
+            }
+        )
     return out
 
 
-def evaluate(model: nn.Module, split: EncodedSplit, num_labels: int, batch_size: int, device: torch.device,
-             bf16: bool | None = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    split: EncodedSplit,
+    num_labels: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool | None = False,
+) -> dict[str, float]:
     """Task metrics plus mean cross-entropy on a labelled split."""
     logits = predict_logits(model, split, batch_size, device, bf16)
     labels = torch.tensor(split.labels)
@@ -64,8 +77,13 @@ def evaluate(model: nn.Module, split: EncodedSplit, num_labels: int, batch_size:
     return metrics
 
 
-def evaluate_run(run_dir: str | Path, split: str = "validation", device: str = "auto", batch_size: int = 64,
-                 data_dir: str | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "validation",
+    device: str = "auto",
+    batch_size: int = 64,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
     """Score a finished run's adapter on a split of its task (read again from the run's config.yaml)."""
     from peftkit.artifacts import load
     from peftkit.config import load_config

@@ -1,4 +1,5 @@
 """Atomic file and folder writes: a crash or Ctrl-C never leaves half a file or half an adapter behind."""
+
 from __future__ import annotations
 
 import contextlib
@@ -86,8 +87,9 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                 metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """safetensors save through a temp file (safetensors needs contiguous, unshared tensors)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

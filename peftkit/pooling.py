@@ -14,6 +14,7 @@ the body's output, so whichever position the head reads, it reads the pooled vec
 `Pooling` module through a forward pre-hook on the body. A stock transformers class can express `pooler` (and the
 head's own selection, e.g. `last` for decoders); the others are recorded in `peftkit.json` and applied on load.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,11 @@ from peftkit.errors import PeftkitError
 
 POOLINGS = ("auto", "pooler", "cls", "mean", "last")
 # sentence-transformers `1_Pooling/config.json` keys -> our names (max and sqrt-len pooling have no equivalent here)
-SENTENCE_TRANSFORMERS_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
-                               "pooling_mode_lasttoken": "last"}
+SENTENCE_TRANSFORMERS_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last",
+}
 # Whether `auto` prefers a model's own pooler (trained; stock-loadable) over a sentence-transformers folder's pooling.
 # Issue 9's runs (MiniLM, LoRA r=8 q,v, banking77, 1 epoch, batch 16, bf16): trained pooler 90.7%, mean 90.4%,
 # [CLS] 89.6% (frozen pooler 71.7%): the pooler is within 0.5 point of the best, so it is preferred. To be confirmed
@@ -178,8 +182,11 @@ def pooling_modules(model: nn.Module) -> list[str]:
         return []
     prefix = f"{model.base_model_prefix}.pooler"
     children = [(n, m) for n, m in body.pooler.named_children() if any(True for _ in m.parameters())]
-    if children and not any(True for _ in body.pooler.parameters(recurse=False)) \
-            and all(isinstance(m, nn.Linear) for _, m in children):
+    if (
+        children
+        and not any(True for _ in body.pooler.parameters(recurse=False))
+        and all(isinstance(m, nn.Linear) for _, m in children)
+    ):
         return [f"{prefix}.{n}" for n, _ in children]
     return [prefix]
 

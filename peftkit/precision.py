@@ -1,4 +1,5 @@
 """Where bf16 autocast pays: CPUs with AMX or AVX512-BF16, and bf16-capable GPUs. fp32 everywhere else."""
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ Rows are read lazily and processed `--batch-size` at a time through the same `da
 `inference.predict_logits` the training loop evaluates with, so predictions match evaluation exactly.
 The output file is written beside its final name and renamed into place at the end (atomic).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,7 @@ from peftkit.validation import check_text
 
 def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str | None) -> dict[str, Any]:
     """Map a user's row onto encode's {'text', 'text_pair'?} shape, accepting the normalised names too."""
+
     def pick(field: str, fallback: str) -> Any:
         for name in (field, fallback):
             if name in row and row[name] is not None:
@@ -34,8 +36,9 @@ def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str 
     return item
 
 
-def predict_rows(loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: int,
-                 bf16: bool = False) -> list[dict[str, Any]]:
+def predict_rows(
+    loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: int, bf16: bool = False
+) -> list[dict[str, Any]]:
     """Prediction dicts for already normalised rows: label, label_name, probabilities by label name."""
     if not rows:
         return []
@@ -55,15 +58,24 @@ def check_finite(logits: Any, adapter: str) -> None:
     import torch
 
     if not bool(torch.isfinite(logits).all()):
-        raise BrokenAdapterError(f"adapter {adapter} produced non-finite outputs (NaN or inf); the adapter is broken "
-                                 "(e.g. trained with a diverging learning rate); retrain or re-export it")
+        raise BrokenAdapterError(
+            f"adapter {adapter} produced non-finite outputs (NaN or inf); the adapter is broken "
+            "(e.g. trained with a diverging learning rate); retrain or re-export it"
+        )
 
 
 CHUNK_BATCHES = 32  # batches read per chunk: predict_logits sorts a chunk by length; memory stays constant
 
 
-def predict_stream(loaded: LoadedAdapter, source: str, out: IO[str], batch_size: int = 64, bf16: bool = False,
-                   progress: bool = True, stdin: IO[str] | None = None) -> int:
+def predict_stream(
+    loaded: LoadedAdapter,
+    source: str,
+    out: IO[str],
+    batch_size: int = 64,
+    bf16: bool = False,
+    progress: bool = True,
+    stdin: IO[str] | None = None,
+) -> int:
     """Read, predict and write `batch_size` rows at a time; returns the number of rows written."""
     from tqdm.auto import tqdm
 

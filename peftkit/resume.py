@@ -9,6 +9,7 @@ one): the sha256 of each of its files and the resolved config minus the keys a r
 - a config that differs in any other key stops the run, naming the changed keys, so a run is never continued
   with a different learning rate, seed, batch size, data or method.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,10 +25,22 @@ from peftkit.errors import PeftkitError, short_error
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 # keys a resume may change: the step budget, logging, evaluation and checkpoint cadence, where things are written
-RESUMABLE_KEYS = frozenset({
-    "recipe", "train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size",
-    "train.progress", "train.checkpoint_every", "train.output_dir", "train.run_name", "train.device", "task.data_dir",
-})
+RESUMABLE_KEYS = frozenset(
+    {
+        "recipe",
+        "train.max_steps",
+        "train.epochs",
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batch_size",
+        "train.progress",
+        "train.checkpoint_every",
+        "train.output_dir",
+        "train.run_name",
+        "train.device",
+        "task.data_dir",
+    }
+)
 _STEP = re.compile(r"^step-\d+$")
 
 
@@ -59,8 +72,10 @@ def write_manifest(folder: Path, view: dict[str, Any] | None) -> None:
     from peftkit.io import atomic_write_json
 
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    atomic_write_json(folder / MANIFEST, {"format": 1, "files": files, "config": view,
-                                          "config_hash": config_hash(view) if view is not None else None})
+    atomic_write_json(
+        folder / MANIFEST,
+        {"format": 1, "files": files, "config": view, "config_hash": config_hash(view) if view is not None else None},
+    )
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -83,8 +98,10 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         if not file.is_file():
             raise PeftkitError(f"{path.name}/{name} is missing")
         if sha256_file(file) != expected:
-            raise PeftkitError(f"{path.name}/{name} does not match its sha256 in {MANIFEST} (the file was changed "
-                               "or damaged after it was written)")
+            raise PeftkitError(
+                f"{path.name}/{name} does not match its sha256 in {MANIFEST} (the file was changed "
+                "or damaged after it was written)"
+            )
     return manifest
 
 
@@ -124,8 +141,11 @@ class ResumePlan:
     def __init__(self, run_dir: Path, config):
         self.run_dir, self.folder = Path(run_dir), Path(run_dir) / "checkpoints"
         stale = clean_stale(self.run_dir)
-        complete = sorted((p for p in self.folder.iterdir() if p.is_dir() and _STEP.match(p.name)), reverse=True) \
-            if self.folder.is_dir() else []
+        complete = (
+            sorted((p for p in self.folder.iterdir() if p.is_dir() and _STEP.match(p.name)), reverse=True)
+            if self.folder.is_dir()
+            else []
+        )
         if not complete:
             if any(p.parent.name == "checkpoints" and p.name.startswith(".step-") for p in stale):
                 why = "a checkpoint write was interrupted before the first one completed"
@@ -147,13 +167,16 @@ class ResumePlan:
             if changed:
                 saved = manifest["config"]
                 shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed)
-                raise PeftkitError(f"--resume would continue {self.run_dir} as a different run: {shown} changed; "
-                                   "only the step budget, logging, evaluation/checkpoint cadence and output paths "
-                                   "may change on resume (start a new run instead)")
+                raise PeftkitError(
+                    f"--resume would continue {self.run_dir} as a different run: {shown} changed; "
+                    "only the step budget, logging, evaluation/checkpoint cadence and output paths "
+                    "may change on resume (start a new run instead)"
+                )
             self.candidates.append(path)
         if not self.candidates:
-            raise PeftkitError(f"{self.run_dir}: no complete, undamaged checkpoint to resume from "
-                               f"({'; '.join(self.skipped)})")
+            raise PeftkitError(
+                f"{self.run_dir}: no complete, undamaged checkpoint to resume from ({'; '.join(self.skipped)})"
+            )
 
     def load(self, model, optimizer, scheduler, ranks):
         """Load the newest checkpoint that loads (through `ranks`: sharded under FSDP); returns (path, TrainState,

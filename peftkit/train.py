@@ -9,6 +9,7 @@ Resumable: with `train.checkpoint_every`, `train(config, resume=run_dir)` contin
 Distributed: under `torchrun`, each rank trains on its shard of every batch, with DDP or FSDP2
 (`train.distributed`, see distributed.py); rank 0 logs and saves.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,10 +72,14 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     tokenizer = load_tokenizer(config.model)
     task = load_task(config.task, seed=tcfg.seed)
     if tcfg.metric_for_best == "f1" and task.num_labels != 2:
-        raise PeftkitError(f"train.metric_for_best=f1 is the binary F1; task {task.name!r} has {task.num_labels} labels, use macro_f1")
+        raise PeftkitError(
+            f"train.metric_for_best=f1 is the binary F1; task {task.name!r} has {task.num_labels} labels, use macro_f1"
+        )
     splits = {name: encode(rows, tokenizer, config.task.max_length) for name, rows in task.splits.items()}
     if splits["validation"].labels is None:
-        raise PeftkitError(f"the validation split of task {task.name!r} has rows without labels; the loop needs them to evaluate")
+        raise PeftkitError(
+            f"the validation split of task {task.name!r} has rows without labels; the loop needs them to evaluate"
+        )
     lengths = splits["train"].lengths()
     order = BatchOrder(len(splits["train"]), tcfg.batch_size, tcfg.seed, ranks, lengths, tcfg.batching)
     steps_per_epoch = max(1, math.ceil(order.batches_per_epoch / tcfg.grad_accum_steps))
@@ -88,7 +93,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     check_max_length(config.task.max_length, model, tokenizer)
     heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
     if tcfg.checkpoint_every and not method.resumable:
-        raise PeftkitError(f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every")
+        raise PeftkitError(
+            f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every"
+        )
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     calibration = first_batches(splits["train"], tcfg.batch_size)  # the batches LoRA's eva init reads
@@ -103,7 +110,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     optimizer = build_optimizer(model, tcfg, heads)
     trainable = [p for p in model.parameters() if p.requires_grad]  # what the optimizer and clipping touch
     warmup = int(tcfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total_steps - s) / max(total_steps - warmup, 1))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total_steps - s) / max(total_steps - warmup, 1)))
+    )
 
     state, best_weights = TrainState(), None
     checkpoints = run_dir / "checkpoints"
@@ -112,7 +121,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         latest, state, best_weights = plan.load(model, optimizer, scheduler, ranks)
         guard.checkpoint_written(latest)
         if state.step >= total_steps:
-            raise PeftkitError(f"{run_dir} is already at step {state.step}, not below this run's {total_steps} steps; raise train.max_steps to continue")
+            raise PeftkitError(
+                f"{run_dir} is already at step {state.step}, not below this run's {total_steps} steps; raise train.max_steps to continue"
+            )
     log = RunLog(run_dir, enabled=ranks.is_main, truncate_after=state.step if resume else 0, report_to=tcfg.report_to)
     if ranks.is_main:
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
@@ -121,8 +132,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         return evaluate(model, split, task.num_labels, tcfg.eval_batch_size, device, bf16)
 
     # peft's AdaLoRA adds its orthogonality term to out.loss: only then is the task loss computed apart
-    regularised = getattr(method, "regularised", False) or hasattr(getattr(model, "base_model", None),
-                                                                   "update_and_allocate")
+    regularised = getattr(method, "regularised", False) or hasattr(
+        getattr(model, "base_model", None), "update_and_allocate"
+    )
 
     memory = MemoryMeter(device)
     bar = progress_bar(total_steps, state.step, enabled=tcfg.progress and ranks.is_main, desc=config.recipe or "train")
@@ -162,10 +174,15 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             now = time.perf_counter()
             task_loss, total_loss = (window_task_loss / window_steps).item(), (window_total_loss / window_steps).item()
             seconds = max(now - window_start, 1e-9)
-            record = {"step": state.step, "epoch": state.epoch, "task_loss": round(task_loss, 5),
-                      "regulariser": round(total_loss - task_loss, 5), "lr": scheduler.get_last_lr()[0],
-                      "examples_per_s": round(window_examples / seconds, 2),
-                      "tokens_per_s": round(window_tokens / seconds, 1)}
+            record = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "task_loss": round(task_loss, 5),
+                "regulariser": round(total_loss - task_loss, 5),
+                "lr": scheduler.get_last_lr()[0],
+                "examples_per_s": round(window_examples / seconds, 2),
+                "tokens_per_s": round(window_tokens / seconds, 1),
+            }
             log.write(record)
             bar.set_postfix(loss=f"{task_loss:.4f}", lr=f"{record['lr']:.2e}", ex_s=f"{record['examples_per_s']:.0f}")
             window_start, window_examples, window_tokens, window_steps = time.perf_counter(), 0, 0, 0
@@ -184,8 +201,11 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             state.train_seconds += paused - started
             started = paused
             guard.check_weights(model, state.step, "checkpoint")
-            guard.checkpoint_written(ranks.save_checkpoint(checkpoints, model, optimizer, scheduler, state,
-                                                           best_weights, config_view=resume_view(config)))
+            guard.checkpoint_written(
+                ranks.save_checkpoint(
+                    checkpoints, model, optimizer, scheduler, state, best_weights, config_view=resume_view(config)
+                )
+            )
         if ranks.world > 1 and tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
             dist.barrier()
         excluded = time.perf_counter() - paused
@@ -205,31 +225,63 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if "test" in splits and splits["test"].labels is not None:
         test_metrics = score(splits["test"])
     summary = RunSummary(
-        recipe=config.recipe, task=task.name, method=method.name, model=config.model.name_or_path,
-        seed=tcfg.seed, steps=state.step, examples_seen=state.examples_seen,
-        train_examples=len(splits["train"]), validation_examples=len(splits["validation"]),
-        final=final_metrics, best={"step": kept_step, **kept_metrics}, test=test_metrics,
+        recipe=config.recipe,
+        task=task.name,
+        method=method.name,
+        model=config.model.name_or_path,
+        seed=tcfg.seed,
+        steps=state.step,
+        examples_seen=state.examples_seen,
+        train_examples=len(splits["train"]),
+        validation_examples=len(splits["validation"]),
+        final=final_metrics,
+        best={"step": kept_step, **kept_metrics},
+        test=test_metrics,
         kept="best" if method.restore_best else "final",
-        trainable_params=params.trainable, total_params=params.total, trainable_pct=round(params.trainable_pct, 4),
+        trainable_params=params.trainable,
+        total_params=params.total,
+        trainable_pct=round(params.trainable_pct, 4),
         train_seconds=round(state.train_seconds, 2),
         train_examples_per_s=round(state.examples_seen / max(state.train_seconds, 1e-9), 2),
-        **peak, model_state_mb=ranks.model_state_mb(model),
-        device=str(device), bf16=bf16, world_size=ranks.world, environment=environment(), run_dir=str(run_dir),
+        **peak,
+        model_state_mb=ranks.model_state_mb(model),
+        device=str(device),
+        bf16=bf16,
+        world_size=ranks.world,
+        environment=environment(),
+        run_dir=str(run_dir),
     )
     if task.skipped_rows:
         summary.extra["skipped_rows"] = len(task.skipped_rows)
         summary.extra["skipped_rows_first"] = task.skipped_rows[:10]
-    saved = ranks.full_model(model, lambda: method.apply(  # under FSDP: an unsharded copy with the gathered weights
-        load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed),
-        MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps)))
+    saved = ranks.full_model(
+        model,
+        lambda: method.apply(  # under FSDP: an unsharded copy with the gathered weights
+            load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed),
+            MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps),
+        ),
+    )
     if ranks.is_main:
         guard.check_weights(model, state.step)
-        task_info = TaskInfo(name=task.name, label_names=task.label_names, is_pair=task.is_pair, metrics=list(task.metrics),
-                             text_field=config.task.text_field, text_pair_field=config.task.text_pair_field,
-                             max_length=config.task.max_length)
-        meta = save_adapter(saved, method, run_dir / "adapter", base_model=config.model.name_or_path, task=task_info,
-                            metrics={"validation": kept_metrics, "test": test_metrics}, params=params,
-                            head_modules=heads)
+        task_info = TaskInfo(
+            name=task.name,
+            label_names=task.label_names,
+            is_pair=task.is_pair,
+            metrics=list(task.metrics),
+            text_field=config.task.text_field,
+            text_pair_field=config.task.text_pair_field,
+            max_length=config.task.max_length,
+        )
+        meta = save_adapter(
+            saved,
+            method,
+            run_dir / "adapter",
+            base_model=config.model.name_or_path,
+            task=task_info,
+            metrics={"validation": kept_metrics, "test": test_metrics},
+            params=params,
+            head_modules=heads,
+        )
         summary.adapter_bytes = meta.adapter_bytes
         summary.write(run_dir)
     ranks.finish()
@@ -247,17 +299,20 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, heads: list[str]) -> to
             decay = p.ndim >= 2 and "norm" not in name.lower()
             groups.setdefault((is_head_parameter(name, heads), decay), []).append(p)
     head_lr = tcfg.head_lr or tcfg.lr
-    return torch.optim.AdamW([
-        {"params": ps, "lr": head_lr if head else tcfg.lr, "weight_decay": tcfg.weight_decay if decay else 0.0}
-        for (head, decay), ps in sorted(groups.items())
-    ])
+    return torch.optim.AdamW(
+        [
+            {"params": ps, "lr": head_lr if head else tcfg.lr, "weight_decay": tcfg.weight_decay if decay else 0.0}
+            for (head, decay), ps in sorted(groups.items())
+        ]
+    )
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing in the base model (recompute each layer's activations in the backward pass)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise PeftkitError(f"{type(model).__name__} does not support gradient checkpointing; "
-                           "unset train.gradient_checkpointing")
+        raise PeftkitError(
+            f"{type(model).__name__} does not support gradient checkpointing; unset train.gradient_checkpointing"
+        )
     # non-reentrant: works with frozen embeddings (no input that requires grad) and keeps dropout's RNG exact
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

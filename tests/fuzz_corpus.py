@@ -8,6 +8,7 @@ checkpoints). The rule every case must keep: exit 0, or exit 2 with exactly one 
     python tests/fuzz_corpus.py            # run the whole corpus against whichever peftkit is importable
     python tests/fuzz_corpus.py --fast     # the CI slice
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,11 @@ class Outcome:
 
 def _rows(n: int, seed: int = 0, classes=(0, 1)) -> list[dict]:
     rng = random.Random(seed)
-    words = {0: ["awful", "terrible", "bad", "boring"], 1: ["great", "wonderful", "excellent", "good"],
-             2: ["okay", "fine", "average", "plain"]}
+    words = {
+        0: ["awful", "terrible", "bad", "boring"],
+        1: ["great", "wonderful", "excellent", "good"],
+        2: ["okay", "fine", "average", "plain"],
+    }
     out = []
     for _ in range(n):
         label = rng.choice(classes)
@@ -88,12 +92,18 @@ class FuzzEnv:
 
             path = self.root / "tiny-bert"
             torch.manual_seed(0)
-            config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=128)
+            config = BertConfig(
+                vocab_size=30522,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=128,
+            )
             AutoModel.from_config(config).save_pretrained(path)
-            AutoTokenizer.from_pretrained(resolve_model_path("default"),
-                                          model_input_names=["input_ids", "token_type_ids", "attention_mask"]
-                                          ).save_pretrained(path)
+            AutoTokenizer.from_pretrained(
+                resolve_model_path("default"), model_input_names=["input_ids", "token_type_ids", "attention_mask"]
+            ).save_pretrained(path)
             self._model = path
         return self._model
 
@@ -101,10 +111,22 @@ class FuzzEnv:
         """A recipe YAML for the tiny model and the toy task, two steps long."""
         import yaml
 
-        data = {"recipe": "fuzz", "task": {"name": str(self.task), "max_length": 32},
-                "model": {"name_or_path": str(self.model)}, "method": {"name": "lora"},
-                "train": {"max_steps": 2, "batch_size": 8, "lr": 0.01, "progress": False, "log_every": 1,
-                          "eval_batch_size": 16, "output_dir": str(folder / "runs"), **train}}
+        data = {
+            "recipe": "fuzz",
+            "task": {"name": str(self.task), "max_length": 32},
+            "model": {"name_or_path": str(self.model)},
+            "method": {"name": "lora"},
+            "train": {
+                "max_steps": 2,
+                "batch_size": 8,
+                "lr": 0.01,
+                "progress": False,
+                "log_every": 1,
+                "eval_batch_size": 16,
+                "output_dir": str(folder / "runs"),
+                **train,
+            },
+        }
         path = folder / "base.yaml"
         path.write_text(yaml.safe_dump(data))
         return path
@@ -144,50 +166,113 @@ class FuzzEnv:
 
 
 NUMERIC_FIELDS = [
-    "train.seed", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum_steps", "train.lr",
-    "train.head_lr", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm", "train.eval_every",
-    "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "task.max_length",
-    "task.max_train_examples", "task.max_eval_examples", "method.r", "method.alpha", "method.dropout",
+    "train.seed",
+    "train.epochs",
+    "train.max_steps",
+    "train.batch_size",
+    "train.grad_accum_steps",
+    "train.lr",
+    "train.head_lr",
+    "train.weight_decay",
+    "train.warmup_ratio",
+    "train.max_grad_norm",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.log_every",
+    "train.checkpoint_every",
+    "task.max_length",
+    "task.max_train_examples",
+    "task.max_eval_examples",
+    "method.r",
+    "method.alpha",
+    "method.dropout",
 ]
-BAD_VALUES = {".nan": ERROR, ".inf": ERROR, "-.inf": ERROR, "-5": ERROR, "0": ANY, "99999999999999999999": ANY,
-              "abc": ERROR, "[1, 2]": ERROR, "{a: 1}": ERROR, "true": ERROR}
+BAD_VALUES = {
+    ".nan": ERROR,
+    ".inf": ERROR,
+    "-.inf": ERROR,
+    "-5": ERROR,
+    "0": ANY,
+    "99999999999999999999": ANY,
+    "abc": ERROR,
+    "[1, 2]": ERROR,
+    "{a: 1}": ERROR,
+    "true": ERROR,
+}
 
 
 def _override_cases() -> list[Case]:
     cases = []
     for i, field in enumerate(NUMERIC_FIELDS):
         for j, (value, expect) in enumerate(BAD_VALUES.items()):
+
             def build(env, folder, field=field, value=value):
                 return ["train", "--config", str(env.config(folder)), "--dry-run", f"{field}={value}"]
+
             cases.append(Case(f"dry:{field}={value}", "override", build, expect, fast=i % 2 == 0 and j == i % 10))
-    choice_values = [("method.bias=weird", ERROR), ("train.metric_for_best=bogus", ERROR),
-                     ("task.on_bad_row=maybe", ERROR), ("model.quantization=3bit", ERROR),
-                     ("train.run_name=../../x", ERROR), ("train.run_name=/tmp/abs", ERROR),
-                     ("train.run_name=..", ERROR), ("train.run_name=ok-name", OK),
-                     ("task.encoding=nosuchcodec", ERROR), ("task.delimiter=;;", ERROR), ("method.name=nosuch", ERROR),
-                     ("method.target_modules=[1, [2]]", ERROR), ("nosection.x=1", ERROR),
-                     ("train.lrr=1", ERROR), ("lr=1", ERROR), ("train.=1", ERROR), ("train.bf16=maybe", ERROR),
-                     ("task.allow_empty_text=yes", OK), ("train.lr=5e-4", OK), ("train.seed=4294967296", ERROR)]
+    choice_values = [
+        ("method.bias=weird", ERROR),
+        ("train.metric_for_best=bogus", ERROR),
+        ("task.on_bad_row=maybe", ERROR),
+        ("model.quantization=3bit", ERROR),
+        ("train.run_name=../../x", ERROR),
+        ("train.run_name=/tmp/abs", ERROR),
+        ("train.run_name=..", ERROR),
+        ("train.run_name=ok-name", OK),
+        ("task.encoding=nosuchcodec", ERROR),
+        ("task.delimiter=;;", ERROR),
+        ("method.name=nosuch", ERROR),
+        ("method.target_modules=[1, [2]]", ERROR),
+        ("nosection.x=1", ERROR),
+        ("train.lrr=1", ERROR),
+        ("lr=1", ERROR),
+        ("train.=1", ERROR),
+        ("train.bf16=maybe", ERROR),
+        ("task.allow_empty_text=yes", OK),
+        ("train.lr=5e-4", OK),
+        ("train.seed=4294967296", ERROR),
+    ]
     for k, (item, expect) in enumerate(choice_values):
+
         def build(env, folder, item=item):
             return ["train", "--config", str(env.config(folder)), "--dry-run", item]
+
         cases.append(Case(f"dry:{item}", "override", build, expect, fast=k % 4 == 0))
     trains = [  # issue 11, lists 5 and 6: each run for real (two steps) where the config passes
-        ("train.epochs=.nan", ERROR), ("train.warmup_ratio=.nan", ERROR), ("train.seed=99999999999999999999", ERROR),
-        ("train.output_dir=/etc/passwd", ERROR), ("task.max_length=-5", ERROR), ("task.max_length=100000", ERROR),
-        ("task.max_length=0", ERROR), ("task.max_train_examples=-5", ERROR), ("task.max_train_examples=0", ERROR),
-        ("task.max_eval_examples=-1", ERROR), ("method.r=0", ERROR), ("method.dropout=2.0", ERROR),
-        ("method.target_modules=[nosuchmodule]", ERROR), ("method.bias=weird", ERROR), ("train.lr=-1", ERROR),
-        ("train.warmup_ratio=-0.1", ERROR), ("train.weight_decay=-1", ERROR), ("train.max_grad_norm=-1", ERROR),
-        ("train.lr=.nan", ERROR), ("train.lr=.inf", ERROR), ("train.run_name=../../x", ERROR),
-        ("method.target_modules=[query]", OK), ("train.lr=10", ANY), ("task.max_length=128", OK), ("", OK),
+        ("train.epochs=.nan", ERROR),
+        ("train.warmup_ratio=.nan", ERROR),
+        ("train.seed=99999999999999999999", ERROR),
+        ("train.output_dir=/etc/passwd", ERROR),
+        ("task.max_length=-5", ERROR),
+        ("task.max_length=100000", ERROR),
+        ("task.max_length=0", ERROR),
+        ("task.max_train_examples=-5", ERROR),
+        ("task.max_train_examples=0", ERROR),
+        ("task.max_eval_examples=-1", ERROR),
+        ("method.r=0", ERROR),
+        ("method.dropout=2.0", ERROR),
+        ("method.target_modules=[nosuchmodule]", ERROR),
+        ("method.bias=weird", ERROR),
+        ("train.lr=-1", ERROR),
+        ("train.warmup_ratio=-0.1", ERROR),
+        ("train.weight_decay=-1", ERROR),
+        ("train.max_grad_norm=-1", ERROR),
+        ("train.lr=.nan", ERROR),
+        ("train.lr=.inf", ERROR),
+        ("train.run_name=../../x", ERROR),
+        ("method.target_modules=[query]", OK),
+        ("train.lr=10", ANY),
+        ("task.max_length=128", OK),
+        ("", OK),
     ]
     for k, (item, expect) in enumerate(trains):
+
         def build(env, folder, item=item):
             argv = env.train_argv(folder)
             if item.startswith("train.run_name") or item.startswith("train.output_dir"):
                 argv = argv[:3]  # no --run-dir: the run folder comes from output_dir/run_name
             return argv + ([item] if item else [])
+
         cases.append(Case(f"train:{item or 'baseline'}", "override", build, expect, fast=k % 5 == 0))
 
     def run_dir_is_file(env, folder):
@@ -198,16 +283,20 @@ def _override_cases() -> list[Case]:
         (folder / "afile").write_text("x")
         return ["train", "--config", str(env.config(folder)), f"train.output_dir={folder / 'afile'}"]
 
-    cases += [Case("train:--run-dir under a file", "override", run_dir_is_file, ERROR),
-              Case("train:output_dir is a file", "override", output_dir_is_file, ERROR, fast=True),
-              Case("cli:no args", "override", lambda env, folder: ["train"], ERROR),
-              Case("cli:unknown flag", "override", lambda env, folder: ["train", "sst2-lora", "--nosuch"], ERROR,
-                   True),
-              Case("cli:unknown verb", "override", lambda env, folder: ["nosuchverb"], ERROR),
-              Case("cli:recipe is a YAML list", "override", lambda env, folder: ["train", "[1, 2]", "--dry-run"],
-                   ERROR),
-              Case("cli:recipe and --config", "override",
-                   lambda env, folder: ["train", "sst2-lora", "--config", str(env.config(folder))], ERROR)]
+    cases += [
+        Case("train:--run-dir under a file", "override", run_dir_is_file, ERROR),
+        Case("train:output_dir is a file", "override", output_dir_is_file, ERROR, fast=True),
+        Case("cli:no args", "override", lambda env, folder: ["train"], ERROR),
+        Case("cli:unknown flag", "override", lambda env, folder: ["train", "sst2-lora", "--nosuch"], ERROR, True),
+        Case("cli:unknown verb", "override", lambda env, folder: ["nosuchverb"], ERROR),
+        Case("cli:recipe is a YAML list", "override", lambda env, folder: ["train", "[1, 2]", "--dry-run"], ERROR),
+        Case(
+            "cli:recipe and --config",
+            "override",
+            lambda env, folder: ["train", "sst2-lora", "--config", str(env.config(folder))],
+            ERROR,
+        ),
+    ]
     return cases
 
 
@@ -220,6 +309,7 @@ def _config_cases() -> list[Case]:
             else:
                 path.write_bytes(content)
             return ["train", "--config", str(path), "--dry-run"]
+
         return Case(f"config:{name}", "config", build, expect, fast)
 
     good = "task: {name: sst2}\nmethod: {name: lora}\ntrain: {max_steps: 2}\n"
@@ -251,22 +341,34 @@ def _config_cases() -> list[Case]:
         (folder / "dir.yaml").mkdir()
         return ["train", "--config", str(folder / "dir.yaml"), "--dry-run"]
 
-    cases += [Case("config:a directory", "config", directory, ERROR, True),
-              Case("config:missing", "config", lambda env, folder: ["train", "--config", str(folder / "no.yaml")],
-                   ERROR)]
+    cases += [
+        Case("config:a directory", "config", directory, ERROR, True),
+        Case("config:missing", "config", lambda env, folder: ["train", "--config", str(folder / "no.yaml")], ERROR),
+    ]
     return cases
 
 
 def _data_cases() -> list[Case]:
     cases = []
 
-    def folder_task(name: str, expect: str, train=None, validation=None, test=None, meta=None,
-                    overrides=(), fast=False, raw: dict | None = None):
+    def folder_task(
+        name: str,
+        expect: str,
+        train=None,
+        validation=None,
+        test=None,
+        meta=None,
+        overrides=(),
+        fast=False,
+        raw: dict | None = None,
+    ):
         def build(env, folder):
             task = folder / "task"
             task.mkdir()
-            files = {"train.jsonl": train if train is not None else _rows(40),
-                     "validation.jsonl": validation if validation is not None else _rows(12, 1)}
+            files = {
+                "train.jsonl": train if train is not None else _rows(40),
+                "validation.jsonl": validation if validation is not None else _rows(12, 1),
+            }
             if test is not None:
                 files["test.jsonl"] = test
             for file, rows in files.items():
@@ -275,6 +377,7 @@ def _data_cases() -> list[Case]:
             for file, content in (raw or {}).items():
                 (task / file).write_bytes(content)
             return env.train_argv(folder, f"task.name={task}", *overrides)
+
         cases.append(Case(f"data:{name}", "data", build, expect, fast))
 
     def file_task(name: str, expect: str, content: bytes | str, suffix=".jsonl", overrides=(), fast=False):
@@ -282,6 +385,7 @@ def _data_cases() -> list[Case]:
             path = folder / f"rows{suffix}"
             path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
             return env.train_argv(folder, f"task.name={path}", *overrides)
+
         cases.append(Case(f"data:{name}", "data", build, expect, fast))
 
     good = _rows(40)
@@ -290,14 +394,23 @@ def _data_cases() -> list[Case]:
         return good[:at] + [row] + good[at:]
 
     bad_rows = {
-        "null text": {"text": None, "label": 0}, "object text": {"text": {"a": 1}, "label": 0},
-        "list text": {"text": ["a"], "label": 1}, "number text": {"text": 123, "label": 1},
-        "empty text": {"text": "", "label": 0}, "blank text": {"text": "   \t", "label": 0},
-        "lone surrogate": '{"text": "\\ud800 broken", "label": 0}', "NaN label": '{"text": "nan label", "label": NaN}',
-        "list label": {"text": "list label", "label": [1]}, "object label": {"text": "obj label", "label": {"a": 1}},
-        "float label 1.5": {"text": "half label", "label": 1.5}, "missing label": {"text": "no label"},
-        "missing text field": {"body": "x", "label": 1}, "not an object": "[1, 2, 3]", "invalid JSON": "{text: x",
-        "100000 nested": "[" * 100000 + "]" * 100000, "unknown label name": {"text": "t", "label": "neutral"},
+        "null text": {"text": None, "label": 0},
+        "object text": {"text": {"a": 1}, "label": 0},
+        "list text": {"text": ["a"], "label": 1},
+        "number text": {"text": 123, "label": 1},
+        "empty text": {"text": "", "label": 0},
+        "blank text": {"text": "   \t", "label": 0},
+        "lone surrogate": '{"text": "\\ud800 broken", "label": 0}',
+        "NaN label": '{"text": "nan label", "label": NaN}',
+        "list label": {"text": "list label", "label": [1]},
+        "object label": {"text": "obj label", "label": {"a": 1}},
+        "float label 1.5": {"text": "half label", "label": 1.5},
+        "missing label": {"text": "no label"},
+        "missing text field": {"body": "x", "label": 1},
+        "not an object": "[1, 2, 3]",
+        "invalid JSON": "{text: x",
+        "100000 nested": "[" * 100000 + "]" * 100000,
+        "unknown label name": {"text": "t", "label": "neutral"},
         "label out of range": {"text": "t", "label": 7},
     }
     for k, (name, row) in enumerate(bad_rows.items()):
@@ -305,12 +418,14 @@ def _data_cases() -> list[Case]:
         folder_task(f"train row: {name} (skip)", OK, train=with_row(row), overrides=["task.on_bad_row=skip"])
     for name in ("null text", "lone surrogate", "unknown label name", "missing label"):
         folder_task(f"validation row: {name}", ERROR, validation=with_row(bad_rows[name], 3)[:12])
-    folder_task("empty text allowed", OK, train=with_row(bad_rows["empty text"]),
-                overrides=["task.allow_empty_text=true"])
+    folder_task(
+        "empty text allowed", OK, train=with_row(bad_rows["empty text"]), overrides=["task.allow_empty_text=true"]
+    )
     folder_task("float label 1.0", OK, train=with_row({"text": "whole", "label": 1.0}))
     folder_task("bool label", ANY, train=with_row({"text": "bool", "label": True}))
-    folder_task("labels missing after row 1", ERROR, train=good[:1] + [{"text": r["text"]} for r in good[1:]],
-                fast=True)
+    folder_task(
+        "labels missing after row 1", ERROR, train=good[:1] + [{"text": r["text"]} for r in good[1:]], fast=True
+    )
     folder_task("one class in train", ERROR, train=[{**r, "label": 0} for r in good], fast=True)
     folder_task("partial test labels", ERROR, test=_rows(6, 2) + [{"text": "unlabelled"}])
     folder_task("unlabelled test", OK, test=[{"text": r["text"]} for r in _rows(6, 2)])
@@ -324,8 +439,9 @@ def _data_cases() -> list[Case]:
     folder_task("empty validation file", ERROR, validation=[], fast=True)
     folder_task("empty train file", ERROR, train=[])
     folder_task("blank-line train file", ERROR, train=b"\n\n  \n")
-    latin1 = _jsonl([json.dumps({"text": f"caf\u00e9 {r['text']}", "label": r["label"]}, ensure_ascii=False)
-                     for r in good]).encode("latin-1")
+    latin1 = _jsonl(
+        [json.dumps({"text": f"caf\u00e9 {r['text']}", "label": r["label"]}, ensure_ascii=False) for r in good]
+    ).encode("latin-1")
     folder_task("latin-1 train", ERROR, train=latin1, fast=True)
     folder_task("latin-1 train with task.encoding", OK, overrides=["task.encoding=latin-1"], train=latin1)
     folder_task("CRLF lines", OK, train=_jsonl(good).replace("\n", "\r\n").encode())
@@ -333,24 +449,29 @@ def _data_cases() -> list[Case]:
     folder_task("binary garbage train", ERROR, train=bytes(random.Random(1).randrange(256) for _ in range(500)))
 
     header = "text,label\n"
-    csv_good = header + "".join(f"\"{r['text']}, really\",{r['label']}\n" for r in good)
+    csv_good = header + "".join(f'"{r["text"]}, really",{r["label"]}\n' for r in good)
     file_task("csv good", OK, csv_good, ".csv", fast=True)
     file_task("csv extra cells", ERROR, csv_good + "too,many,cells\n", ".csv", fast=True)
     file_task("csv extra cells (skip)", OK, csv_good + "too,many,cells\n", ".csv", ["task.on_bad_row=skip"])
-    file_task("csv missing text cell", ERROR, header + "only-one-cell\n" + csv_good[len(header):], ".csv")
+    file_task("csv missing text cell", ERROR, header + "only-one-cell\n" + csv_good[len(header) :], ".csv")
     file_task("csv empty text cell", ERROR, csv_good + ",1\n", ".csv")
     file_task("csv empty label cell", ERROR, csv_good + "text without label,\n", ".csv")
     file_task("csv semicolons (sniffed)", OK, csv_good.replace(",", ";").replace(";", ",", 0), ".csv")
     semicolons = "text;label\n" + "".join(f"{r['text']};{r['label']}\n" for r in good)
     file_task("csv semicolons (task.delimiter)", OK, semicolons, ".csv", ["task.delimiter=;"])
     file_task("csv tabs", OK, "text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in good), ".csv")
-    file_task("csv quoted newline", OK, header + "\"two\nlines\",1\n" + csv_good[len(header):], ".csv")
+    file_task("csv quoted newline", OK, header + '"two\nlines",1\n' + csv_good[len(header) :], ".csv")
     file_task("csv latin-1", ERROR, csv_good.replace("really", "caf\u00e9").encode("latin-1"), ".csv")
-    file_task("csv latin-1 with task.encoding", OK, csv_good.replace("really", "caf\u00e9").encode("latin-1"), ".csv",
-              ["task.encoding=latin-1"])
+    file_task(
+        "csv latin-1 with task.encoding",
+        OK,
+        csv_good.replace("really", "caf\u00e9").encode("latin-1"),
+        ".csv",
+        ["task.encoding=latin-1"],
+    )
     file_task("csv header only", ERROR, header, ".csv")
     file_task("csv duplicate header", ERROR, "text,text,label\na,b,1\n", ".csv")
-    file_task("csv unterminated quote", ANY, header + "\"never closed,1\n" + csv_good[len(header):], ".csv")
+    file_task("csv unterminated quote", ANY, header + '"never closed,1\n' + csv_good[len(header) :], ".csv")
     file_task("jsonl good", OK, _jsonl(good))
     file_task("jsonl text_field missing", ERROR, _jsonl(good), overrides=["task.text_field=body"])
     file_task("jsonl label as text", ERROR, _jsonl(good), overrides=["task.text_field=label"])
@@ -367,20 +488,31 @@ def _data_cases() -> list[Case]:
         path.write_text(_jsonl(good))
         return env.train_argv(folder, f"task.name={path}", f"task.validation_file={folder}")
 
-    cases += [Case("data:validation_file missing", "data", missing_validation_file, ERROR),
-              Case("data:validation_file a folder", "data", validation_file_dir, ERROR),
-              Case("data:task is a folder without train.jsonl", "data",
-                   lambda env, folder: env.train_argv(folder, f"task.name={folder}"), ERROR),
-              Case("data:task file missing", "data",
-                   lambda env, folder: env.train_argv(folder, f"task.name={folder / 'none.jsonl'}"), ERROR)]
+    cases += [
+        Case("data:validation_file missing", "data", missing_validation_file, ERROR),
+        Case("data:validation_file a folder", "data", validation_file_dir, ERROR),
+        Case(
+            "data:task is a folder without train.jsonl",
+            "data",
+            lambda env, folder: env.train_argv(folder, f"task.name={folder}"),
+            ERROR,
+        ),
+        Case(
+            "data:task file missing",
+            "data",
+            lambda env, folder: env.train_argv(folder, f"task.name={folder / 'none.jsonl'}"),
+            ERROR,
+        ),
+    ]
     return cases
 
 
 def _predict_cases() -> list[Case]:
     cases = []
 
-    def case(name: str, expect: str, content: bytes | str | None, extra=(), suffix=".jsonl", output="out.jsonl",
-             fast=False):
+    def case(
+        name: str, expect: str, content: bytes | str | None, extra=(), suffix=".jsonl", output="out.jsonl", fast=False
+    ):
         def build(env, folder):
             path = folder / f"in{suffix}"
             if isinstance(content, bytes):
@@ -389,6 +521,7 @@ def _predict_cases() -> list[Case]:
                 path.write_text(content)
             out = folder / output if output else folder
             return ["predict", str(env.adapter), "--input", str(path), "--output", str(out), *extra]
+
         cases.append(Case(f"predict:{name}", "predict", build, expect, fast))
 
     good = _jsonl([{"id": i, "text": f"row {i} was great"} for i in range(5)])
@@ -440,6 +573,7 @@ def _adapter_cases() -> list[Case]:
             change(copy)
             (folder / "in.jsonl").write_text('{"text": "fine"}\n')
             return ["predict", str(copy), "--input", str(folder / "in.jsonl"), "--output", str(folder / "o.jsonl")]
+
         return build
 
     def truncate(path: Path) -> None:
@@ -447,15 +581,22 @@ def _adapter_cases() -> list[Case]:
         path.write_bytes(data[: len(data) // 2])
 
     return [
-        Case("adapter:peftkit.json a list", "adapter", damaged(lambda a: (a / "peftkit.json").write_text("[1]")),
-             ERROR),
-        Case("adapter:peftkit.json not JSON", "adapter", damaged(lambda a: (a / "peftkit.json").write_text("{")),
-             ERROR),
+        Case(
+            "adapter:peftkit.json a list", "adapter", damaged(lambda a: (a / "peftkit.json").write_text("[1]")), ERROR
+        ),
+        Case(
+            "adapter:peftkit.json not JSON", "adapter", damaged(lambda a: (a / "peftkit.json").write_text("{")), ERROR
+        ),
         Case("adapter:peftkit.json missing", "adapter", damaged(lambda a: (a / "peftkit.json").unlink()), ERROR),
-        Case("adapter:weights truncated", "adapter", damaged(lambda a: truncate(a / "adapter_model.safetensors")),
-             ERROR),
-        Case("adapter:missing folder", "adapter",
-             lambda env, f: ["predict", str(f / "none"), "--input", str(f / "x.jsonl")], ERROR),
+        Case(
+            "adapter:weights truncated", "adapter", damaged(lambda a: truncate(a / "adapter_model.safetensors")), ERROR
+        ),
+        Case(
+            "adapter:missing folder",
+            "adapter",
+            lambda env, f: ["predict", str(f / "none"), "--input", str(f / "x.jsonl")],
+            ERROR,
+        ),
     ]
 
 
@@ -466,6 +607,7 @@ def _resume_cases() -> list[Case]:
             if damage:
                 damage(run)
             return ["train", "--resume", str(run), f"train.max_steps={max_steps}", *overrides]
+
         return build
 
     def flip_optimizer(run: Path) -> None:
@@ -514,8 +656,15 @@ def _resume_cases() -> list[Case]:
 
 
 def corpus() -> list[Case]:
-    cases = (_override_cases() + _config_cases() + _data_cases() + _predict_cases() + _eval_cases()
-             + _adapter_cases() + _resume_cases())
+    cases = (
+        _override_cases()
+        + _config_cases()
+        + _data_cases()
+        + _predict_cases()
+        + _eval_cases()
+        + _adapter_cases()
+        + _resume_cases()
+    )
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), "duplicate case ids"
     return cases
@@ -568,14 +717,23 @@ def run_corpus(root: Path, fast_only: bool = False, model_dir: Path | None = Non
 def report(outcomes: list[Outcome]) -> str:
     from collections import Counter
 
-    lines = [f"{sum(o.passed for o in outcomes)}/{len(outcomes)} cases pass "
-             f"({sum(o.seconds for o in outcomes):.0f}s)"]
+    lines = [f"{sum(o.passed for o in outcomes)}/{len(outcomes)} cases pass ({sum(o.seconds for o in outcomes):.0f}s)"]
     by_kind = Counter((o.case.kind, o.passed) for o in outcomes)
     for kind in sorted({o.case.kind for o in outcomes}):
         lines.append(f"  {kind}: {by_kind[(kind, True)]} pass, {by_kind[(kind, False)]} fail")
-    failures = Counter(("traceback" if o.why.startswith("traceback") else "silently accepted" if "succeeded" in o.why
-                        else "refused a valid input" if o.why.startswith("expected success") else "multi-line error")
-                       for o in outcomes if not o.passed)
+    failures = Counter(
+        (
+            "traceback"
+            if o.why.startswith("traceback")
+            else "silently accepted"
+            if "succeeded" in o.why
+            else "refused a valid input"
+            if o.why.startswith("expected success")
+            else "multi-line error"
+        )
+        for o in outcomes
+        if not o.passed
+    )
     lines.append("  failures by kind: " + (", ".join(f"{k} {v}" for k, v in failures.items()) or "none"))
     lines += [f"  FAIL {o.case.id}: {o.why}" for o in outcomes if not o.passed]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """Length-bucketed batching: a deterministic permutation, less padding, exact resume, ranks that never overlap."""
+
 from __future__ import annotations
 
 import random

@@ -1,5 +1,6 @@
 """`peftkit bench` end to end on a tiny BERT and two toy tasks: cells, resume, a failing cell, tables, plots,
 --report."""
+
 from __future__ import annotations
 
 import csv
@@ -32,10 +33,21 @@ def three_class_task(tmp_path_factory) -> Path:
 
 def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir, three_class_task, tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["bench", "--profile", "smoke", "--tasks", f"{toy_task_dir},{three_class_task}",
-            "--methods", "lora,bitfit,prefix", "--model", str(tiny_model_dir("bert")), "--out", str(out)]
+    argv = [
+        "bench",
+        "--profile",
+        "smoke",
+        "--tasks",
+        f"{toy_task_dir},{three_class_task}",
+        "--methods",
+        "lora,bitfit,miss",
+        "--model",
+        str(tiny_model_dir("bert")),
+        "--out",
+        str(out),
+    ]
 
-    assert main(argv) == 1  # the grid has failed cells (prefix on BERT), so the exit code says so
+    assert main(argv) == 1  # the grid has failed cells (MiSS's r=64 on a 32-wide model), so the exit code says so
     cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
     assert len(cells) == 6
     for task in ("toy", "toy3"):
@@ -55,9 +67,9 @@ def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir
             assert manifest["config"]["method"]["name"] == method and "lr" in manifest["config"]["train"]
             assert {"torch", "transformers", "peft", "torch_threads", "cpu", "gpu"} <= set(cell["environment"])
             assert {"git_commit", "cpu_model", "cpu_count"} <= set(manifest)
-        failed = cells[f"{task}__prefix__seed0"]
-        assert failed["status"] == "failed" and "prefix tuning" in failed["error"]
-        assert failed["manifest"]["config"]["method"]["name"] == "prefix"
+        failed = cells[f"{task}__miss__seed0"]
+        assert failed["status"] == "failed" and "could not be applied" in failed["error"]
+        assert failed["manifest"]["config"]["method"]["name"] == "miss"
     assert cells["toy3__lora__seed0"]["task_metrics"] == ["accuracy", "macro_f1"]
     assert cells["toy__lora__seed0"]["task_metrics"] == ["accuracy", "f1"]
     # weights were measured, then dropped: the results folder stays small
@@ -68,19 +80,39 @@ def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir
     _check_report(out)
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    methods = ("lora", "bitfit", "prefix")
+    methods = ("lora", "bitfit", "miss")
     assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("toy", "toy3") for m in methods}
     lora = next(r for r in rows if r["task"] == "toy3" and r["method"] == "lora")
-    for column in ("validation_accuracy_mean", "validation_macro_f1_mean", "test_accuracy_mean", "trainable_params",
-                   "trainable_pct", "adapter_mb", "peak_memory_mb", "model_state_mb", "train_seconds",
-                   "train_examples_per_s", "latency_ms_per_example", "lr"):
+    for column in (
+        "validation_accuracy_mean",
+        "validation_macro_f1_mean",
+        "test_accuracy_mean",
+        "trainable_params",
+        "trainable_pct",
+        "adapter_mb",
+        "peak_memory_mb",
+        "model_state_mb",
+        "train_seconds",
+        "train_examples_per_s",
+        "latency_ms_per_example",
+        "lr",
+    ):
         assert lora[column] not in ("", None), column
     assert lora["validation_f1_mean"] == ""  # binary F1 is not a metric of a 3-class task
-    prefix = next(r for r in rows if r["task"] == "toy" and r["method"] == "prefix")
-    assert prefix["ok"] == "0" and "prefix tuning" in prefix["errors"]
+    failing = next(r for r in rows if r["task"] == "toy" and r["method"] == "miss")
+    assert failing["ok"] == "0" and "could not be applied" in failing["errors"]
     markdown = (out / "results.md").read_text()
-    for text in ("## Summary", "## Budgets", "## toy", "## toy3", "## Failed cells", "trainable %", "peak mem MB",
-                 "latency ms", "plots/toy-params.png"):
+    for text in (
+        "## Summary",
+        "## Budgets",
+        "## toy",
+        "## toy3",
+        "## Failed cells",
+        "trainable %",
+        "peak mem MB",
+        "latency ms",
+        "plots/toy-params.png",
+    ):
         assert text in markdown, text
 
     # resume: every cell has a result, so nothing trains and no cell file is rewritten
@@ -110,12 +142,15 @@ def _check_report(out: Path) -> None:
     assert report["budgets"]["toy"]["steps"] == 8 and report["summary"]["lora"]["toy"]["metric"] == "accuracy"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--profile", "nightly"], "unknown bench profile 'nightly'"),
-    (["--methods", "lorra", "--tasks", "sst2"], "Did you mean 'lora'"),
-    (["--tasks", "sst3", "--methods", "lora"], "unknown task"),
-    (["--seeds", "zero"], "--seeds must be comma-separated integers"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--profile", "nightly"], "unknown bench profile 'nightly'"),
+        (["--methods", "lorra", "--tasks", "sst2"], "Did you mean 'lora'"),
+        (["--tasks", "sst3", "--methods", "lora"], "unknown task"),
+        (["--seeds", "zero"], "--seeds must be comma-separated integers"),
+    ],
+)
 def test_bench_rejects_bad_choices_before_training(args, message, tmp_path, capsys):
     assert main(["bench", "--profile", "smoke", *args, "--out", str(tmp_path / "out")]) == 2  # the last --profile wins
     assert message in capsys.readouterr().err
@@ -129,12 +164,28 @@ def test_report_of_an_empty_folder_is_a_user_error(tmp_path, capsys):
 
 def test_aggregate_means_stds_and_pareto(tmp_path):
     def cell(seed: int, accuracy: float, params: int) -> dict:
-        return {"cell": f"t__lora__seed{seed}", "task": "t", "method": "lora", "seed": seed, "status": "ok",
-                "error": None, "task_metrics": ["accuracy"], "validation": {"accuracy": accuracy}, "test": None,
-                "trainable_params": params, "trainable_pct": 1.0, "adapter_bytes": 2**20, "peak_memory_mb": 10.0,
-                "model_state_mb": 5.0, "train_seconds": 1.0, "train_examples_per_s": 2.0,
-                "latency_ms_per_example": 0.5,
-                "memory_kind": "process_peak_rss", "steps": 3, "manifest": {"config": {"train": {"lr": 1e-3}}}}
+        return {
+            "cell": f"t__lora__seed{seed}",
+            "task": "t",
+            "method": "lora",
+            "seed": seed,
+            "status": "ok",
+            "error": None,
+            "task_metrics": ["accuracy"],
+            "validation": {"accuracy": accuracy},
+            "test": None,
+            "trainable_params": params,
+            "trainable_pct": 1.0,
+            "adapter_bytes": 2**20,
+            "peak_memory_mb": 10.0,
+            "model_state_mb": 5.0,
+            "train_seconds": 1.0,
+            "train_examples_per_s": 2.0,
+            "latency_ms_per_example": 0.5,
+            "memory_kind": "process_peak_rss",
+            "steps": 3,
+            "manifest": {"config": {"train": {"lr": 1e-3}}},
+        }
 
     [row] = aggregate([cell(0, 0.80, 100), cell(1, 0.90, 100)])
     assert row["validation_accuracy_mean"] == pytest.approx(0.85)

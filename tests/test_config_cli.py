@@ -1,4 +1,5 @@
 """Recipes parse and resolve; overrides are typed and checked; CLI mistakes are one clean line with exit 2."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,21 +27,32 @@ def test_every_task_has_the_core_recipes_and_all_recipes_resolve():
 
 
 def test_override_types_are_checked_and_converted():
-    config = load_config(recipe="sst2-lora", overrides=["train.lr=1e-4", "method.r=16", "train.bf16=true",
-                                                         "method.target_modules=query,key", "task.max_train_examples=100"])
+    config = load_config(
+        recipe="sst2-lora",
+        overrides=[
+            "train.lr=1e-4",
+            "method.r=16",
+            "train.bf16=true",
+            "method.target_modules=query,key",
+            "task.max_train_examples=100",
+        ],
+    )
     assert config.train.lr == 1e-4 and config.method.options.r == 16 and config.train.bf16 is True
     assert config.method.options.target_modules == ["query", "key"]
     with pytest.raises(PeftkitError, match="train.batch_size must be an integer"):
         load_config(recipe="sst2-lora", overrides=["train.batch_size=big"])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.lrr=1e-4"], "unknown key in train 'lrr'. Did you mean 'lr'"),
-    (["method.rank=4"], "unknown key in method \\(lora\\) 'rank'"),
-    (["trian.lr=1"], "unknown config section 'trian'. Did you mean 'train'"),
-    (["lr=1"], "must look like section.key=value"),
-    (["method.name=lorra"], "unknown method 'lorra'. Did you mean 'lora'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lrr=1e-4"], "unknown key in train 'lrr'. Did you mean 'lr'"),
+        (["method.rank=4"], "unknown key in method \\(lora\\) 'rank'"),
+        (["trian.lr=1"], "unknown config section 'trian'. Did you mean 'train'"),
+        (["lr=1"], "must look like section.key=value"),
+        (["method.name=lorra"], "unknown method 'lorra'. Did you mean 'lora'"),
+    ],
+)
 def test_bad_overrides_name_the_problem(overrides, message):
     with pytest.raises(PeftkitError, match=message):
         load_config(recipe="sst2-lora", overrides=overrides)
@@ -59,12 +71,15 @@ def test_user_config_file(tmp_path):
     assert config.method.name == "ia3" and config.train.max_steps == 10 and config.recipe == "mine"
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["train", "sst2-lorra"], "unknown recipe 'sst2-lorra'. Did you mean 'sst2-lora'"),
-    (["train", "sst2-lora", "train.lrr=1"], "Did you mean 'lr'"),
-    (["train", "--config", "/nonexistent.yaml"], "does not exist"),
-    (["eval", "/nonexistent-run"], "not a run folder"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "sst2-lorra"], "unknown recipe 'sst2-lorra'. Did you mean 'sst2-lora'"),
+        (["train", "sst2-lora", "train.lrr=1"], "Did you mean 'lr'"),
+        (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+        (["eval", "/nonexistent-run"], "not a run folder"),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(argv, fragment, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -72,7 +87,9 @@ def test_cli_errors_are_one_line_exit_2(argv, fragment, capsys):
 
 
 def test_cli_error_has_no_traceback_in_a_real_process():
-    result = subprocess.run([sys.executable, "-m", "peftkit", "train", "sst2-lorra"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", "sst2-lorra"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "sst2-lora" in result.stderr
 
@@ -87,8 +104,19 @@ def test_recipes_command_lists_names_and_trainable_share(capsys):
 
 def test_train_and_eval_commands_on_a_tiny_model(tiny_model_dir, toy_task_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["train", "sst2-lora", f"task.name={toy_task_dir}", f"model.name_or_path={tiny_model_dir('bert')}",
-                 "train.max_steps=3", "train.progress=false", "task.max_length=32", "--run-dir", str(run)])
+    code = main(
+        [
+            "train",
+            "sst2-lora",
+            f"task.name={toy_task_dir}",
+            f"model.name_or_path={tiny_model_dir('bert')}",
+            "train.max_steps=3",
+            "train.progress=false",
+            "task.max_length=32",
+            "--run-dir",
+            str(run),
+        ]
+    )
     assert code == 0 and "validation accuracy" in capsys.readouterr().out
     assert main(["eval", str(run), "--split", "test"]) == 0
     assert '"split": "test"' in capsys.readouterr().out
@@ -96,8 +124,16 @@ def test_train_and_eval_commands_on_a_tiny_model(tiny_model_dir, toy_task_dir, t
 
 def test_resume_from_the_cli_continues_a_run(tiny_model_dir, toy_task_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["train", "sst2-lora", f"task.name={toy_task_dir}", f"model.name_or_path={tiny_model_dir('bert')}",
-            "train.max_steps=4", "train.checkpoint_every=2", "train.progress=false", "task.max_length=32"]
+    args = [
+        "train",
+        "sst2-lora",
+        f"task.name={toy_task_dir}",
+        f"model.name_or_path={tiny_model_dir('bert')}",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+        "train.progress=false",
+        "task.max_length=32",
+    ]
     assert main([*args, "--run-dir", str(run)]) == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000002"
     assert main(["train", "--resume", str(run)]) == 0
@@ -106,8 +142,10 @@ def test_resume_from_the_cli_continues_a_run(tiny_model_dir, toy_task_dir, tmp_p
 
 def test_overrides_after_config_file_are_applied(tmp_path, tiny_model_dir, toy_task_dir):
     path = tmp_path / "mine.yaml"
-    path.write_text(f"task: {{name: {toy_task_dir}, max_length: 32}}\nmodel: {{name_or_path: {tiny_model_dir('bert')}}}\n"
-                    "method: {name: lora}\ntrain: {max_steps: 2, progress: false}\n")
+    path.write_text(
+        f"task: {{name: {toy_task_dir}, max_length: 32}}\nmodel: {{name_or_path: {tiny_model_dir('bert')}}}\n"
+        "method: {name: lora}\ntrain: {max_steps: 2, progress: false}\n"
+    )
     run = tmp_path / "run"
     assert main(["train", "--config", str(path), "train.max_steps=3", "--run-dir", str(run)]) == 0
     assert "max_steps: 3" in (run / "config.yaml").read_text()

@@ -1,4 +1,5 @@
 """Tasks from folders, user JSONL/CSV files and string labels; dynamic padding; metrics."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ def tokenizer():
 
 
 def test_real_task_folders_read_with_label_names(shared_data):
-    for name, labels, pair in (("sst2", 2, False), ("banking77", 77, False), ("financial_phrasebank", 3, False),
-                               ("rte", 2, True), ("mrpc", 2, True)):
+    for name, labels, pair in (
+        ("sst2", 2, False),
+        ("banking77", 77, False),
+        ("financial_phrasebank", 3, False),
+        ("rte", 2, True),
+        ("mrpc", 2, True),
+    ):
         task = load_task(TaskConfig(name=name, data_dir=str(shared_data), max_train_examples=50))
         assert task.num_labels == labels and task.is_pair == pair
         assert len(task.splits["train"]) == 50 and task.splits["validation"]

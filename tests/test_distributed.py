@@ -1,5 +1,6 @@
 """The same loop under torchrun on CPU (gloo): DDP with sharded batches, FSDP2 sharding (matches one process, holds
 less per rank, resumes exactly), and two single-process launchers meeting through c10d rendezvous as two "nodes"."""
+
 from __future__ import annotations
 
 import json
@@ -33,16 +34,29 @@ def write_config(config, path: Path) -> Path:
 
 
 def torchrun(config_path: Path, run: Path, *extra: str, nproc: int = 2, resume: bool = False, timeout: int = 300):
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-              "--master_port", str(free_port())]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+    ]
     target = ["--resume", str(run)] if resume else ["--config", str(config_path), "--run-dir", str(run)]
-    return subprocess.run([*launch, "-m", "peftkit", "train", *target, *extra],
-                          capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(
+        [*launch, "-m", "peftkit", "train", *target, *extra], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def one_process(config_path: Path, run: Path, *extra: str):
-    return subprocess.run([sys.executable, "-m", "peftkit", "train", "--config", str(config_path),
-                           "--run-dir", str(run), *extra], capture_output=True, text=True, timeout=300, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", "--config", str(config_path), "--run-dir", str(run), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -75,9 +89,18 @@ def test_fsdp_full_finetuning_matches_one_process_and_holds_less_per_rank(tiny_m
 
     model = tmp_path / "bert-256x4"
     torch.manual_seed(0)
-    AutoModel.from_config(BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                     intermediate_size=512, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)).save_pretrained(model)
+    AutoModel.from_config(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    ).save_pretrained(model)
     AutoTokenizer.from_pretrained(tiny_model_dir("bert")).save_pretrained(model)
     config = tiny_run_config("full", max_steps=12, lr=3e-4, head_lr=1e-3, warmup_ratio=0.0)
     config.model.name_or_path = str(model)
@@ -92,10 +115,12 @@ def test_fsdp_full_finetuning_matches_one_process_and_holds_less_per_rank(tiny_m
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     steps = losses(tmp_path / "fsdp")  # rank 0's half of each global batch
     s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("single", "fsdp"))
-    print(f"\nmodel state MB: 1 process {s1['model_state_mb']}, FSDP per rank {s2['model_state_mb']}; "
-          f"peak RSS above baseline MB: 1 process {s1['peak_memory_above_baseline_mb']}, "
-          f"FSDP max over ranks {s2['peak_memory_above_baseline_mb']}; worst weight diff {worst:.2e}; "
-          f"FSDP losses {steps}; accuracy 1 process {s1['best']['accuracy']}, FSDP {s2['best']['accuracy']}")
+    print(
+        f"\nmodel state MB: 1 process {s1['model_state_mb']}, FSDP per rank {s2['model_state_mb']}; "
+        f"peak RSS above baseline MB: 1 process {s1['peak_memory_above_baseline_mb']}, "
+        f"FSDP max over ranks {s2['peak_memory_above_baseline_mb']}; worst weight diff {worst:.2e}; "
+        f"FSDP losses {steps}; accuracy 1 process {s1['best']['accuracy']}, FSDP {s2['best']['accuracy']}"
+    )
     assert worst < 1e-4, worst
     assert sum(steps[-3:]) < sum(steps[:3]), steps
     assert s2["world_size"] == 2 and s2["examples_seen"] == s1["examples_seen"] == 12 * 16
@@ -116,7 +141,8 @@ def test_fsdp_lora_matches_one_process_and_resumes_exactly(tiny_model_dir, tiny_
     one, two = adapter(tmp_path / "single"), adapter(tmp_path / "fsdp")
     assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
     assert sorted(p.name for p in (tmp_path / "fsdp" / "adapter").iterdir()) == sorted(
-        p.name for p in (tmp_path / "single" / "adapter").iterdir())  # the same PEFT layout as one process
+        p.name for p in (tmp_path / "single" / "adapter").iterdir()
+    )  # the same PEFT layout as one process
     # the checkpoint at step 2 (gathered, safetensors) resumes to the same weights, bitwise
     resumed = torchrun(path, tmp_path / "fsdp", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -133,11 +159,30 @@ def test_fsdp_refuses_other_methods(tiny_run_config, tmp_path):
 
 def launcher(config_path: Path, run: Path, port: int, *target: str) -> subprocess.Popen:
     """One simulated node: torchrun with one process, meeting the other through c10d rendezvous."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "peftkit-test",
-           "--max-restarts", "0", "-m", "peftkit", "train", *target]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "peftkit-test",
+        "--max-restarts",
+        "0",
+        "-m",
+        "peftkit",
+        "train",
+        *target,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True
+    )
 
 
 @pytest.mark.integration
@@ -150,8 +195,13 @@ def test_two_launchers_as_two_nodes_finish_and_resume(tiny_run_config, tmp_path)
     assert sum(out.count("validation accuracy") for out, _ in outputs) == 1  # rank 0 alone reports
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "config.yaml", "metrics.jsonl",
-                                                     "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+    ]
     finished = adapter(run)
 
     # kill one launcher mid-run: the other fails instead of hanging; the checkpoint then resumes on both

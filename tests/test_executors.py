@@ -1,6 +1,7 @@
 """Bench executors: the smoke grid on a local 2-worker Ray cluster and through submitit's local executor gives the
 same metrics as the local executor; a Ray worker that dies is retried once and fails only its cell; Ray stays an
 optional extra."""
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,31 @@ from peftkit.bench.grid import Cell, CellJob
 from peftkit.cli import main
 
 # what must not depend on where a cell ran (times, memory and the machine may)
-SAME = ("validation", "test", "final_validation", "kept_step", "trainable_params", "total_params", "adapter_bytes",
-        "steps", "examples_seen", "task_metrics")
+SAME = (
+    "validation",
+    "test",
+    "final_validation",
+    "kept_step",
+    "trainable_params",
+    "total_params",
+    "adapter_bytes",
+    "steps",
+    "examples_seen",
+    "task_metrics",
+)
 
 
 @pytest.fixture(scope="module")
 def grid(tiny_model_dir, toy_task_dir):
     """The smoke profile on a tiny BERT: one task x 2 methods x 2 seeds = 4 cells."""
-    return {"profile_name": "smoke", "tasks": [str(toy_task_dir)], "methods": ["lora", "bitfit"], "seeds": [0, 1],
-            "model": str(tiny_model_dir("bert")), "progress": False}
+    return {
+        "profile_name": "smoke",
+        "tasks": [str(toy_task_dir)],
+        "methods": ["lora", "bitfit"],
+        "seeds": [0, 1],
+        "model": str(tiny_model_dir("bert")),
+        "progress": False,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +113,9 @@ def test_ray_worker_death_is_retried_once_and_fails_only_its_cell(tmp_path):
 
     try:
         executor = RayExecutor(num_cpus=2, target=target)
-        outcomes = {job.cell.method: o for job, o in executor.run([_job(tmp_path, m) for m in ("fine", "flaky",
-                                                                                            "doomed")])}
+        outcomes = {
+            job.cell.method: o for job, o in executor.run([_job(tmp_path, m) for m in ("fine", "flaky", "doomed")])
+        }
     finally:
         ray.shutdown()
     assert outcomes["fine"]["payload"] == {"attempts": 1}
@@ -121,15 +139,37 @@ def test_slurm_through_submitit_local_executor_matches_local(grid, local_cells, 
 @pytest.mark.parametrize("executor, extra", [("ray", "ray"), ("slurm", "slurm")])
 def test_missing_extra_is_a_one_line_error(executor, extra, toy_task_dir, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray" if executor == "ray" else "submitit", None)  # import fails
-    argv = ["bench", "--profile", "smoke", "--tasks", str(toy_task_dir), "--methods", "lora", "--executor", executor,
-            "--out", str(tmp_path / "out")]
+    argv = [
+        "bench",
+        "--profile",
+        "smoke",
+        "--tasks",
+        str(toy_task_dir),
+        "--methods",
+        "lora",
+        "--executor",
+        executor,
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"pip install 'peftkit[{extra}]'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_local_executor_takes_no_cluster_flags(toy_task_dir, tmp_path, capsys):
-    argv = ["bench", "--profile", "smoke", "--tasks", str(toy_task_dir), "--methods", "lora", "--address", "x:1",
-            "--out", str(tmp_path / "out")]
+    argv = [
+        "bench",
+        "--profile",
+        "smoke",
+        "--tasks",
+        str(toy_task_dir),
+        "--methods",
+        "lora",
+        "--address",
+        "x:1",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 2
     assert "need --executor ray or slurm" in capsys.readouterr().err

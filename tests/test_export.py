@@ -1,4 +1,5 @@
 """Export, merged export, weighted merge, base fingerprints and damaged folders (tiny BERT, a few steps each)."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shipping_runs import TinyRuns, logits_of
+from tiny_runs import TinyRuns, logits_of
 
 from peftkit.artifacts import load
 from peftkit.cli import main
@@ -107,8 +108,9 @@ def test_merged_export_matches_adapter_via_plain_transformers(method, runs, tmp_
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
 
 
-@pytest.mark.parametrize("method,why",
-                         [("prompt", "virtual tokens"), ("bottleneck", "non-linear"), ("bitfit", "biases")])
+@pytest.mark.parametrize(
+    "method,why", [("prompt", "virtual tokens"), ("bottleneck", "non-linear"), ("bitfit", "biases")]
+)
 def test_merge_refused_with_reason(method, why, runs, tmp_path, capsys):
     run = runs.run(method)
     assert main(["export", str(run), "--out", str(tmp_path / "m"), "--merge"]) == 2
@@ -135,8 +137,16 @@ def test_fingerprint_refuses_other_base_unless_allowed(runs, other_base, tmp_pat
     assert logits_of(loaded.model, loaded.tokenizer).shape == (4, 2)
     # the CLI refuses too, and accepts the expert flag
     (tmp_path / "in.jsonl").write_text('{"text": "great"}\n')
-    args = ["predict", str(out), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "p.jsonl"),
-            "--base", str(other_base)]
+    args = [
+        "predict",
+        str(out),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "p.jsonl"),
+        "--base",
+        str(other_base),
+    ]
     assert main(args) == 2 and "fingerprint" in capsys.readouterr().err
     assert main(args + ["--allow-base-mismatch"]) == 0
 
@@ -153,14 +163,19 @@ def test_fingerprint_cached_and_hub_ids_skip(runs, monkeypatch, tmp_path):
     assert model_fingerprint("someone/not-a-local-folder") is None
 
 
-@pytest.mark.parametrize("damage",
-                         ["truncate_peft", "bad_config_json", "truncate_peftkit", "bad_meta_json", "garbage_header"])
+@pytest.mark.parametrize(
+    "damage", ["truncate_peft", "bad_config_json", "truncate_peftkit", "bad_meta_json", "garbage_header"]
+)
 def test_damaged_folders_raise_clear_errors(damage, runs, tmp_path):
     method = "bottleneck" if damage == "truncate_peftkit" else "lora"
     out = export_adapter(runs.run(method), tmp_path / "e")
-    target = {"truncate_peft": "adapter_model.safetensors", "bad_config_json": "adapter_config.json",
-              "truncate_peftkit": "peftkit_weights.safetensors", "bad_meta_json": "peftkit.json",
-              "garbage_header": "adapter_model.safetensors"}[damage]
+    target = {
+        "truncate_peft": "adapter_model.safetensors",
+        "bad_config_json": "adapter_config.json",
+        "truncate_peftkit": "peftkit_weights.safetensors",
+        "bad_meta_json": "peftkit.json",
+        "garbage_header": "adapter_model.safetensors",
+    }[damage]
     path = out / target
     data = path.read_bytes()
     if damage.startswith("truncate"):
@@ -183,8 +198,22 @@ def test_weighted_merge_of_adapter_with_itself_reproduces_it(runs, tmp_path, cap
     got = load(single)
     assert torch.allclose(logits_of(got.model, got.tokenizer), expected, atol=1e-5)
     # two copies at 0.5 each, concatenated: delta = 0.5·BA + 0.5·BA
-    assert main(["combine", str(run / "adapter"), str(run / "adapter"), "--weights", "0.5,0.5", "--how", "cat",
-                 "--out", str(tmp_path / "two")]) == 0
+    assert (
+        main(
+            [
+                "combine",
+                str(run / "adapter"),
+                str(run / "adapter"),
+                "--weights",
+                "0.5,0.5",
+                "--how",
+                "cat",
+                "--out",
+                str(tmp_path / "two"),
+            ]
+        )
+        == 0
+    )
     assert "head: taken from" in capsys.readouterr().out
     two = load(tmp_path / "two")
     assert torch.allclose(logits_of(two.model, two.tokenizer), expected, atol=1e-5)

@@ -3,6 +3,7 @@ succeeds or exits 2 with exactly one line on stderr and no traceback; inputs tha
 
 A fast slice runs by default; the whole corpus (400+ cases, several minutes) with PEFTKIT_FUZZ=all.
 """
+
 from __future__ import annotations
 
 import os

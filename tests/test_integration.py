@@ -1,5 +1,6 @@
 """The real model on real data: MiniLM (22.7M) learns SST-2 with LoRA in about a minute of CPU training,
 and the adapter it ships loads in stock peft with identical logits."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,19 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def sst2_lora_run(shared_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("sst2") / "run"
-    config = load_config(recipe="sst2-lora", overrides=[
-        f"task.data_dir={shared_data}", "train.max_steps=250", "train.batch_size=16", "train.lr=1e-3",
-        "train.head_lr=3e-3", "train.eval_every=125", "train.progress=false", "train.log_every=25"])
+    config = load_config(
+        recipe="sst2-lora",
+        overrides=[
+            f"task.data_dir={shared_data}",
+            "train.max_steps=250",
+            "train.batch_size=16",
+            "train.lr=1e-3",
+            "train.head_lr=3e-3",
+            "train.eval_every=125",
+            "train.progress=false",
+            "train.log_every=25",
+        ],
+    )
     return run, train(config, run_dir=run)
 
 
@@ -47,7 +58,9 @@ def test_exported_adapter_loads_in_stock_peft_with_identical_logits(sst2_lora_ru
     torch.manual_seed(123)  # a different head init: the saved head must replace it
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     stock = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
-    batch = AutoTokenizer.from_pretrained(path)(["a gorgeous, witty film", "a dull, lifeless mess"], padding=True, return_tensors="pt")
+    batch = AutoTokenizer.from_pretrained(path)(
+        ["a gorgeous, witty film", "a dull, lifeless mess"], padding=True, return_tensors="pt"
+    )
     with torch.inference_mode():
         expected = ours.model(**batch).logits
         assert torch.equal(stock(**batch).logits, expected)

@@ -1,6 +1,7 @@
 """Shipped adapters are verified, never trusted: sha256 of the weights, the tensors the adapter needs, a
 safetensors base, a well-formed peftkit.json, finite outputs. Every tool (peftkit.load, predict, export, serve)
 refuses a damaged or foreign folder with one line, never a traceback."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from damage import (
     rehash,
     rewrite_tensors,
 )
-from shipping_runs import TEXTS, TinyRuns
+from tiny_runs import TEXTS, TinyRuns
 
 from peftkit.artifacts import load
 from peftkit.cli import main
@@ -90,7 +91,7 @@ DAMAGES = {  # name -> (how, expected words in the one-line error)
     "meta_lacks_task": (lambda f: edit_meta(f, task=None), "lacks task"),
     "meta_bad_fingerprint": (lambda f: edit_meta(f, base_fingerprint=5), "base_fingerprint must be"),
     "meta_bad_hashes": (lambda f: edit_meta(f, weights_sha256={WEIGHTS: "zz"}), "weights_sha256"),
-    "meta_not_json": (lambda f: (f / "peftkit.json").write_text("{\"method\": "), "not valid JSON"),
+    "meta_not_json": (lambda f: (f / "peftkit.json").write_text('{"method": '), "not valid JSON"),
 }
 
 
@@ -106,8 +107,9 @@ def test_damaged_adapter_refused_by_every_tool(damage, lora, client, inputs, tmp
     assert not out.exists()
     assert words in one_line_exit_2(capsys, ["export", str(folder), "--out", str(tmp_path / "exported")])
     assert not (tmp_path / "exported").exists()  # validated before anything was copied
-    reply = client.post("/v1/adapters", json={"name": "bad", "path": str(folder)},
-                        headers={"Authorization": f"Bearer {TOKEN}"})
+    reply = client.post(
+        "/v1/adapters", json={"name": "bad", "path": str(folder)}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert reply.status_code == 400 and words in reply.json()["detail"], reply.text
     assert set(client.app.state.pool.deployments) == {"good"}
 
@@ -172,6 +174,7 @@ def test_serve_and_combine_clis_refuse_damaged_folders_in_one_line(runs, lora, t
     assert "must hold a JSON object" in err
     flipped = copy_adapter(lora, tmp_path / "flipped")
     flip_tensor_bytes(flipped / WEIGHTS)
-    err = one_line_exit_2(capsys, ["combine", str(lora), str(flipped), "--weights", "0.5,0.5",
-                                   "--out", str(tmp_path / "c")])
+    err = one_line_exit_2(
+        capsys, ["combine", str(lora), str(flipped), "--weights", "0.5,0.5", "--out", str(tmp_path / "c")]
+    )
     assert "sha256" in err and not (tmp_path / "c").exists()

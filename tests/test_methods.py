@@ -1,10 +1,12 @@
 """Every method applies, trains only what it should, counts like the formula says, and round-trips exactly."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from tiny_runs import ADALORA_TINY, TINY_OPTIONS
 
 from peftkit.adapters import MethodContext, available_methods, build_method
 from peftkit.artifacts import load
@@ -14,7 +16,6 @@ from peftkit.errors import PeftkitError
 from peftkit.modeling import count_parameters, head_modules, load_model
 from peftkit.train import train
 
-ADALORA_TINY = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0, "init_r": 4, "target_r": 2, "delta_t": 1}
 H, L, FF, LABELS = 32, 2, 64, 2  # the tiny BERT of conftest
 HEAD = H * LABELS + LABELS
 
@@ -31,33 +32,43 @@ def trainable_names(model):
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("name, options, expected", [
-    ("lora", {"r": 4, "target_modules": ["query", "value"]}, L * 2 * 4 * (H + H) + HEAD),
-    ("dora", {"r": 4, "target_modules": ["query", "value"]}, L * 2 * (4 * (H + H) + H) + HEAD),  # + magnitude vector
-    ("bottleneck", {"placement": "houlsby", "reduction_factor": 16}, L * 2 * ((H * 2 + 2) + (2 * H + H)) + HEAD),
-    ("bottleneck", {"placement": "pfeiffer", "reduction_factor": 16}, L * ((H * 2 + 2) + (2 * H + H)) + HEAD),
-    ("bottleneck", {"bottleneck_size": 8}, L * 2 * ((H * 8 + 8) + (8 * H + H)) + HEAD),
-    ("prompt", {"num_virtual_tokens": 20}, 20 * H + HEAD),
-    # IA3 on BERT (peft's default): key and value scale their H outputs; "output.dense" matches both the attention
-    # output (H inputs) and the feed-forward output (FF inputs), both treated as feed-forward and scaled on the input
-    ("ia3", {}, L * (H + H + H + FF) + HEAD),
-    # BitFit: embeddings LN + per layer (q,k,v, attn out, attn LN, intermediate, out, out LN) + pooler + head
-    ("bitfit", {}, H + L * (3 * H + H + H + FF + H + H) + H + HEAD),
-])
+@pytest.mark.parametrize(
+    "name, options, expected",
+    [
+        ("lora", {"r": 4, "target_modules": ["query", "value"]}, L * 2 * 4 * (H + H) + HEAD),
+        (
+            "dora",
+            {"r": 4, "target_modules": ["query", "value"]},
+            L * 2 * (4 * (H + H) + H) + HEAD,
+        ),  # + magnitude vector
+        ("bottleneck", {"placement": "houlsby", "reduction_factor": 16}, L * 2 * ((H * 2 + 2) + (2 * H + H)) + HEAD),
+        ("bottleneck", {"placement": "pfeiffer", "reduction_factor": 16}, L * ((H * 2 + 2) + (2 * H + H)) + HEAD),
+        ("bottleneck", {"bottleneck_size": 8}, L * 2 * ((H * 8 + 8) + (8 * H + H)) + HEAD),
+        ("prompt", {"num_virtual_tokens": 20}, 20 * H + HEAD),
+        # IA3 on BERT (peft's default): key and value scale their H outputs; "output.dense" matches both the attention
+        # output (H inputs) and the feed-forward output (FF inputs), both treated as feed-forward and scaled on the input
+        ("ia3", {}, L * (H + H + H + FF) + HEAD),
+        # BitFit: embeddings LN + per layer (q,k,v, attn out, attn LN, intermediate, out, out LN) + pooler + head
+        ("bitfit", {}, H + L * (3 * H + H + H + FF + H + H) + H + HEAD),
+    ],
+)
 def test_trainable_count_matches_formula(tiny_model_dir, name, options, expected):
     model = apply_method(tiny_model_dir, name, **options)
     assert count_parameters(model).trainable == expected
 
 
-@pytest.mark.parametrize("name, allowed", [
-    ("lora", ("lora_", "classifier")),
-    ("bottleneck", ("bottleneck_adapter", "classifier")),
-    ("bitfit", (".bias", "classifier")),
-    ("ia3", ("ia3_l", "classifier")),
-    ("prompt", ("prompt_encoder", "classifier")),
-    ("ptuning", ("prompt_encoder", "classifier")),
-    ("adalora", ("lora_", "classifier")),
-])
+@pytest.mark.parametrize(
+    "name, allowed",
+    [
+        ("lora", ("lora_", "classifier")),
+        ("bottleneck", ("bottleneck_adapter", "classifier")),
+        ("bitfit", (".bias", "classifier")),
+        ("ia3", ("ia3_l", "classifier")),
+        ("prompt", ("prompt_encoder", "classifier")),
+        ("ptuning", ("prompt_encoder", "classifier")),
+        ("adalora", ("lora_", "classifier")),
+    ],
+)
 def test_only_intended_parameters_get_gradients(tiny_model_dir, name, allowed):
     options = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0} if name == "adalora" else {}
     model = apply_method(tiny_model_dir, name, **options)
@@ -90,7 +101,7 @@ def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp
     from peftkit.artifacts import save_adapter
     from peftkit.formats import TaskInfo
 
-    options = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0} if method == "adalora" else {}
+    options = TINY_OPTIONS.get(method, {})
     model = apply_or_skip(tiny_model_dir, method, **options)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # stand-in for training: move every trainable weight, the head included
@@ -100,8 +111,13 @@ def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp
     model.eval()
     x = torch.randint(1000, 2000, (3, 7))
     expected = model(input_ids=x).logits
-    save_adapter(model, build_method(method, model_options(method, options)), tmp_path / "a",
-                 base_model=str(tiny_model_dir("bert")), task=TaskInfo(name="toy", label_names=["neg", "pos"]))
+    save_adapter(
+        model,
+        build_method(method, model_options(method, options)),
+        tmp_path / "a",
+        base_model=str(tiny_model_dir("bert")),
+        task=TaskInfo(name="toy", label_names=["neg", "pos"]),
+    )
     loaded = load(tmp_path / "a")
     assert torch.equal(loaded.model(input_ids=x).logits, expected)
 
@@ -113,12 +129,16 @@ def model_options(name, options):
 
 
 @pytest.mark.parametrize("method", available_methods())
-def test_trained_adapter_reloads_to_the_loops_own_validation_numbers(method, tiny_model_dir, tiny_run_config, tmp_path):
+def test_trained_adapter_reloads_to_the_loops_own_validation_numbers(
+    method, tiny_model_dir, tiny_run_config, tmp_path
+):
     """After real training (AdaLoRA's rank pruning included) the shipped folder reproduces the kept model."""
     from peftkit.inference import evaluate
 
-    apply_or_skip(tiny_model_dir, method, **({"tinit_ratio": 0.0, "tfinal_ratio": 0.0} if method == "adalora" else {}))
-    config = tiny_run_config(method, method_options=ADALORA_TINY if method == "adalora" else None, seed=7, max_steps=6)
+    apply_or_skip(tiny_model_dir, method, **TINY_OPTIONS.get(method, {}))
+    config = tiny_run_config(
+        method, method_options=ADALORA_TINY if method == "adalora" else TINY_OPTIONS.get(method), seed=7, max_steps=6
+    )
     summary = train(config, run_dir=tmp_path / "run")
     loaded = load(tmp_path / "run" / "adapter")
     split = encode(load_task(config.task).splits["validation"], loaded.tokenizer, 32)
@@ -186,7 +206,9 @@ def test_unknown_method_suggests_close_match():
 
     with pytest.raises(PeftkitError, match="'lora'"):
         get_method_class("lorra")
-    assert {"full", "bitfit", "bottleneck", "lora", "dora", "adalora", "ia3", "prompt", "ptuning", "prefix"} <= set(available_methods())
+    assert {"full", "bitfit", "bottleneck", "lora", "dora", "adalora", "ia3", "prompt", "ptuning", "prefix"} <= set(
+        available_methods()
+    )
 
 
 def test_third_party_method_registers_through_entry_point(tmp_path, monkeypatch, tiny_model_dir):
@@ -196,7 +218,8 @@ def test_third_party_method_registers_through_entry_point(tmp_path, monkeypatch,
         "from peftkit.adapters.base import Method, freeze, unfreeze_head\n"
         "@dataclass\nclass HeadOnlyConfig:\n    pass\n"
         "class HeadOnly(Method):\n    name = 'headonly'\n    options_class = HeadOnlyConfig\n"
-        "    def apply(self, model, ctx):\n        freeze(model); unfreeze_head(model, ctx.head_modules); return model\n")
+        "    def apply(self, model, ctx):\n        freeze(model); unfreeze_head(model, ctx.head_modules); return model\n"
+    )
     dist = tmp_path / "myplugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")

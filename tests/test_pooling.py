@@ -1,5 +1,6 @@
 """model.pooling: every pooling trains, ships and reloads with the head, for peft, peftkit and full methods;
 `auto` reads the base folder; stock peft still loads `pooler`; the `head` probe trains only the head."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,14 @@ def _trained(path, method_name, pooling, steps=2):
 
 
 def _save(model, method, path, directory, heads):
-    return save_adapter(model, method, directory, base_model=str(path), task=TaskInfo(name="toy", label_names=LABELS),
-                        head_modules=heads)
+    return save_adapter(
+        model,
+        method,
+        directory,
+        base_model=str(path),
+        task=TaskInfo(name="toy", label_names=LABELS),
+        head_modules=heads,
+    )
 
 
 @pytest.mark.parametrize("pooling", ["pooler", "cls", "mean", "last"])
@@ -99,9 +106,14 @@ def test_decoder_poolings_train_and_reload(tiny_model_dir, tmp_path, kind, pooli
 
 def _sentence_transformers_copy(src, dst, mode_key="pooling_mode_mean_tokens"):
     shutil.copytree(src, dst)
-    (dst / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (dst / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (dst / "1_Pooling").mkdir()
     (dst / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, mode_key: True}))
     return dst
@@ -177,8 +189,13 @@ def test_head_method_trains_only_the_head(tiny_model_dir, tmp_path, pooling):
 
 
 def test_adapter_files_before_1_2_read_as_the_frozen_pooler(tmp_path):
-    data = {"format_version": "1.1", "method": "lora", "base_model": "x", "peft_format": True,
-            "task": {"name": "t", "label_names": ["a", "b"]}}
+    data = {
+        "format_version": "1.1",
+        "method": "lora",
+        "base_model": "x",
+        "peft_format": True,
+        "task": {"name": "t", "label_names": ["a", "b"]},
+    }
     meta = AdapterMeta.from_dict(data, tmp_path / "peftkit.json")
     assert meta.pooling == "pooler" and meta.head_modules is None
     assert meta.to_dict()["format_version"] == "1.2"

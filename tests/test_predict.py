@@ -1,4 +1,5 @@
 """`peftkit predict`: JSONL, CSV and stdin in, JSONL predictions out, matching the adapter's own logits."""
+
 from __future__ import annotations
 
 import io
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from shipping_runs import TEXTS, TinyRuns, logits_of
+from tiny_runs import TEXTS, TinyRuns, logits_of
 
 from peftkit.artifacts import load
 from peftkit.cli import main
@@ -71,8 +72,9 @@ def test_predict_streams_instead_of_reading_everything(adapter, monkeypatch, tmp
     seen = []
     monkeypatch.setattr(predict, "CHUNK_BATCHES", 1)
     real = predict.predict_rows
-    monkeypatch.setattr(predict, "predict_rows",
-                        lambda loaded, rows, *a, **k: seen.append(len(rows)) or real(loaded, rows, *a, **k))
+    monkeypatch.setattr(
+        predict, "predict_rows", lambda loaded, rows, *a, **k: seen.append(len(rows)) or real(loaded, rows, *a, **k)
+    )
     src = tmp_path / "big.jsonl"
     src.write_text("".join(json.dumps({"text": TEXTS[i % 4]}) + "\n" for i in range(25)))
     out = str(tmp_path / "o.jsonl")
@@ -80,8 +82,10 @@ def test_predict_streams_instead_of_reading_everything(adapter, monkeypatch, tmp
     assert seen == [8, 8, 8, 1] and len(read_preds(tmp_path / "o.jsonl")) == 25
 
 
-@pytest.mark.parametrize("content,message", [('{"text": "ok"}\n{oops\n', "in.jsonl:2 is not valid JSON"),
-                                              ('{"sentence": "x"}\n', "no 'text' field")])
+@pytest.mark.parametrize(
+    "content,message",
+    [('{"text": "ok"}\n{oops\n', "in.jsonl:2 is not valid JSON"), ('{"sentence": "x"}\n', "no 'text' field")],
+)
 def test_predict_bad_input_is_one_clear_error(adapter, tmp_path, capsys, content, message):
     src = tmp_path / "in.jsonl"
     src.write_text(content)

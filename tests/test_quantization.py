@@ -1,5 +1,6 @@
 """A quantized base on CPU (bitsandbytes LLM.int8 and NF4): LoRA trains, evaluates and trains again, the head and
 pooler stay full precision, and the exported adapter loads onto the full-precision base."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,16 @@ def bert64(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("bert64")
     torch.manual_seed(0)
-    AutoModel.from_config(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, max_position_embeddings=128)).save_pretrained(path)
+    AutoModel.from_config(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        )
+    ).save_pretrained(path)
     AutoTokenizer.from_pretrained(resolve_model_path("default")).save_pretrained(path)
     return path
 
@@ -77,30 +86,49 @@ def test_quantized_lora_trains_evaluates_and_trains_again(kind, bert64):
             if isinstance(module, bnb.nn.Linear4bit):
                 assert module.support_avx512bf16_for_cpu is False, "peftkit turns the CPU inference repack off"
                 module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(
-                    module.weight.data, module.weight.quant_state)
+                    module.weight.data, module.weight.quant_state
+                )
     before = lora_weights(model)
     second = train_steps(model, optimizer, x, y, 6)
     after = lora_weights(model)
     assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n), "LoRA weights must keep moving"
     if kind == "4bit":  # training ran on the unpacked layout (the packed one has no autograd path through the base)
-        packed = [m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
-                                                        "packing_format_for_cpu", False)]
+        packed = [
+            m
+            for m in model.modules()
+            if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+        ]
         assert not packed, "a training forward must unpack bitsandbytes' CPU inference layout first"
     assert second[-1] < first[0] and second[-1] < second[0], (first, second)
 
 
 @pytest.mark.parametrize("kind", ["8bit", "4bit"])
 def test_quantized_run_through_the_loop_exports_an_adapter_for_the_full_precision_base(
-        kind, bert64, toy_task_dir, tmp_path):
+    kind, bert64, toy_task_dir, tmp_path
+):
     from peftkit.config import RunConfig
 
-    config = RunConfig.from_dict({
-        "task": {"name": str(toy_task_dir), "max_length": 16}, "model": {"name_or_path": str(bert64), "quantization": kind},
-        "method": {"name": "lora", "r": 4}, "train": {"max_steps": 6, "eval_every": 2, "batch_size": 8, "lr": 1e-2,
-                                                      "progress": False, "log_every": 1, "seed": 1}})
+    config = RunConfig.from_dict(
+        {
+            "task": {"name": str(toy_task_dir), "max_length": 16},
+            "model": {"name_or_path": str(bert64), "quantization": kind},
+            "method": {"name": "lora", "r": 4},
+            "train": {
+                "max_steps": 6,
+                "eval_every": 2,
+                "batch_size": 8,
+                "lr": 1e-2,
+                "progress": False,
+                "log_every": 1,
+                "seed": 1,
+            },
+        }
+    )
     summary = train(config, run_dir=tmp_path / "run")
     assert summary.steps == 6
-    loaded = load(tmp_path / "run" / "adapter")  # onto the full-precision base: the adapter does not know the base was quantized
+    loaded = load(
+        tmp_path / "run" / "adapter"
+    )  # onto the full-precision base: the adapter does not know the base was quantized
     assert not any("bitsandbytes" in type(m).__module__ for m in loaded.model.modules())
     with torch.no_grad():
         logits = loaded.model(input_ids=torch.randint(1000, 2000, (2, 5))).logits

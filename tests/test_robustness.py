@@ -1,5 +1,6 @@
 """Issue 11, loop half: the divergence guard, data checks that name file and line, resume that refuses a different
 run, falls back past a damaged checkpoint and verifies what it loads."""
+
 from __future__ import annotations
 
 import json
@@ -162,8 +163,10 @@ def test_max_length_beyond_the_models_positions_and_unknown_target_modules_are_o
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("train_opts, recipe", [({"run_name": "../../x"}, "r"), ({"run_name": "/tmp/x"}, "r"),
-                                                ({}, "../../x"), ({}, "/abs/recipe")])
+@pytest.mark.parametrize(
+    "train_opts, recipe",
+    [({"run_name": "../../x"}, "r"), ({"run_name": "/tmp/x"}, "r"), ({}, "../../x"), ({}, "/abs/recipe")],
+)
 def test_run_folders_cannot_escape_output_dir(train_opts, recipe):
     with pytest.raises(PeftkitError, match="must be a plain folder name"):
         RunConfig.from_dict({"recipe": recipe, "method": {"name": "lora"}, "train": train_opts})

@@ -1,11 +1,12 @@
 """The HTTP server: classify, list, health, mixed adapters in one stream, bad inputs (4xx), hot-load/unload."""
+
 from __future__ import annotations
 
 import concurrent.futures
 
 import pytest
 import torch
-from shipping_runs import TEXTS, TinyRuns, logits_of, three_label_task
+from tiny_runs import TEXTS, TinyRuns, logits_of, three_label_task
 
 from peftkit.artifacts import load
 from peftkit.serve import AdapterPool, create_app
@@ -26,9 +27,13 @@ def runs(tmp_path_factory, tiny_model_dir, toy_task_dir):
 
 @pytest.fixture(scope="module")
 def adapters(runs):
-    return {"a": runs.run("lora", seed=0) / "adapter", "b": runs.run("lora", seed=1) / "adapter",
-            "c": runs.run("lora", seed=2, task=runs.toy3) / "adapter", "ia3": runs.run("ia3") / "adapter",
-            "bottleneck": runs.run("bottleneck") / "adapter"}
+    return {
+        "a": runs.run("lora", seed=0) / "adapter",
+        "b": runs.run("lora", seed=1) / "adapter",
+        "c": runs.run("lora", seed=2, task=runs.toy3) / "adapter",
+        "ia3": runs.run("ia3") / "adapter",
+        "bottleneck": runs.run("bottleneck") / "adapter",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,14 @@ def client(runs, adapters):
     from fastapi.testclient import TestClient
 
     pool = AdapterPool(str(runs.model_dir))
-    app = create_app(str(runs.model_dir), {k: str(v) for k, v in adapters.items() if k != "bottleneck"},
-                     admin_token=TOKEN, max_batch=8, max_chars=200, pool=pool)
+    app = create_app(
+        str(runs.model_dir),
+        {k: str(v) for k, v in adapters.items() if k != "bottleneck"},
+        admin_token=TOKEN,
+        max_batch=8,
+        max_chars=200,
+        pool=pool,
+    )
     with TestClient(app) as c:
         yield c
 
@@ -75,8 +86,9 @@ def test_concurrent_mixed_adapters_batch_together(client, adapters):
     before = batcher.batches
     names = ["a", "b", "a", "c", "ia3", "b"] * 4
     with concurrent.futures.ThreadPoolExecutor(8) as threads:
-        replies = list(threads.map(lambda n: (n, client.post("/v1/classify", json={"adapter": n, "texts": TEXTS[:2]})),
-                                   names))
+        replies = list(
+            threads.map(lambda n: (n, client.post("/v1/classify", json={"adapter": n, "texts": TEXTS[:2]})), names)
+        )
     for name, reply in replies:
         assert reply.status_code == 200
         got = torch.tensor([list(p["probabilities"].values()) for p in reply.json()["predictions"]])
@@ -92,16 +104,19 @@ def test_mixed_lora_forward_uses_each_adapters_own_head(client, adapters):
         assert torch.allclose(got, expected_probs(adapters[name]), atol=1e-5)
 
 
-@pytest.mark.parametrize("payload,status,message", [
-    ({"adapter": "nope", "texts": ["x"]}, 404, "unknown adapter"),
-    ({"adapter": "a", "texts": []}, 422, "texts is empty"),
-    ({"adapter": "a", "texts": ["x"] * 9}, 413, "limit is 8"),
-    ({"adapter": "a", "texts": ["x" * 201]}, 413, "limit is 200"),
-    ({"adapter": "a", "texts": ["x", "y"], "text_pairs": ["z"]}, 422, "single texts"),
-    ({"adapter": "a"}, 422, "texts"),
-    ({"adapter": "a", "texts": "not a list"}, 422, "texts"),
-    ({"texts": ["x"]}, 422, "adapter"),
-])
+@pytest.mark.parametrize(
+    "payload,status,message",
+    [
+        ({"adapter": "nope", "texts": ["x"]}, 404, "unknown adapter"),
+        ({"adapter": "a", "texts": []}, 422, "texts is empty"),
+        ({"adapter": "a", "texts": ["x"] * 9}, 413, "limit is 8"),
+        ({"adapter": "a", "texts": ["x" * 201]}, 413, "limit is 200"),
+        ({"adapter": "a", "texts": ["x", "y"], "text_pairs": ["z"]}, 422, "single texts"),
+        ({"adapter": "a"}, 422, "texts"),
+        ({"adapter": "a", "texts": "not a list"}, 422, "texts"),
+        ({"texts": ["x"]}, 422, "adapter"),
+    ],
+)
 def test_bad_inputs_are_4xx_with_a_message(client, payload, status, message):
     reply = client.post("/v1/classify", json=payload)
     assert reply.status_code == status and message in reply.json()["detail"]

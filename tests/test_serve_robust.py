@@ -1,5 +1,6 @@
 """The server under hostile but fair use: a poisoned request fails alone, admin changes are atomic and idempotent,
 a broken adapter is named, paths stay private, a failed load changes nothing."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -8,7 +9,7 @@ import json
 import pytest
 import torch
 from damage import WEIGHTS, copy_adapter, nan_lora, rehash, rewrite_tensors
-from shipping_runs import TEXTS, TinyRuns
+from tiny_runs import TEXTS, TinyRuns
 
 from peftkit.serve import AdapterPool, create_app
 
@@ -26,8 +27,12 @@ def runs(tmp_path_factory, tiny_model_dir, toy_task_dir):
 
 @pytest.fixture(scope="module")
 def adapters(runs):
-    return {"a": runs.run("lora", seed=0) / "adapter", "b": runs.run("lora", seed=1) / "adapter",
-            "r4": runs.run("lora", seed=0, r=4) / "adapter", "ia3": runs.run("ia3") / "adapter"}
+    return {
+        "a": runs.run("lora", seed=0) / "adapter",
+        "b": runs.run("lora", seed=1) / "adapter",
+        "r4": runs.run("lora", seed=0, r=4) / "adapter",
+        "ia3": runs.run("ia3") / "adapter",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,14 @@ def client(runs, adapters):
     from fastapi.testclient import TestClient
 
     pool = AdapterPool(str(runs.model_dir))
-    app = create_app(str(runs.model_dir), {n: str(adapters[n]) for n in ("a", "b", "ia3")}, admin_token=TOKEN,
-                     max_batch=64, max_wait=0.05, pool=pool)  # a long wait: concurrent requests share batches
+    app = create_app(
+        str(runs.model_dir),
+        {n: str(adapters[n]) for n in ("a", "b", "ia3")},
+        admin_token=TOKEN,
+        max_batch=64,
+        max_wait=0.05,
+        pool=pool,
+    )  # a long wait: concurrent requests share batches
     with TestClient(app) as c:
         yield c
 
@@ -115,8 +126,9 @@ def test_broken_adapter_is_named_and_its_neighbours_unaffected(client, adapters,
 
 
 def test_concurrent_deletes_one_200_then_404s(client, adapters):
-    assert client.post("/v1/adapters", json={"name": "gone", "path": str(adapters["b"])}, headers=AUTH).status_code \
-        == 201
+    assert (
+        client.post("/v1/adapters", json={"name": "gone", "path": str(adapters["b"])}, headers=AUTH).status_code == 201
+    )
     with concurrent.futures.ThreadPoolExecutor(5) as threads:
         replies = list(threads.map(lambda _: client.delete("/v1/adapters/gone", headers=AUTH), range(5)))
     assert sorted(r.status_code for r in replies) == [200, 404, 404, 404, 404]
@@ -124,9 +136,13 @@ def test_concurrent_deletes_one_200_then_404s(client, adapters):
 
 
 def pool_state(pool):
-    lora = pool.hosts["lora-2"].model
-    return (sorted(pool.deployments), {k: sorted(h.deployments) for k, h in pool.hosts.items()},
-            sorted(lora.peft_config), sorted(n for n, _ in lora.named_parameters()))
+    lora = pool.hosts["lora-2-pooler"].model
+    return (
+        sorted(pool.deployments),
+        {k: sorted(h.deployments) for k, h in pool.hosts.items()},
+        sorted(lora.peft_config),
+        sorted(n for n, _ in lora.named_parameters()),
+    )
 
 
 def test_failed_load_leaves_the_pool_as_it_was(client, adapters, tmp_path):
@@ -138,10 +154,11 @@ def test_failed_load_leaves_the_pool_as_it_was(client, adapters, tmp_path):
     reply = client.post("/v1/adapters", json={"name": "x", "path": str(bad)}, headers=AUTH)
     assert reply.status_code == 400 and "size mismatch" in reply.json()["detail"]
     assert pool_state(pool) == before
-    assert not any("x" in getattr(m, "lora_A", {}) for m in pool.hosts["lora-2"].model.modules())
+    assert not any("x" in getattr(m, "lora_A", {}) for m in pool.hosts["lora-2-pooler"].model.modules())
     # the name is free: a good folder (here the r=4 LoRA itself) loads under it and serves
-    assert client.post("/v1/adapters", json={"name": "x", "path": str(adapters["r4"])}, headers=AUTH).status_code \
-        == 201
+    assert (
+        client.post("/v1/adapters", json={"name": "x", "path": str(adapters["r4"])}, headers=AUTH).status_code == 201
+    )
     try:
         assert client.post("/v1/classify", json={"adapter": "x", "texts": TEXTS}).status_code == 200
         assert torch.allclose(reference(client, "a"), reference(client, "a"))
@@ -166,5 +183,6 @@ def test_listing_shows_paths_only_to_the_admin(client, adapters):
     assert "/" not in client.get("/healthz").json()["base"]
     private = client.get("/v1/adapters", headers=AUTH).json()["adapters"]
     assert {r["name"]: r["path"] for r in private}["a"] == str(adapters["a"])
-    assert all("path" not in r for r in client.get("/v1/adapters", headers={"Authorization": "Bearer no"})
-               .json()["adapters"])
+    assert all(
+        "path" not in r for r in client.get("/v1/adapters", headers={"Authorization": "Bearer no"}).json()["adapters"]
+    )

@@ -1,4 +1,5 @@
 """The loop's speed options: bf16 chosen where it pays, gradient checkpointing, TensorBoard logging, timing."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_run_config, tiny_mode
     still = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     weights = {}
     for name, ckpt in (("plain", False), ("ckpt", True)):
-        config = tiny_run_config("lora", method_options={"dropout": 0.0}, max_steps=2, bf16=False,
-                                 gradient_checkpointing=ckpt)
+        config = tiny_run_config(
+            "lora", method_options={"dropout": 0.0}, max_steps=2, bf16=False, gradient_checkpointing=ckpt
+        )
         config.model.name_or_path = still
         train(config, run_dir=tmp_path / name)
         weights[name] = load_tensors(tmp_path / name / "adapter" / "adapter_model.safetensors")

@@ -1,6 +1,7 @@
 """Every method in the registry, parametrised over `available_methods()` (a method added later is tested without
 editing this file): applies to a tiny BERT classifier, trains only what it should, saves and reloads with identical
 logits (head included), loads in stock peft, merges where it says it can. Plus the generic `peft` entry."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,14 +9,15 @@ import torch
 
 from peftkit.adapters import MethodContext, available_methods, build_method, get_method_class
 from peftkit.artifacts import load, save_adapter
-from peftkit.formats import TaskInfo
 from peftkit.config import ModelConfig, RunConfig
 from peftkit.errors import PeftkitError
+from peftkit.formats import TaskInfo
 from peftkit.modeling import count_parameters, head_modules, load_model
 
 METHODS = available_methods()
 # Defaults sized for real models that do not fit the tiny BERT (hidden 32), or that need a schedule to prune in.
-TINY_OPTIONS = {"adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.0, "init_r": 4, "target_r": 2}, "miss": {"r": 8}}
+from tiny_runs import TINY_OPTIONS
+
 # Methods that refuse an encoder classifier on purpose, with a PeftkitError naming why.
 REFUSE_ENCODERS: set[str] = set()
 ENCODER_WEIGHTS = ("attention.self.query.weight", "attention.self.key.weight", "intermediate.dense.weight")
@@ -99,8 +101,9 @@ def test_save_reload_identical_logits_head_saved_stock_peft_and_merge(name, tiny
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 
-        stock = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
-                                          str(tmp_path / "a")).eval()
+        stock = PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(base, num_labels=2), str(tmp_path / "a")
+        ).eval()
         with torch.no_grad():
             assert torch.equal(stock(input_ids=x).logits, expected)
     if method.merge_blocker is None and name != "peft":
@@ -132,7 +135,13 @@ def test_generic_peft_entry_applies_any_type_and_round_trips(tiny_model_dir, tmp
     assert model.peft_config["default"].peft_type.value == "VERA"
     assert model.peft_config["default"].r == 16
     assert "classifier" in model.peft_config["default"].modules_to_save
-    save_adapter(model, method, tmp_path / "a", base_model=str(tiny_model_dir("bert")), task=TaskInfo(name="toy", label_names=["n", "p"]))
+    save_adapter(
+        model,
+        method,
+        tmp_path / "a",
+        base_model=str(tiny_model_dir("bert")),
+        task=TaskInfo(name="toy", label_names=["n", "p"]),
+    )
     assert load(tmp_path / "a").method.options.peft_type == "VERA"
 
 
@@ -145,13 +154,16 @@ def test_generic_peft_entry_from_a_config(tiny_run_config, tmp_path):
     assert load(tmp_path / "run" / "adapter").model.peft_config["default"].r == 2
 
 
-@pytest.mark.parametrize("options, fragments", [
-    ({"peft_type": "VERAA"}, ["unknown method.peft_type 'VERAA'", "Did you mean 'VERA'", "LOHA"]),
-    ({"peft_type": "VERA", "options": {"rank": 4}}, ["unknown option of VeraConfig", "'rank'", "d_initial"]),
-    ({"peft_type": "ADAPTION_PROMPT"}, ["cannot work on an encoder classifier", "decoder"]),
-    ({"peft_type": "ADALORA"}, ["use method.name=adalora"]),
-    ({"peft_type": "VERA", "options": [1, 2]}, ["must be a mapping"]),
-])
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        ({"peft_type": "VERAA"}, ["unknown method.peft_type 'VERAA'", "Did you mean 'VERA'", "LOHA"]),
+        ({"peft_type": "VERA", "options": {"rank": 4}}, ["unknown option of VeraConfig", "'rank'", "d_initial"]),
+        ({"peft_type": "ADAPTION_PROMPT"}, ["cannot work on an encoder classifier", "decoder"]),
+        ({"peft_type": "ADALORA"}, ["use method.name=adalora"]),
+        ({"peft_type": "VERA", "options": [1, 2]}, ["must be a mapping"]),
+    ],
+)
 def test_generic_peft_entry_errors_name_the_problem(options, fragments):
     with pytest.raises(PeftkitError) as e:
         RunConfig.from_dict({"method": {"name": "peft", **options}})
@@ -215,17 +227,20 @@ def test_lora_init_changes_the_starting_point(tiny_model_dir):
 def test_lora_rslora_and_all_linear(tiny_model_dir):
     _, model = build(tiny_model_dir, "lora", r=4, alpha=8, use_rslora=True, target_modules=["all-linear"])
     layer = model.base_model.model.bert.encoder.layer[0]
-    assert layer.attention.self.query.scaling["default"] == pytest.approx(8 / 4 ** 0.5)
+    assert layer.attention.self.query.scaling["default"] == pytest.approx(8 / 4**0.5)
     for module in (layer.attention.self.key, layer.intermediate.dense, layer.output.dense):
         assert "default" in module.lora_A, "all-linear targets every linear layer of the body"
     assert not hasattr(model.base_model.model.classifier, "lora_A")
 
 
-@pytest.mark.parametrize("options, fragment", [
-    ({"init": "loftq"}, "modified base to be shipped"),
-    ({"init": "corda"}, "fails inside peft 0.21.2's preprocess_corda"),
-    ({"init": "pisa"}, "Did you mean 'pissa'"),
-])
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"init": "loftq"}, "modified base to be shipped"),
+        ({"init": "corda"}, "fails inside peft 0.21.2's preprocess_corda"),
+        ({"init": "pisa"}, "Did you mean 'pissa'"),
+    ],
+)
 def test_lora_init_errors_name_the_reason(options, fragment):
     with pytest.raises(PeftkitError, match=fragment):
         RunConfig.from_dict({"method": {"name": "lora", **options}})
@@ -249,7 +264,13 @@ def test_prefix_on_bert_loads_in_stock_peft_after_the_rename(tiny_model_dir, tmp
     x, _ = batch()
     with torch.no_grad():
         expected = model(input_ids=x).logits
-    save_adapter(model, method, tmp_path / "a", base_model=str(tiny_model_dir("bert")), task=TaskInfo(name="toy", label_names=["n", "p"]))
+    save_adapter(
+        model,
+        method,
+        tmp_path / "a",
+        base_model=str(tiny_model_dir("bert")),
+        task=TaskInfo(name="toy", label_names=["n", "p"]),
+    )
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir("bert")), num_labels=2)
     stock = PeftModel.from_pretrained(accept_past_key_values(base), str(tmp_path / "a")).eval()
     with torch.no_grad():
@@ -267,7 +288,7 @@ def test_prefix_on_decoders_is_a_clear_error(kind, tiny_model_dir):
 @pytest.mark.parametrize("name", [m for m in METHODS if m not in REFUSE_ENCODERS])
 def test_served_beside_a_lora_adapter_matches_loading_it_alone(name, tiny_model_dir, tmp_path):
     """The multi-adapter server: LoRA adapters share a mixed batch, every other method gets its own grouped pass."""
-    from shipping_runs import TEXTS, logits_of
+    from tiny_runs import TEXTS, logits_of
 
     from peftkit.serve import AdapterPool
 
@@ -279,8 +300,13 @@ def test_served_beside_a_lora_adapter_matches_loading_it_alone(name, tiny_model_
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.05 * torch.randn(p.shape, generator=generator))
-        save_adapter(model, method, tmp_path / label, base_model=str(tiny_model_dir("bert")),
-                     task=TaskInfo(name="toy", label_names=["neg", "pos"], max_length=32))
+        save_adapter(
+            model,
+            method,
+            tmp_path / label,
+            base_model=str(tiny_model_dir("bert")),
+            task=TaskInfo(name="toy", label_names=["neg", "pos"], max_length=32),
+        )
         folders[label] = tmp_path / label
     pool = AdapterPool(str(tiny_model_dir("bert")))
     for label, folder in folders.items():

@@ -6,6 +6,7 @@ to BUILTIN_METHODS. Third-party packages register under the entry-point group `p
     [project.entry-points."peftkit.methods"]
     mymethod = "mypackage.module:MyMethod"
 """
+
 from __future__ import annotations
 
 import importlib
@@ -78,4 +79,12 @@ def build_method(name: str, options=None) -> Method:
     return get_method_class(name)(options)
 
 
-__all__ = ["METHOD_ALIASES", "Method", "MethodContext", "available_methods", "build_method", "get_method_class", "register_method"]
+__all__ = [
+    "METHOD_ALIASES",
+    "Method",
+    "MethodContext",
+    "available_methods",
+    "build_method",
+    "get_method_class",
+    "register_method",
+]

@@ -1,4 +1,5 @@
 """Shared code for the methods peft implements: apply through `get_peft_model`, save in PEFT's own layout."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ The budget moves only if `update_and_allocate` runs after every optimizer step (
 forgotten), so this method uses the loop's `after_optimizer_step` hook. Its schedule needs the run's total step
 count, which the loop passes in `MethodContext.total_steps`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -53,9 +54,19 @@ class AdaLoRA(PeftMethod):
                 f"run's {total} steps; lower method.tinit_ratio/method.tfinal_ratio or train longer"
             )
         return AdaLoraConfig(
-            init_r=o.init_r, target_r=o.target_r, lora_alpha=o.alpha, lora_dropout=o.dropout,
-            target_modules=o.target_modules, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=o.delta_t,
-            beta1=o.beta1, beta2=o.beta2, orth_reg_weight=o.orth_reg_weight, **seq_cls_kwargs(ctx),
+            init_r=o.init_r,
+            target_r=o.target_r,
+            lora_alpha=o.alpha,
+            lora_dropout=o.dropout,
+            target_modules=o.target_modules,
+            total_step=total,
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=o.delta_t,
+            beta1=o.beta1,
+            beta2=o.beta2,
+            orth_reg_weight=o.orth_reg_weight,
+            **seq_cls_kwargs(ctx),
         )
 
     def load(self, base: nn.Module, directory: Path, ctx: MethodContext) -> nn.Module:

@@ -4,6 +4,7 @@ A method is a class with a config dataclass (`options_class`) and four jobs:
 `apply` (inject trainable parts, freeze the rest), `save` / `load` (weights only, safetensors),
 and optionally `merge` (fold into the base) and `after_optimizer_step` (the one hook the loop calls).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,7 +25,9 @@ class MethodContext:
     """What a method may need to know about the run when it is applied."""
 
     model_path: str  # resolved base model directory or Hub id (prompt tuning's text init reads its tokenizer)
-    head_modules: list[str]  # the task head's module names: ["classifier", "bert.pooler.dense"] (BERT), ["score"] (GPT-2)
+    head_modules: list[
+        str
+    ]  # the task head's module names: ["classifier", "bert.pooler.dense"] (BERT), ["score"] (GPT-2)
     total_steps: int = 1  # optimizer steps in the run (AdaLoRA's rank schedule needs it)
     # n -> up to n training batches (dicts of tensors, labels included); LoRA's eva/corda inits read them. None: no data
     calibration: Callable[[int], list[dict[str, Any]]] | None = None
@@ -55,9 +58,11 @@ class Method:
         """Why this method cannot train on a quantized (model.quantization) base, or None when it can."""
         if self.quantizable:
             return None
-        return (f"method {self.name!r} cannot train on a quantized base (model.quantization): peft has bitsandbytes "
-                "layers only for the LoRA family (lora, dora, adalora, ia3; through method peft also HIRA, PVERA, "
-                "RANDLORA, ROAD); unset model.quantization or use one of those")
+        return (
+            f"method {self.name!r} cannot train on a quantized base (model.quantization): peft has bitsandbytes "
+            "layers only for the LoRA family (lora, dora, adalora, ia3; through method peft also HIRA, PVERA, "
+            "RANDLORA, ROAD); unset model.quantization or use one of those"
+        )
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called by the loop after every optimizer step, before gradients are cleared. Default: nothing."""

@@ -1,4 +1,5 @@
 """BitFit (Ben Zaken et al., 2022): train only the bias terms, plus the task head."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,7 @@
 """BOFT (Liu et al., 2024) through peft: orthogonal fine-tuning with butterfly-factorised rotations.
 
 The product of sparse butterfly factors covers the full width with few parameters."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -8,6 +8,7 @@ identity and training starts from the pretrained model's behaviour.
 Adapters attach with forward hooks and live as `bottleneck_adapter` submodules of the sublayer, so the base
 model's own parameter names are untouched and a plain state dict saves and loads them.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,7 +24,9 @@ from peftkit.errors import PeftkitError
 
 # model_type -> (attention output projection, feed-forward output projection), relative to one layer.
 ADAPTER_SITES: dict[str, tuple[str, str]] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert", "mpnet"], ("attention.output.dense", "output.dense")),
+    **dict.fromkeys(
+        ["bert", "roberta", "xlm-roberta", "electra", "camembert", "mpnet"], ("attention.output.dense", "output.dense")
+    ),
     "distilbert": ("attention.out_lin", "ffn.lin2"),
     "gpt2": ("attn.c_proj", "mlp.c_proj"),
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"], ("self_attn.o_proj", "mlp.down_proj")),

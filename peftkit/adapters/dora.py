@@ -1,4 +1,5 @@
 """DoRA (Liu et al., 2024) through peft: LoRA on the direction of each weight plus a trained magnitude vector."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

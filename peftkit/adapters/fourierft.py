@@ -1,6 +1,7 @@
 """FourierFT (Gao et al., 2024) through peft: n trained spectral coefficients per weight, inverse-FFT'd.
 
 The frequencies are fixed and random (seeded); the update is the inverse 2-D Fourier transform."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """Full fine-tuning: every parameter trains. The baseline every other method is measured against."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ cached across epochs: the loop feeds the model batches, not example ids, so a ca
 inside a forward wrapper, and with dropout active in training a cached feature is not what the body computes.
 Without a backward pass through the body a step already costs about one forward.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,7 @@
 """HRA (Yuan et al., 2024) through peft: weights times a chain of r trained Householder reflections.
 
 An orthogonal update that is also low-rank."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """(IA)^3 (Liu et al., 2022) through peft: learned vectors that rescale keys, values and feed-forward activations."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,4 +24,6 @@ class IA3(PeftMethod):
         from peft import IA3Config
 
         o = self.options
-        return IA3Config(target_modules=o.target_modules, feedforward_modules=o.feedforward_modules, **seq_cls_kwargs(ctx))
+        return IA3Config(
+            target_modules=o.target_modules, feedforward_modules=o.feedforward_modules, **seq_cls_kwargs(ctx)
+        )

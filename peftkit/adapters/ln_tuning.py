@@ -1,4 +1,5 @@
 """LN-tuning (Qi et al., 2022) through peft: trains only the LayerNorm gains and biases (plus the head)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

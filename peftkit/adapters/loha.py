@@ -1,6 +1,7 @@
 """LoHa (Hyeon-Woo et al., 2022) through peft: update = Hadamard product of two low-rank products.
 
 (B1·A1) ⊙ (B2·A2) reaches a higher effective rank than LoRA for the same parameters."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """LoKr (Edalati et al., 2022) through peft: update = Kronecker product of a small and a low-rank matrix."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

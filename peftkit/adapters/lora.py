@@ -16,6 +16,7 @@ Variants are options, not new methods:
 - `use_rslora`: scale by alpha/sqrt(r) instead of alpha/r (Kalajdzievski, 2023).
 - `target_modules: all-linear`: every linear layer except the head (peft's special value).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,11 +32,15 @@ from peftkit.errors import PeftkitError
 
 CHANGES_BASE = ("pissa", "olora", "corda")  # saved converted to a plain LoRA against the original base
 NEEDS_DATA = ("eva", "corda")
-CORDA_REASON = ("init corda fails inside peft 0.21.2's preprocess_corda on encoder layer inputs ([batch, seq, hidden]: "
-                "'t() expects a tensor with <= 2 dimensions, but self is 3D'); use init eva, pissa or olora")
-LOFTQ_REASON = ("init loftq replaces the base weights by their quantize-dequantize approximation and expects that "
-                "modified base to be shipped, while a peftkit adapter loads onto the original base; use "
-                "model.quantization=4bit with init default/pissa instead")
+CORDA_REASON = (
+    "init corda fails inside peft 0.21.2's preprocess_corda on encoder layer inputs ([batch, seq, hidden]: "
+    "'t() expects a tensor with <= 2 dimensions, but self is 3D'); use init eva, pissa or olora"
+)
+LOFTQ_REASON = (
+    "init loftq replaces the base weights by their quantize-dequantize approximation and expects that "
+    "modified base to be shipped, while a peftkit adapter loads onto the original base; use "
+    "model.quantization=4bit with init default/pissa instead"
+)
 
 
 @dataclass
@@ -81,8 +86,16 @@ class LoRA(PeftMethod):
 
             extra["corda_config"] = CordaConfig(corda_method="ipm")
         return LoraConfig(
-            r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=targets, bias=o.bias,
-            use_dora=self.use_dora, init_lora_weights=init, use_rslora=o.use_rslora, **extra, **seq_cls_kwargs(ctx),
+            r=o.r,
+            lora_alpha=o.alpha,
+            lora_dropout=o.dropout,
+            target_modules=targets,
+            bias=o.bias,
+            use_dora=self.use_dora,
+            init_lora_weights=init,
+            use_rslora=o.use_rslora,
+            **extra,
+            **seq_cls_kwargs(ctx),
         )
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
@@ -94,8 +107,11 @@ class LoRA(PeftMethod):
         if o.init in CHANGES_BASE:  # the initial A0, B0: save() converts against them to a plain LoRA
             from peft import get_peft_model_state_dict
 
-            self._initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()
-                             if ".lora_A." in k or ".lora_B." in k}
+            self._initial = {
+                k: v.detach().clone()
+                for k, v in get_peft_model_state_dict(model).items()
+                if ".lora_A." in k or ".lora_B." in k
+            }
         return model
 
     def _apply_with_data(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
@@ -104,8 +120,10 @@ class LoRA(PeftMethod):
 
         o = self.options
         if ctx.calibration is None:
-            raise PeftkitError(f"LoRA init {o.init} reads layer inputs from training batches; it runs through "
-                               "peftkit train (which passes them), not on a bare model")
+            raise PeftkitError(
+                f"LoRA init {o.init} reads layer inputs from training batches; it runs through "
+                "peftkit train (which passes them), not on a bare model"
+            )
         batches = [{k: v for k, v in b.items() if k != "labels"} for b in ctx.calibration(o.calibration_batches)]
         config = self.peft_config(ctx)
         if o.init == "eva":
@@ -117,8 +135,9 @@ class LoRA(PeftMethod):
         try:
             from peft.tuners.lora.corda import preprocess_corda
         except ImportError as e:  # peft's corda module imports `attr` (the attrs package), not a peft dependency
-            raise PeftkitError(f"LoRA init corda needs a package peft's corda module imports ({e}); "
-                               "pip install attrs") from None
+            raise PeftkitError(
+                f"LoRA init corda needs a package peft's corda module imports ({e}); pip install attrs"
+            ) from None
 
         def run_model():
             with torch.no_grad():
@@ -156,6 +175,6 @@ def convert_to_plain_lora(directory: Path, initial: dict[str, Any]) -> None:
     save_file(weights, str(weights_path), metadata={"format": "pt"})
     config = read_json(directory / "adapter_config.json")
     config["r"] *= 2  # scaling alpha/r (or alpha/sqrt(r) with rsLoRA) must stay the same at rank 2r
-    config["lora_alpha"] *= 2 ** 0.5 if config.get("use_rslora") else 2
+    config["lora_alpha"] *= 2**0.5 if config.get("use_rslora") else 2
     config["init_lora_weights"] = True
     atomic_write_json(directory / "adapter_config.json", config)

@@ -1,6 +1,7 @@
 """MiSS (Kang & Yin, 2025; formerly Bone) through peft: one trained shard shared across each weight's blocks.
 
 r must not exceed the layer width."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

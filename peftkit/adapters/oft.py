@@ -1,6 +1,7 @@
 """OFT (Qiu et al., 2023) through peft: a trained block-diagonal orthogonal rotation of each weight's neurons.
 
 The rotation keeps the angles between neurons (hyperspherical energy) unchanged."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

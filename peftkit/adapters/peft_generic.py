@@ -5,6 +5,7 @@ task type is sequence classification and the head is trained and saved (modules_
 Tuners that cannot work on an encoder classifier are refused with the reason (`UNSUPPORTED_PEFT_TYPES`, listed by
 `peftkit methods`); the ones with their own peftkit entry that needs special handling point there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,15 +21,15 @@ from peftkit.errors import PeftkitError, unknown_choice
 # peft types that cannot train a sequence classifier here, and why (found by applying each to a tiny BERT classifier)
 UNSUPPORTED_PEFT_TYPES: dict[str, str] = {
     "ADAPTION_PROMPT": "gated prompts inside the self-attention of decoder-only models; peft implements it only for "
-                       "llama, mistral and gpt2 model types, not encoder classifiers",
+    "llama, mistral and gpt2 model types, not encoder classifiers",
     "CPT": "context-aware prompt tuning for causal language models; peft's CPTConfig accepts only task_type CAUSAL_LM",
     "CARTRIDGE": "a trained KV-cache prefix fed as past_key_values; sequence-classification forwards in transformers 5 "
-                 "take none",
+    "take none",
     "MULTITASK_PROMPT_TUNING": "needs task_ids with every batch (one prompt per task); a peftkit run trains one task "
-                               "(use method prompt)",
+    "(use method prompt)",
     "POLY": "routes between LoRA skills by task_ids given with every batch; a peftkit run trains one task",
     "XLORA": "mixes already-trained LoRA adapters through a gating network in causal LMs (needs an adapters map and "
-             "use_cache=False); it does not train a classifier",
+    "use_cache=False); it does not train a classifier",
 }
 # peft types whose peftkit entry does something the generic one cannot
 USE_OWN_ENTRY: dict[str, str] = {
@@ -84,7 +85,9 @@ class PeftOptions:
         options_class = peft_options_class(self.peft_type)
         self.peft_type = self.peft_type.upper()
         if not isinstance(self.options, dict):
-            raise PeftkitError(f"method.options must be a mapping of {options_class.__name__} fields, got {self.options!r}")
+            raise PeftkitError(
+                f"method.options must be a mapping of {options_class.__name__} fields, got {self.options!r}"
+            )
         valid = option_fields(options_class)
         for key in self.options:
             if key not in valid:
@@ -113,8 +116,10 @@ class GenericPeft(PeftMethod):
     def quantization_error(self) -> str | None:
         if self.options.peft_type in QUANTIZABLE_PEFT_TYPES:
             return None
-        return (f"peft type {self.options.peft_type} cannot train on a quantized base (model.quantization): peft has "
-                f"bitsandbytes layers only for {', '.join(QUANTIZABLE_PEFT_TYPES)} (and adalora, dora)")
+        return (
+            f"peft type {self.options.peft_type} cannot train on a quantized base (model.quantization): peft has "
+            f"bitsandbytes layers only for {', '.join(QUANTIZABLE_PEFT_TYPES)} (and adalora, dora)"
+        )
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         try:
@@ -122,11 +127,14 @@ class GenericPeft(PeftMethod):
         except PeftkitError:
             raise
         except (TypeError, ValueError, AttributeError) as e:  # e.g. a rank larger than this model's layers
-            raise PeftkitError(f"peft cannot apply {self.options.peft_type} to {type(model).__name__}: "
-                               f"{str(e).splitlines()[0][:300]}") from None
+            raise PeftkitError(
+                f"peft cannot apply {self.options.peft_type} to {type(model).__name__}: {str(e).splitlines()[0][:300]}"
+            ) from None
 
     def merge(self, model: nn.Module) -> nn.Module:
         try:
             return model.merge_and_unload()
         except (AttributeError, NotImplementedError, ValueError) as e:
-            raise PeftkitError(f"peft type {self.options.peft_type} cannot be merged: {str(e).splitlines()[0]}") from None
+            raise PeftkitError(
+                f"peft type {self.options.peft_type} cannot be merged: {str(e).splitlines()[0]}"
+            ) from None

@@ -14,6 +14,7 @@ Still refused with a clear error: classifiers whose head reads the sequence outp
 peft's fallback hands it the pooled vector) and decoders (GPT-2, Llama: peft's fallback takes `outputs[1]`, the
 cache, as the pooled output).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -44,12 +45,17 @@ def accept_past_key_values(model: nn.Module) -> nn.Module:
     params = inspect.signature(backbone.forward).parameters if backbone is not None else {}
     if "past_key_values" in params:
         return model
-    if not (isinstance(getattr(model, "classifier", None), nn.Linear) and getattr(backbone, "pooler", None) is not None
-            and "cache" in params and not model.config.is_decoder):
+    if not (
+        isinstance(getattr(model, "classifier", None), nn.Linear)
+        and getattr(backbone, "pooler", None) is not None
+        and "cache" in params
+        and not model.config.is_decoder
+    ):
         raise PeftkitError(
             f"prefix tuning needs key/value prefixes fed to attention; {type(model).__name__} (transformers installed "
             "here) takes no past_key_values and is not a BERT-like pooled classifier peftkit can adapt. "
-            "Use method prompt or ptuning instead")
+            "Use method prompt or ptuning instead"
+        )
     original = backbone.forward
 
     def forward(*args, past_key_values=None, **kwargs):
@@ -76,6 +82,8 @@ class PrefixTuning(PeftMethod):
 
         o = self.options
         return PrefixTuningConfig(
-            task_type=TaskType.SEQ_CLS, num_virtual_tokens=o.num_virtual_tokens,
-            prefix_projection=o.prefix_projection, encoder_hidden_size=o.encoder_hidden_size,
+            task_type=TaskType.SEQ_CLS,
+            num_virtual_tokens=o.num_virtual_tokens,
+            prefix_projection=o.prefix_projection,
+            encoder_hidden_size=o.encoder_hidden_size,
         )

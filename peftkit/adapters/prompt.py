@@ -3,6 +3,7 @@
 peft trains and saves the classification head beside the prompt (task type SEQ_CLS wraps `classifier`/`score`
 in modules_to_save); our tests check that the saved folder reloads with identical logits.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ class PromptTuning(PeftMethod):
         from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
         o = self.options
-        text = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": o.init_text,
-                "tokenizer_name_or_path": ctx.model_path} if o.init == "text" else {}
+        text = (
+            {
+                "prompt_tuning_init": PromptTuningInit.TEXT,
+                "prompt_tuning_init_text": o.init_text,
+                "tokenizer_name_or_path": ctx.model_path,
+            }
+            if o.init == "text"
+            else {}
+        )
         return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=o.num_virtual_tokens, **text)

@@ -1,4 +1,5 @@
 """P-tuning (Liu et al., 2021) through peft: virtual tokens produced by a small trainable prompt encoder (MLP)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ class PTuning(PeftMethod):
 
         o = self.options
         return PromptEncoderConfig(
-            task_type=TaskType.SEQ_CLS, num_virtual_tokens=o.num_virtual_tokens,
-            encoder_hidden_size=o.encoder_hidden_size, encoder_reparameterization_type=o.encoder_type,
+            task_type=TaskType.SEQ_CLS,
+            num_virtual_tokens=o.num_virtual_tokens,
+            encoder_hidden_size=o.encoder_hidden_size,
+            encoder_reparameterization_type=o.encoder_type,
         )

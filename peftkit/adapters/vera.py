@@ -1,6 +1,7 @@
 """VeRA (Kopiczko et al., 2024) through peft: shared frozen random matrices, trained per-layer scaling vectors.
 
 Far fewer parameters than LoRA at a much higher rank (256 by default)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -7,6 +7,7 @@ Read in this order:
   report.py    OUT/cells/*.json -> results.json / results.csv / results.md
   plots.py     per-task metric vs parameters / memory plots in OUT/plots/ (matplotlib, optional)
 """
+
 from __future__ import annotations
 
 from peftkit.bench.grid import Cell, CellJob
@@ -15,5 +16,14 @@ from peftkit.bench.profiles import Profile, available_profiles, load_profile
 from peftkit.bench.report import aggregate, build_report
 from peftkit.bench.runner import run_bench
 
-__all__ = ["Cell", "CellJob", "Profile", "aggregate", "available_profiles", "build_report", "load_profile",
-           "pareto_front", "run_bench"]
+__all__ = [
+    "Cell",
+    "CellJob",
+    "Profile",
+    "aggregate",
+    "available_profiles",
+    "build_report",
+    "load_profile",
+    "pareto_front",
+    "run_bench",
+]

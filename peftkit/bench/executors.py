@@ -10,6 +10,7 @@ Every executor gives a cell a fresh process (Ray: a worker that runs one task an
 memory is the cell's own and a crash ends only that cell. A process that dies (OOM killer, segfault, a lost node)
 is retried once; a cell whose code fails is not retried, it is recorded as failed.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,12 +71,19 @@ class RayExecutor:
     cell unless OUT is a shared folder; the cell files, written by this driver, hold what the tables need.
     """
 
-    def __init__(self, address: str | None = None, cpus_per_cell: float = 1, gpus_per_cell: float = 0,
-                 num_cpus: int | None = None, target: Callable[[CellJob], Outcome] = execute):
+    def __init__(
+        self,
+        address: str | None = None,
+        cpus_per_cell: float = 1,
+        gpus_per_cell: float = 0,
+        num_cpus: int | None = None,
+        target: Callable[[CellJob], Outcome] = execute,
+    ):
         self.ray = require("ray", "ray")
         self.address, self.num_cpus = address, num_cpus
-        self.remote = self.ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=1,
-                                      max_calls=1)(target)
+        self.remote = self.ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=1, max_calls=1)(
+            target
+        )
 
     def run(self, jobs: list[CellJob]) -> Iterator[tuple[CellJob, Outcome]]:
         if jobs and not self.ray.is_initialized():  # a resumed grid with nothing left to run starts no cluster
@@ -90,8 +98,14 @@ class RayExecutor:
             try:
                 yield job, self.ray.get(ref)
             except self.ray.exceptions.RayError as e:  # the worker died twice (it was retried once)
-                yield job, {"kind": "crash", "payload": f"the cell's Ray worker died (retried once): {_first_line(e)}",
-                            "seconds": None}
+                yield (
+                    job,
+                    {
+                        "kind": "crash",
+                        "payload": f"the cell's Ray worker died (retried once): {_first_line(e)}",
+                        "seconds": None,
+                    },
+                )
 
     def shutdown(self) -> None:
         self.ray.shutdown()
@@ -103,13 +117,24 @@ class SlurmExecutor:
     submitit moves the job and its outcome through pickle files in OUT/submitit/: keep that folder private.
     """
 
-    def __init__(self, folder: Path, cpus_per_cell: int = 1, gpus_per_cell: int = 0, partition: str | None = None,
-                 timeout_min: int = 120, cluster: str | None = None, target: Callable[[CellJob], Outcome] = execute):
+    def __init__(
+        self,
+        folder: Path,
+        cpus_per_cell: int = 1,
+        gpus_per_cell: int = 0,
+        partition: str | None = None,
+        timeout_min: int = 120,
+        cluster: str | None = None,
+        target: Callable[[CellJob], Outcome] = execute,
+    ):
         submitit = require("submitit", "slurm")
         self.submitit, self.target = submitit, target
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-        params: dict[str, Any] = {"cpus_per_task": int(cpus_per_cell), "timeout_min": timeout_min,
-                                  "name": "peftkit-bench"}
+        params: dict[str, Any] = {
+            "cpus_per_task": int(cpus_per_cell),
+            "timeout_min": timeout_min,
+            "name": "peftkit-bench",
+        }
         if gpus_per_cell:
             params["gpus_per_node"] = int(gpus_per_cell)
         if partition:
@@ -131,16 +156,29 @@ class SlurmExecutor:
                     if retries == 0:  # the job's process died: submit it once more
                         pending[self.executor.submit(self.target, job)] = (job, 1)
                     else:
-                        yield job, {"kind": "crash", "payload": f"the cell's Slurm job died (retried once): "
-                                    f"{_first_line(e)}", "seconds": None}
+                        yield (
+                            job,
+                            {
+                                "kind": "crash",
+                                "payload": f"the cell's Slurm job died (retried once): {_first_line(e)}",
+                                "seconds": None,
+                            },
+                        )
 
 
-def make_executor(name: str, out: Path, address: str | None = None, cpus_per_cell: float | None = None,
-                  gpus_per_cell: float | None = None, partition: str | None = None) -> Executor:
+def make_executor(
+    name: str,
+    out: Path,
+    address: str | None = None,
+    cpus_per_cell: float | None = None,
+    gpus_per_cell: float | None = None,
+    partition: str | None = None,
+) -> Executor:
     if name == "local":
         if address or gpus_per_cell or cpus_per_cell or partition:
-            raise PeftkitError("--address, --cpus-per-cell, --gpus-per-cell and --slurm-partition need "
-                               "--executor ray or slurm")
+            raise PeftkitError(
+                "--address, --cpus-per-cell, --gpus-per-cell and --slurm-partition need --executor ray or slurm"
+            )
         return LocalExecutor()
     if name == "ray":
         return RayExecutor(address, cpus_per_cell or 1, gpus_per_cell or 0)
@@ -155,8 +193,9 @@ def require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise PeftkitError(f"--executor {'slurm' if extra == 'slurm' else extra} needs {module}: "
-                           f"pip install 'peftkit[{extra}]'") from None
+        raise PeftkitError(
+            f"--executor {'slurm' if extra == 'slurm' else extra} needs {module}: pip install 'peftkit[{extra}]'"
+        ) from None
 
 
 def _first_line(error: BaseException) -> str:

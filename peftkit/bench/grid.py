@@ -4,6 +4,7 @@ A cell's config is its recipe `<task>-<method>` plus the profile's dotted overri
 run folder): exactly what a user would type to reproduce it by hand. `cell_job` freezes all that a spawned cell
 needs into one `CellJob`, so the runner passes a single value down instead of a growing list of arguments.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,12 @@ def task_label(task: str) -> str:
 
 def plan_cells(profile: Profile, tasks: list[str], methods: list[str], seeds: list[int] | None) -> list[Cell]:
     """Tasks outermost, so one task's tables fill up first; explicit --seeds replace the profile's per-task seeds."""
-    return [Cell(task, method, seed) for task in tasks for method in methods
-            for seed in (seeds if seeds is not None else profile.seeds_for(task_label(task)))]
+    return [
+        Cell(task, method, seed)
+        for task in tasks
+        for method in methods
+        for seed in (seeds if seeds is not None else profile.seeds_for(task_label(task)))
+    ]
 
 
 def cell_path(out: str | Path, cell: Cell) -> Path:
@@ -96,8 +101,10 @@ def validate_choices(tasks: list[str], methods: list[str]) -> list[str]:
     recipes = list_recipes()
     missing = [f"{t}-{m}" for t in tasks if t in BUILTIN_TASKS for m in methods if f"{t}-{m}" not in recipes]
     if missing:
-        raise PeftkitError(f"bench cells use the recipe <task>-<method>; missing: {', '.join(missing)} "
-                           f"(add them to recipes/ or narrow --tasks/--methods)")
+        raise PeftkitError(
+            f"bench cells use the recipe <task>-<method>; missing: {', '.join(missing)} "
+            f"(add them to recipes/ or narrow --tasks/--methods)"
+        )
     return methods
 
 
@@ -110,8 +117,12 @@ def cell_job(cell: Cell, profile: Profile, out: Path, model: str | None, data_di
     overrides = profile.overrides_for(cell.task_label, cell.method)
     if profile.bf16_on_cuda:
         overrides.append(f"train.bf16={'true' if cuda_has_bf16() else 'false'}")
-    overrides += [f"train.seed={cell.seed}", "train.progress=false", f"train.output_dir={out / 'runs'}",
-                  f"train.run_name={cell.id}"]
+    overrides += [
+        f"train.seed={cell.seed}",
+        "train.progress=false",
+        f"train.output_dir={out / 'runs'}",
+        f"train.run_name={cell.id}",
+    ]
     if model:
         overrides.append(f"model.name_or_path={model}")
     if data_dir:
@@ -124,8 +135,9 @@ def cell_job(cell: Cell, profile: Profile, out: Path, model: str | None, data_di
         data["recipe"] = f"{cell.task_label}-{cell.method}"
         config = RunConfig.from_dict(data)
     run_dir = Path(config.train.output_dir) / config.train.run_name
-    return CellJob(cell, config.to_dict(), tuple(overrides), run_dir, profile.latency_examples,
-                   profile.latency_batch_size)
+    return CellJob(
+        cell, config.to_dict(), tuple(overrides), run_dir, profile.latency_examples, profile.latency_batch_size
+    )
 
 
 def cuda_has_bf16() -> bool:

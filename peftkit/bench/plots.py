@@ -3,6 +3,7 @@
 Kept apart because matplotlib is an optional extra (`peftkit[bench]`): without it the tables are still written and
 the plots are skipped with one line on stderr. `pareto_front` is plain Python and needs no matplotlib.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,8 +19,10 @@ def draw_plots(rows: list[dict[str, Any]], tasks: list[str], folder: Path) -> di
     try:
         import matplotlib
     except ImportError:
-        print("peftkit bench: matplotlib is not installed (pip install 'peftkit[bench]'); skipping plots",
-              file=sys.stderr)
+        print(
+            "peftkit bench: matplotlib is not installed (pip install 'peftkit[bench]'); skipping plots",
+            file=sys.stderr,
+        )
         return {}
     matplotlib.use("Agg")
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,8 +60,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def scatter_plot(points: list[dict[str, Any]], x_key: str, x_label: str, log_x: bool, metric: str, title: str,
-                 path: Path) -> None:
+def scatter_plot(
+    points: list[dict[str, Any]], x_key: str, x_label: str, log_x: bool, metric: str, title: str, path: Path
+) -> None:
     """One PNG: methods with ± std error bars, the Pareto front as a red step line; written atomically."""
     import matplotlib.pyplot as plt
 
@@ -67,11 +71,18 @@ def scatter_plot(points: list[dict[str, Any]], x_key: str, x_label: str, log_x: 
     errs = [100 * (p[f"validation_{metric}_std"] or 0.0) for p in points]
     front = pareto_front(list(zip(xs, ys)))
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    ax.errorbar(xs, ys, yerr=errs, fmt="o", color="tab:blue", ecolor="0.6", capsize=3,
-                label="method (± std over seeds)")
+    ax.errorbar(
+        xs, ys, yerr=errs, fmt="o", color="tab:blue", ecolor="0.6", capsize=3, label="method (± std over seeds)"
+    )
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:red", alpha=0.6, drawstyle="steps-post")
-    ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=140, facecolors="none", edgecolors="tab:red",
-               label="Pareto front")
+    ax.scatter(
+        [xs[i] for i in front],
+        [ys[i] for i in front],
+        s=140,
+        facecolors="none",
+        edgecolors="tab:red",
+        label="Pareto front",
+    )
     for p, x, y in zip(points, xs, ys):
         ax.annotate(p["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if log_x:

@@ -5,6 +5,7 @@ A profile that names no tasks runs every built-in task, and one that names no me
 but its `exclude_methods`: a task added to the task table or a method added to the registry joins the grid without
 an edit here. The same two lists give the report its row order.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,9 +90,22 @@ def load_profile(name: str) -> Profile:
     if "name" in data:
         raise PeftkitError(f"{where}: a profile is named by its file name; remove the name key")
     # scalars (and unknown keys) are checked by the config's validator; the sequences and tables here
-    raw = build_dataclass(Profile, {**data, "name": name, "seeds": (), "tasks": (), "methods": (),
-                                    "exclude_methods": (), "more_seeds": {}, "overrides": (),
-                                    "task_overrides": {}, "method_overrides": {}}, where)
+    raw = build_dataclass(
+        Profile,
+        {
+            **data,
+            "name": name,
+            "seeds": (),
+            "tasks": (),
+            "methods": (),
+            "exclude_methods": (),
+            "more_seeds": {},
+            "overrides": (),
+            "task_overrides": {},
+            "method_overrides": {},
+        },
+        where,
+    )
     exclude = tuple(canonical_method(m) for m in _items(data.get("exclude_methods"), str, f"{where}.exclude_methods"))
     methods = _items(data.get("methods"), str, f"{where}.methods")
     return dataclasses.replace(
@@ -103,8 +117,10 @@ def load_profile(name: str) -> Profile:
         more_seeds=_table(data.get("more_seeds"), int, f"{where}.more_seeds"),
         overrides=_items(data.get("overrides"), str, f"{where}.overrides"),
         task_overrides=_table(data.get("task_overrides"), str, f"{where}.task_overrides"),
-        method_overrides={canonical_method(m): v for m, v in
-                          _table(data.get("method_overrides"), str, f"{where}.method_overrides").items()},
+        method_overrides={
+            canonical_method(m): v
+            for m, v in _table(data.get("method_overrides"), str, f"{where}.method_overrides").items()
+        },
     )
 
 

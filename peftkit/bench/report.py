@@ -3,6 +3,7 @@
 The cell files are the only source of truth, so `peftkit bench --report DIR` rebuilds every table on any machine,
 and cell files written before a rename still count: a method's old name (`adapter`) is read as its current one.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,8 +19,16 @@ from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json, atomic_write_text, read_json
 
 METRIC_ORDER = ("accuracy", "macro_f1", "f1")
-NUMERIC_COLUMNS = ("trainable_params", "trainable_pct", "adapter_mb", "peak_memory_mb", "model_state_mb",
-                   "train_seconds", "train_examples_per_s", "latency_ms_per_example")
+NUMERIC_COLUMNS = (
+    "trainable_params",
+    "trainable_pct",
+    "adapter_mb",
+    "peak_memory_mb",
+    "model_state_mb",
+    "train_seconds",
+    "train_examples_per_s",
+    "latency_ms_per_example",
+)
 CELL_KEYS = ("cell", "task", "method", "seed", "status", "error", "validation", "test")  # results.json's cell list
 COLUMN_HELP = {
     "method": "adaptation method (recipe <task>-<method>)",
@@ -27,12 +36,12 @@ COLUMN_HELP = {
     "trainable %": "trainable parameters (task head included) as % of all parameters in the trained model",
     "adapter MB": "size on disk of the saved weights (safetensors); full fine-tuning saves the whole model",
     "peak mem MB": "CPU: process peak RSS during training above the RSS after loading the model; "
-                   "CUDA: max_memory_allocated",
+    "CUDA: max_memory_allocated",
     "state MB": "tensor memory of weights + gradients + AdamW moments of trainable parameters (analytic)",
     "train s": "training wall time (excludes data loading and final evaluation)",
     "ex/s": "training examples per second",
     "latency ms": "inference milliseconds per validation example at the profile's batch size, "
-                  "adapter loaded from disk",
+    "adapter loaded from disk",
 }
 
 
@@ -75,10 +84,15 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (task, method), group in groups.items():
         ok = [c for c in group if c["status"] == "ok"]
-        row: dict[str, Any] = {"task": task, "method": method, "cells": len(group), "ok": len(ok),
-                               "seeds": sorted(c["seed"] for c in ok),
-                               "main_metric": ok[0]["task_metrics"][0] if ok else None,
-                               "errors": sorted({c["error"].splitlines()[0] for c in group if c["status"] != "ok"})}
+        row: dict[str, Any] = {
+            "task": task,
+            "method": method,
+            "cells": len(group),
+            "ok": len(ok),
+            "seeds": sorted(c["seed"] for c in ok),
+            "main_metric": ok[0]["task_metrics"][0] if ok else None,
+            "errors": sorted({c["error"].splitlines()[0] for c in group if c["status"] != "ok"}),
+        }
         for split in ("validation", "test"):
             for metric in METRIC_ORDER:
                 values = [c[split][metric] for c in ok if c.get(split) and metric in c["task_metrics"]]
@@ -118,8 +132,12 @@ def main_metric_summary(rows: list[dict[str, Any]], task: str, method: str) -> d
     for r in rows:
         if r["task"] == task and r["method"] == method and r["main_metric"]:
             m = r["main_metric"]
-            return {"metric": m, "mean": r[f"validation_{m}_mean"], "std": r[f"validation_{m}_std"],
-                    "seeds": len(r["seeds"])}
+            return {
+                "metric": m,
+                "mean": r[f"validation_{m}_mean"],
+                "std": r[f"validation_{m}_std"],
+                "seeds": len(r["seeds"]),
+            }
     return None
 
 
@@ -131,12 +149,22 @@ def budgets(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if c["status"] != "ok" or not config or c["task"] in out:
             continue
         t, tr = config["task"], config["train"]
-        out[c["task"]] = {"profile": c["manifest"]["profile"], "max_train_examples": t["max_train_examples"],
-                          "train_examples": c["train_examples"], "max_steps": tr["max_steps"], "epochs": tr["epochs"],
-                          "steps": c["steps"], "batch_size": tr["batch_size"],
-                          "grad_accum_steps": tr["grad_accum_steps"], "max_length": t["max_length"],
-                          "max_eval_examples": t["max_eval_examples"], "validation_examples": c["validation_examples"],
-                          "eval_every": tr["eval_every"], "bf16": tr["bf16"], "device": c["device"]}
+        out[c["task"]] = {
+            "profile": c["manifest"]["profile"],
+            "max_train_examples": t["max_train_examples"],
+            "train_examples": c["train_examples"],
+            "max_steps": tr["max_steps"],
+            "epochs": tr["epochs"],
+            "steps": c["steps"],
+            "batch_size": tr["batch_size"],
+            "grad_accum_steps": tr["grad_accum_steps"],
+            "max_length": t["max_length"],
+            "max_eval_examples": t["max_eval_examples"],
+            "validation_examples": c["validation_examples"],
+            "eval_every": tr["eval_every"],
+            "bf16": tr["bf16"],
+            "device": c["device"],
+        }
     return out
 
 
@@ -156,8 +184,9 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({**{k: r[k] for k in columns}, "seeds": " ".join(map(str, r["seeds"])),
-                         "errors": " | ".join(r["errors"])})
+        writer.writerow(
+            {**{k: r[k] for k in columns}, "seeds": " ".join(map(str, r["seeds"])), "errors": " | ".join(r["errors"])}
+        )
     return buffer.getvalue()
 
 
@@ -177,17 +206,21 @@ def format_number(value: float | None, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def to_markdown(report: dict[str, Any], tasks: list[str], methods: list[str], plots: dict[str, list[str]],
-                out: Path) -> str:
+def to_markdown(
+    report: dict[str, Any], tasks: list[str], methods: list[str], plots: dict[str, list[str]], out: Path
+) -> str:
     rows, env = report["rows"], report["environment"]
     lines = [f"# peftkit bench results ({', '.join(report['profiles'])} profile)", ""]
     if env.get("command"):
         lines += [f"Command: `{env['command']}`", ""]
-    lines += [f"Machine: {env.get('cpu_model')} ({env.get('cpu_count')} cores, torch threads "
-              f"{env.get('torch_threads')}), GPU: {env.get('gpu') or 'none'}; torch {env.get('torch')}, "
-              f"transformers {env.get('transformers')}, peft {env.get('peft')}, peftkit {env.get('peftkit')}; "
-              f"git {env.get('git_commit') or 'unknown'}{' (uncommitted changes)' if env.get('git_dirty') else ''}. "
-              f"Generated {report['generated_at']}.", ""]
+    lines += [
+        f"Machine: {env.get('cpu_model')} ({env.get('cpu_count')} cores, torch threads "
+        f"{env.get('torch_threads')}), GPU: {env.get('gpu') or 'none'}; torch {env.get('torch')}, "
+        f"transformers {env.get('transformers')}, peft {env.get('peft')}, peftkit {env.get('peftkit')}; "
+        f"git {env.get('git_commit') or 'unknown'}{' (uncommitted changes)' if env.get('git_dirty') else ''}. "
+        f"Generated {report['generated_at']}.",
+        "",
+    ]
 
     lines += ["## Summary: main validation metric (%), mean ± std over seeds", ""]
     table = []
@@ -195,18 +228,35 @@ def to_markdown(report: dict[str, Any], tasks: list[str], methods: list[str], pl
         cells = [report["summary"][m].get(t) for t in tasks]
         values = [c["mean"] for c in cells if c and c["mean"] is not None]
         mean = statistics.fmean(values) if len(values) == len(tasks) else None
-        table.append([m, *(format_mean_std(c["mean"], c["std"]) if c else "-" for c in cells),
-                      format_mean_std(mean, None)])
+        table.append(
+            [m, *(format_mean_std(c["mean"], c["std"]) if c else "-" for c in cells), format_mean_std(mean, None)]
+        )
     lines += markdown_table(["method", *tasks, "mean"], table)
     mains = {t: next((r["main_metric"] for r in rows if r["task"] == t and r["main_metric"]), "-") for t in tasks}
-    lines += ["", "Main metric per task: " + ", ".join(f"{t}: {m}" for t, m in mains.items()) +
-              ". The mean column averages tasks only where a method has every task.", ""]
+    lines += [
+        "",
+        "Main metric per task: "
+        + ", ".join(f"{t}: {m}" for t, m in mains.items())
+        + ". The mean column averages tasks only where a method has every task.",
+        "",
+    ]
 
     lines += ["## Budgets", ""]
     header = ["task", "train rows", "steps", "batch", "max length", "eval rows", "eval every", "bf16", "device"]
-    table = [[t, format_number(b["train_examples"], 0), b["steps"], b["batch_size"] * b["grad_accum_steps"],
-              b["max_length"], b["validation_examples"], b["eval_every"] or "end", b["bf16"], b["device"]]
-             for t, b in report["budgets"].items()]
+    table = [
+        [
+            t,
+            format_number(b["train_examples"], 0),
+            b["steps"],
+            b["batch_size"] * b["grad_accum_steps"],
+            b["max_length"],
+            b["validation_examples"],
+            b["eval_every"] or "end",
+            b["bf16"],
+            b["device"],
+        ]
+        for t, b in report["budgets"].items()
+    ]
     lines += markdown_table(header, table) + [""]
 
     for task in tasks:
@@ -217,8 +267,11 @@ def to_markdown(report: dict[str, Any], tasks: list[str], methods: list[str], pl
         lines += ["## Failed cells", ""]
         lines += [f"- `{c['cell']}`: {c['error'].splitlines()[0]}" for c in failed] + [""]
     lines += ["## Columns", ""] + [f"- **{k}**: {v}" for k, v in COLUMN_HELP.items()]
-    lines += ["- **val/test metric**: the evaluation the run kept (best on validation for most methods, final for "
-              "AdaLoRA), in %; test only where the task has a labelled test split", ""]
+    lines += [
+        "- **val/test metric**: the evaluation the run kept (best on validation for most methods, final for "
+        "AdaLoRA), in %; test only where the task has a labelled test split",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -226,19 +279,40 @@ def task_section(task: str, task_rows: list[dict[str, Any]], plots: list[str], o
     """One task's table: every method's metrics (validation, and test where labelled) and cost columns, then plots."""
     metrics = [m for m in METRIC_ORDER if any(r[f"validation_{m}_mean"] is not None for r in task_rows)]
     has_test = any(r[f"test_{m}_mean"] is not None for r in task_rows for m in metrics)
-    header = ["method", "seeds", *(f"val {m}" for m in metrics), *(f"test {m}" for m in metrics if has_test),
-              "trainable %", "trainable", "adapter MB", "peak mem MB", "state MB", "train s", "ex/s", "latency ms",
-              "lr"]
+    header = [
+        "method",
+        "seeds",
+        *(f"val {m}" for m in metrics),
+        *(f"test {m}" for m in metrics if has_test),
+        "trainable %",
+        "trainable",
+        "adapter MB",
+        "peak mem MB",
+        "state MB",
+        "train s",
+        "ex/s",
+        "latency ms",
+        "lr",
+    ]
     table = []
     for r in task_rows:
-        table.append([r["method"], f"{r['ok']}/{r['cells']}",
-                      *(format_mean_std(r[f"validation_{m}_mean"], r[f"validation_{m}_std"]) for m in metrics),
-                      *(format_mean_std(r[f"test_{m}_mean"], r[f"test_{m}_std"]) for m in metrics if has_test),
-                      format_number(r["trainable_pct"], 3), format_number(r["trainable_params"], 0),
-                      format_number(r["adapter_mb"], 2), format_number(r["peak_memory_mb"], 0),
-                      format_number(r["model_state_mb"], 0), format_number(r["train_seconds"]),
-                      format_number(r["train_examples_per_s"]), format_number(r["latency_ms_per_example"], 2),
-                      f"{r['lr']:g}" if r["lr"] is not None else "-"])
+        table.append(
+            [
+                r["method"],
+                f"{r['ok']}/{r['cells']}",
+                *(format_mean_std(r[f"validation_{m}_mean"], r[f"validation_{m}_std"]) for m in metrics),
+                *(format_mean_std(r[f"test_{m}_mean"], r[f"test_{m}_std"]) for m in metrics if has_test),
+                format_number(r["trainable_pct"], 3),
+                format_number(r["trainable_params"], 0),
+                format_number(r["adapter_mb"], 2),
+                format_number(r["peak_memory_mb"], 0),
+                format_number(r["model_state_mb"], 0),
+                format_number(r["train_seconds"]),
+                format_number(r["train_examples_per_s"]),
+                format_number(r["latency_ms_per_example"], 2),
+                f"{r['lr']:g}" if r["lr"] is not None else "-",
+            ]
+        )
     lines = [f"## {task}", "", *markdown_table(header, table), ""]
     lines += [f"![{task}: {Path(p).stem}]({Path(p).relative_to(out).as_posix()})" for p in plots]
     return lines + [""]

@@ -5,6 +5,7 @@ A fresh process per cell gives clean peak-memory numbers and means a crash (out 
 the grid down. Resumable by construction: a cell whose JSON file exists is skipped (delete it to rerun), every file
 is written atomically, and a failing cell is recorded as `failed` with its error while the others go on.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -24,10 +25,18 @@ from peftkit.io import atomic_write_json, read_json
 from peftkit.measure import machine_manifest
 
 
-def run_bench(profile_name: str = "smoke", tasks: list[str] | None = None, methods: list[str] | None = None,
-              seeds: list[int] | None = None, out: str | Path | None = None, model: str | None = None,
-              data_dir: str | None = None, progress: bool = True, command: str | None = None,
-              executor: Executor | None = None) -> dict[str, int]:
+def run_bench(
+    profile_name: str = "smoke",
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    out: str | Path | None = None,
+    model: str | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    executor: Executor | None = None,
+) -> dict[str, int]:
     """Run every cell of the grid that has no result file yet, then rebuild the report.
 
     `executor` decides where cells train (executors.py; default: one at a time in spawned processes here); this
@@ -45,11 +54,21 @@ def run_bench(profile_name: str = "smoke", tasks: list[str] | None = None, metho
         raise PeftkitError("two tasks share a name (folder/file stem); rename one so result files do not collide")
 
     todo = [c for c in cells if not cell_path(out, c).exists()]
-    manifest_base = {"profile": profile.name, "profile_description": profile.description, "command": command,
-                     **machine_manifest()}
+    manifest_base = {
+        "profile": profile.name,
+        "profile_description": profile.description,
+        "command": command,
+        **machine_manifest(),
+    }
     counts = {"planned": len(cells), "skipped": len(cells) - len(todo), "ran": 0}
-    bar = progress_bar(len(cells), counts["skipped"], progress, desc="bench", unit="cell",
-                       bar_format="{desc}: {n}/{total} cells |{bar}| [{elapsed}<{remaining}] {postfix}")
+    bar = progress_bar(
+        len(cells),
+        counts["skipped"],
+        progress,
+        desc="bench",
+        unit="cell",
+        bar_format="{desc}: {n}/{total} cells |{bar}| [{elapsed}<{remaining}] {postfix}",
+    )
 
     def write(cell: Cell, record: dict[str, Any]) -> None:
         atomic_write_json(cell_path(out, cell), record)
@@ -74,13 +93,26 @@ def run_bench(profile_name: str = "smoke", tasks: list[str] | None = None, metho
     return counts
 
 
-def prepare_cell(cell: Cell, profile: Profile, out: Path, model: str | None, data_dir: str | None,
-                 manifest_base: dict[str, Any]) -> tuple[dict[str, Any], CellJob | None]:
+def prepare_cell(
+    cell: Cell, profile: Profile, out: Path, model: str | None, data_dir: str | None, manifest_base: dict[str, Any]
+) -> tuple[dict[str, Any], CellJob | None]:
     """The cell's record so far (a `failed` one until an outcome says otherwise) and its job, or None."""
-    record: dict[str, Any] = {"cell": cell.id, "task": cell.task_label, "method": cell.method, "seed": cell.seed,
-                              "status": "failed", "error": None}
-    manifest = {**manifest_base, "task_source": cell.task, "recipe": None, "overrides": None, "config": None,
-                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record: dict[str, Any] = {
+        "cell": cell.id,
+        "task": cell.task_label,
+        "method": cell.method,
+        "seed": cell.seed,
+        "status": "failed",
+        "error": None,
+    }
+    manifest = {
+        **manifest_base,
+        "task_source": cell.task,
+        "recipe": None,
+        "overrides": None,
+        "config": None,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     record["manifest"] = manifest
     try:
         job = cell_job(cell, profile, out, model, data_dir)
@@ -155,18 +187,30 @@ def measure_cell(job: CellJob) -> dict[str, Any]:
         "task_metrics": task_metrics,  # the task's reported metrics, first = main (e.g. accuracy; mrpc adds f1)
         "validation": {k: v for k, v in s.best.items() if k != "step"},  # the evaluation the run kept
         "test": s.test,  # None where the task has no labelled test split
-        "kept": s.kept, "kept_step": s.best["step"], "final_validation": s.final,
-        "trainable_params": s.trainable_params, "total_params": s.total_params, "trainable_pct": s.trainable_pct,
+        "kept": s.kept,
+        "kept_step": s.best["step"],
+        "final_validation": s.final,
+        "trainable_params": s.trainable_params,
+        "total_params": s.total_params,
+        "trainable_pct": s.trainable_pct,
         "adapter_bytes": s.adapter_bytes,
         # headline memory: CUDA max_memory_allocated, or on CPU the peak RSS above the loaded-model baseline
         "peak_memory_mb": s.peak_memory_mb if on_cuda else s.peak_memory_above_baseline_mb,
-        "memory_kind": s.memory_kind, "process_peak_memory_mb": s.peak_memory_mb,
-        "baseline_memory_mb": s.baseline_memory_mb, "model_state_mb": s.model_state_mb,
-        "train_seconds": s.train_seconds, "train_examples_per_s": s.train_examples_per_s,
-        "steps": s.steps, "examples_seen": s.examples_seen, "train_examples": s.train_examples,
+        "memory_kind": s.memory_kind,
+        "process_peak_memory_mb": s.peak_memory_mb,
+        "baseline_memory_mb": s.baseline_memory_mb,
+        "model_state_mb": s.model_state_mb,
+        "train_seconds": s.train_seconds,
+        "train_examples_per_s": s.train_examples_per_s,
+        "steps": s.steps,
+        "examples_seen": s.examples_seen,
+        "train_examples": s.train_examples,
         "validation_examples": s.validation_examples,
-        "latency_ms_per_example": latency["ms_per_example"], "latency": latency,
-        "device": s.device, "bf16": s.bf16, "environment": s.environment,
+        "latency_ms_per_example": latency["ms_per_example"],
+        "latency": latency,
+        "device": s.device,
+        "bf16": s.bf16,
+        "environment": s.environment,
     }
 
 
@@ -183,7 +227,7 @@ def inference_latency(job: CellJob, config: RunConfig) -> dict[str, Any]:
     loaded = load(job.run_dir / "adapter", base=config.model.name_or_path)
     device = resolve_device(config.train.device)
     model = loaded.model.to(device)
-    rows = load_task(config.task, seed=config.train.seed).split("validation")[:job.latency_examples]
+    rows = load_task(config.task, seed=config.train.seed).split("validation")[: job.latency_examples]
     split = encode(rows, loaded.tokenizer, config.task.max_length)
     warmup = encode(rows[:batch_size], loaded.tokenizer, config.task.max_length)
     predict_logits(model, warmup, batch_size, device, config.train.bf16)
@@ -192,5 +236,11 @@ def inference_latency(job: CellJob, config: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     predict_logits(model, split, batch_size, device, config.train.bf16)  # returns CPU tensors: synchronised
     seconds = time.perf_counter() - started
-    return {"ms_per_example": round(1000 * seconds / max(len(split), 1), 3), "examples": len(split),
-            "batch_size": batch_size, "seconds": round(seconds, 3), "device": str(device), "bf16": config.train.bf16}
+    return {
+        "ms_per_example": round(1000 * seconds / max(len(split), 1), 3),
+        "examples": len(split),
+        "batch_size": batch_size,
+        "seconds": round(seconds, 3),
+        "device": str(device),
+        "bf16": config.train.bf16,
+    }

@@ -6,6 +6,7 @@
 
 User mistakes (PeftkitError) print one line and exit 2; nothing prints a traceback for them.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """`peftkit bench`: train the grid of tasks x methods x seeds and write tables and plots (or only --report them)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,15 +13,20 @@ HELP = "train methods x tasks and write accuracy/params/memory/time tables"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", help="comma-separated tasks (default: the profile's)")
     parser.add_argument("--methods", help="comma-separated methods (default: the profile's)")
-    parser.add_argument("--profile", default="cpu",
-                        help="a profile name (see recipes/profiles/), e.g. smoke, cpu, full")
+    parser.add_argument(
+        "--profile", default="cpu", help="a profile name (see recipes/profiles/), e.g. smoke, cpu, full"
+    )
     parser.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
     parser.add_argument("--out", help="results folder (default: benchmarks/results/<profile>)")
     parser.add_argument("--data-dir")
     parser.add_argument("--model", help="base model (default: the recipes')")
     parser.add_argument("--report", metavar="DIR", help="only rebuild tables and plots from the cell files in DIR")
-    parser.add_argument("--executor", choices=("local", "ray", "slurm"), default="local",
-                        help="where cells train: one at a time here (default), Ray tasks, or Slurm jobs (submitit)")
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray", "slurm"),
+        default="local",
+        help="where cells train: one at a time here (default), Ray tasks, or Slurm jobs (submitit)",
+    )
     parser.add_argument("--address", help="Ray cluster address (default: start a local Ray cluster)")
     parser.add_argument("--cpus-per-cell", type=float, help="CPUs each Ray task / Slurm job asks for (default 1)")
     parser.add_argument("--gpus-per-cell", type=float, help="GPUs each Ray task / Slurm job asks for (default 0)")
@@ -41,8 +47,18 @@ def parse_seeds(value: str | None) -> list[int] | None:
 def command_line(args: argparse.Namespace) -> str:
     """The bench command as typed (flags in a fixed order), for the manifest and results.md."""
     parts = ["peftkit", "bench", "--profile", args.profile]
-    for flag in ("tasks", "methods", "seeds", "out", "data_dir", "model", "address", "cpus_per_cell", "gpus_per_cell",
-                 "slurm_partition"):
+    for flag in (
+        "tasks",
+        "methods",
+        "seeds",
+        "out",
+        "data_dir",
+        "model",
+        "address",
+        "cpus_per_cell",
+        "gpus_per_cell",
+        "slurm_partition",
+    ):
         if getattr(args, flag):
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.executor != "local":
@@ -59,11 +75,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"rebuilt {Path(args.report) / 'results.md'} from {len(report['cells'])} cell files")
         return 0
     out = Path(args.out or f"benchmarks/results/{args.profile}")
-    executor = make_executor(args.executor, out, args.address, args.cpus_per_cell, args.gpus_per_cell,
-                             args.slurm_partition)
-    counts = run_bench(args.profile, parse_list(args.tasks), parse_list(args.methods), parse_seeds(args.seeds),
-                       args.out, args.model, args.data_dir, progress=True, command=command_line(args),
-                       executor=executor)
-    print(f"bench {args.profile}: {counts['planned']} cells ({counts['skipped']} already done, "
-          f"{counts['ran']} run now), {counts['failed']} failed; tables: {out / 'results.md'}")
+    executor = make_executor(
+        args.executor, out, args.address, args.cpus_per_cell, args.gpus_per_cell, args.slurm_partition
+    )
+    counts = run_bench(
+        args.profile,
+        parse_list(args.tasks),
+        parse_list(args.methods),
+        parse_seeds(args.seeds),
+        args.out,
+        args.model,
+        args.data_dir,
+        progress=True,
+        command=command_line(args),
+        executor=executor,
+    )
+    print(
+        f"bench {args.profile}: {counts['planned']} cells ({counts['skipped']} already done, "
+        f"{counts['ran']} run now), {counts['failed']} failed; tables: {out / 'results.md'}"
+    )
     return 1 if counts["failed"] else 0

@@ -2,6 +2,7 @@
 
 Not to be confused with `peftkit export --merge`, which folds one adapter into its base model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ HELP = "combine LoRA adapters of one base into one (peft weighted adapter combin
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapters", nargs="+")
     parser.add_argument("--weights", required=True, help="comma-separated, one per adapter")
-    parser.add_argument("--how", default="linear",
-                        help="linear, ties or cat (cat keeps each rank; linear/ties need equal ranks)")
+    parser.add_argument(
+        "--how", default="linear", help="linear, ties or cat (cat keeps each rank; linear/ties need equal ranks)"
+    )
     parser.add_argument("--density", type=float, default=0.5, help="ties: share of weights kept")
     parser.add_argument("--out", required=True)
 

@@ -1,4 +1,5 @@
 """`peftkit eval RUN_DIR --split test`: score a finished run's adapter on a split of its task."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise PeftkitError(f"--batch-size must be at least 1, got {args.batch_size}")
-    result = evaluate_run(args.run_dir, args.split, device=args.device, batch_size=args.batch_size, data_dir=args.data_dir)
+    result = evaluate_run(
+        args.run_dir, args.split, device=args.device, batch_size=args.batch_size, data_dir=args.data_dir
+    )
     print(json.dumps(result, indent=2))
     return 0

@@ -1,4 +1,5 @@
 """`peftkit export RUN --out DIR [--merge]`: ship a run's adapter folder, or fold it into a plain full model."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = export_adapter(args.run_dir, args.out)
         meta = AdapterMeta.read(out)
-        print(f"wrote adapter {out} ({meta.method}, {(meta.adapter_bytes or 0) / 1024:.1f} KiB, "
-              f"base {meta.base_model} fingerprint {short(meta.base_fingerprint)})")
+        print(
+            f"wrote adapter {out} ({meta.method}, {(meta.adapter_bytes or 0) / 1024:.1f} KiB, "
+            f"base {meta.base_model} fingerprint {short(meta.base_fingerprint)})"
+        )
     return 0

@@ -1,4 +1,5 @@
 """`peftkit methods`: the registered adaptation methods, their weights format and whether they merge."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,15 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for name in available_methods():
         cls = get_method_class(name)
-        rows.append((name, "peft" if cls.uses_peft else "peftkit", "yes" if cls.merge_blocker is None else "no",
-                     (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]))
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+        rows.append(
+            (
+                name,
+                "peft" if cls.uses_peft else "peftkit",
+                "yes" if cls.merge_blocker is None else "no",
+                doc.splitlines()[0] if doc else "(no description)",
+            )
+        )
     print_table(("method", "weights format", "merge", "what it is"), rows)
     from peftkit.adapters.peft_generic import unsupported_peft_types
 

@@ -1,4 +1,5 @@
 """`peftkit predict ADAPTER --input rows.jsonl --output preds.jsonl`: label a file (or stdin) with an adapter."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", default="-")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on where it pays")
+    parser.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on where it pays"
+    )
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
     parser.add_argument("--allow-base-mismatch", action="store_true")
 

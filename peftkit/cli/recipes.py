@@ -1,4 +1,5 @@
 """`peftkit recipes`: the built-in recipes with their task, method and trainable share of parameters."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """`peftkit serve --adapter NAME=DIR ...`: many adapters on one base model over HTTP."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_chars < 1:
         raise PeftkitError("--max-batch and --max-chars must be at least 1")
-    app = create_app(args.base, parse_adapter_args(args.adapter), admin_token=args.admin_token,
-                     max_batch=args.max_batch, max_chars=args.max_chars, allow_base_mismatch=args.allow_base_mismatch)
+    app = create_app(
+        args.base,
+        parse_adapter_args(args.adapter),
+        admin_token=args.admin_token,
+        max_batch=args.max_batch,
+        max_chars=args.max_chars,
+        allow_base_mismatch=args.allow_base_mismatch,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

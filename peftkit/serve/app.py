@@ -12,6 +12,7 @@ joins a batch, so a bad request gets its own 4xx and never fails its neighbours:
 (e.g. "adapter 'x' produced non-finite outputs (NaN or inf); the adapter is broken ..."). A POSTed folder that
 cannot be loaded is a 400 and leaves the served adapters exactly as they were.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,9 +39,16 @@ class LoadRequest(BaseModel):
     path: str = Field(description="adapter folder on the server's disk")
 
 
-def create_app(base: str = "default", adapters: dict[str, str | Path] | None = None, admin_token: str | None = None,
-               max_batch: int = 64, max_chars: int = 10000, allow_base_mismatch: bool = False, max_wait: float = 0.005,
-               pool: AdapterPool | None = None):
+def create_app(
+    base: str = "default",
+    adapters: dict[str, str | Path] | None = None,
+    admin_token: str | None = None,
+    max_batch: int = 64,
+    max_chars: int = 10000,
+    allow_base_mismatch: bool = False,
+    max_wait: float = 0.005,
+    pool: AdapterPool | None = None,
+):
     """Build the FastAPI app serving `adapters` ({name: folder}); `pool` lets tests share one loaded base."""
     from contextlib import asynccontextmanager
 
@@ -63,14 +71,19 @@ def create_app(base: str = "default", adapters: dict[str, str | Path] | None = N
     public_base = portable_model_name(base)
     if Path(public_base).is_absolute():  # a local folder: show its name, not where it is on the server
         public_base = Path(public_base).name
-    app = FastAPI(title="peftkit serve", version="1", lifespan=lifespan,
-                  description=f"Sequence classification with many adapters on one base ({public_base}).")
+    app = FastAPI(
+        title="peftkit serve",
+        version="1",
+        lifespan=lifespan,
+        description=f"Sequence classification with many adapters on one base ({public_base}).",
+    )
     app.state.pool, app.state.batcher = pool, batcher
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in exc.errors()
+        )
         return JSONResponse(status_code=422, content={"detail": f"invalid request: {problems}"})
 
     def check_admin(authorization: str | None) -> None:
@@ -142,8 +155,9 @@ def create_app(base: str = "default", adapters: dict[str, str | Path] | None = N
     return app
 
 
-def request_problem(req: ClassifyRequest, name: str, is_pair: bool, max_batch: int,
-                    max_chars: int) -> tuple[int, str] | None:
+def request_problem(
+    req: ClassifyRequest, name: str, is_pair: bool, max_batch: int, max_chars: int
+) -> tuple[int, str] | None:
     """(HTTP status, message) for a classify request the deployment cannot take, else None."""
     if not req.texts:
         return 422, "texts is empty; send 1 or more texts"
@@ -156,8 +170,10 @@ def request_problem(req: ClassifyRequest, name: str, is_pair: bool, max_batch: i
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:  # a lone surrogate such as \ud800: JSON allows it, UTF-8 cannot
-                return 422, (f"{field_name}[{i}] is not valid Unicode text ({e.reason} at character {e.start}); "
-                             "send UTF-8-encodable strings")
+                return 422, (
+                    f"{field_name}[{i}] is not valid Unicode text ({e.reason} at character {e.start}); "
+                    "send UTF-8-encodable strings"
+                )
     if is_pair and req.text_pairs is None:
         return 422, f"adapter {name!r} classifies sentence pairs; send text_pairs too"
     if not is_pair and req.text_pairs is not None:

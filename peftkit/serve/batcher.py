@@ -9,6 +9,7 @@ Memory: one long-lived thread (not asyncio.to_thread's pool of up to 32) means o
 inference; every `trim_every` batches the freed heap is handed back to the OS (`malloc_trim`), so resident
 memory under sustained load stays at a plateau instead of ratcheting up with allocator fragmentation.
 """
+
 from __future__ import annotations
 
 import asyncio

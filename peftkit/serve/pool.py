@@ -9,6 +9,7 @@ body *shares the same tensors* as the base (only its head and adapter weights ar
 grouped forward. Only methods whose weights overwrite base parameters (full fine-tuning, BitFit) need a private
 copy of the base: one full model per such adapter.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,15 @@ class Deployment:
 
     def describe(self, private: bool = True) -> dict[str, Any]:
         """What GET /v1/adapters shows; server-side paths only when `private` (admin token given)."""
-        out = {"name": self.name, "method": self.meta.method, "task": self.meta.task.name, "labels": self.label_names,
-               "is_pair": self.is_pair, "metrics": self.meta.metrics, "mixed_batch": self.host.startswith("lora-")}
+        out = {
+            "name": self.name,
+            "method": self.meta.method,
+            "task": self.meta.task.name,
+            "labels": self.label_names,
+            "is_pair": self.is_pair,
+            "metrics": self.meta.metrics,
+            "mixed_batch": self.host.startswith("lora-"),
+        }
         if private:
             out.update(base_model=self.meta.base_model, path=self.path)
         else:  # a task given as a file or folder keeps only its last name
@@ -180,8 +188,11 @@ class AdapterPool:
                 deployment = self.deployments[name] = Deployment(name, str(directory), meta, key)
             return deployment
         key = f"own-{name}"
-        base = (load_model(self.model_cfg, num_labels, self.tokenizer.pad_token_id)
-                if self._writes_base(directory, meta) else self.shared_model(num_labels))
+        base = (
+            load_model(self.model_cfg, num_labels, self.tokenizer.pad_token_id)
+            if self._writes_base(directory, meta)
+            else self.shared_model(num_labels)
+        )
         model, _ = attach(base, directory, meta, self.model_path)
         with self.lock:
             self.hosts[key] = HostModel(model.eval(), mixed=False, deployments={name})
@@ -208,8 +219,9 @@ class AdapterPool:
         return encode(rows, self.tokenizer, deployment.meta.task.max_length)
 
     @torch.inference_mode()
-    def predict(self, jobs: list[tuple[str, list[str] | EncodedSplit, list[str] | None]],
-                batch_size: int = 64) -> list[list[dict[str, Any]] | Exception]:
+    def predict(
+        self, jobs: list[tuple[str, list[str] | EncodedSplit, list[str] | None]], batch_size: int = 64
+    ) -> list[list[dict[str, Any]] | Exception]:
         """Predictions for several (deployment name, texts or an already encoded split, pairs) jobs at once: one
         mixed forward per LoRA host model, one grouped forward per other deployment. A job whose adapter
         produced NaN/inf gets a BrokenAdapterError in its place; the other jobs are unaffected. Callers hold
@@ -220,8 +232,12 @@ class AdapterPool:
             by_host.setdefault(self.deployments[name].host, []).append(i)
         for key, indices in by_host.items():
             host = self.hosts[key]
-            splits = [jobs[i][1] if isinstance(jobs[i][1], EncodedSplit)
-                      else self.encode_rows(self.deployments[jobs[i][0]], jobs[i][1], jobs[i][2]) for i in indices]
+            splits = [
+                jobs[i][1]
+                if isinstance(jobs[i][1], EncodedSplit)
+                else self.encode_rows(self.deployments[jobs[i][0]], jobs[i][1], jobs[i][2])
+                for i in indices
+            ]
             joined = _concat(splits)
             if host.mixed:
                 names = [jobs[i][0] for i, s in zip(indices, splits) for _ in range(len(s))]
@@ -230,7 +246,7 @@ class AdapterPool:
                 logits = predict_logits(host.model, joined, batch_size, torch.device("cpu"))
             start = 0
             for i, split in zip(indices, splits):
-                chunk = logits[start:start + len(split)]
+                chunk = logits[start : start + len(split)]
                 start += len(split)
                 name = jobs[i][0]
                 try:
@@ -260,8 +276,15 @@ def _purge(model: nn.Module, name: str, keep: str | None = None) -> None:
         except Exception:  # a half-injected adapter peft cannot delete: drop its modules by hand below
             model.peft_config.pop(name, None)
     for module in model.modules():
-        for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout",
-                     "modules_to_save", "lora_magnitude_vector"):
+        for attr in (
+            "lora_A",
+            "lora_B",
+            "lora_embedding_A",
+            "lora_embedding_B",
+            "lora_dropout",
+            "modules_to_save",
+            "lora_magnitude_vector",
+        ):
             container = getattr(module, attr, None)
             if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
                 del container[name]
@@ -273,7 +296,9 @@ def _purge(model: nn.Module, name: str, keep: str | None = None) -> None:
 
 def _concat(splits: list[EncodedSplit]) -> EncodedSplit:
     keys = splits[0].features.keys()
-    return EncodedSplit({k: [row for s in splits for row in s.features[k]] for k in keys}, None, splits[0].pad_token_id)
+    return EncodedSplit(
+        {k: [row for s in splits for row in s.features[k]] for k in keys}, None, splits[0].pad_token_id
+    )
 
 
 def _mixed_logits(model: nn.Module, split: EncodedSplit, names: list[str], batch_size: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Helpers shared by the export/predict/serve tests: train tiny runs once per module, compare logits."""
+
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import shutil
 from pathlib import Path
 
 ADALORA_TINY = {"tinit_ratio": 0.0, "tfinal_ratio": 0.0, "init_r": 4, "target_r": 2, "delta_t": 1}
+# options a method needs to fit the tiny 32-wide models (MiSS defaults to r=64)
+TINY_OPTIONS = {"adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.0, "init_r": 4, "target_r": 2}, "miss": {"r": 8}}
 
 
 class TinyRuns:
@@ -23,12 +26,23 @@ class TinyRuns:
         key = (method, seed, str(task), tuple(sorted(options.items())))
         if key not in self.cache:
             opts = {**(ADALORA_TINY if method == "adalora" else {}), **options}
-            config = RunConfig.from_dict({
-                "recipe": f"toy-{method}", "task": {"name": str(task or self.task_dir), "max_length": 32},
-                "model": {"name_or_path": str(self.model_dir)}, "method": {"name": method, **opts},
-                "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "progress": False, "log_every": 1, "seed": seed,
-                          "output_dir": str(self.root / "runs")},
-            })
+            config = RunConfig.from_dict(
+                {
+                    "recipe": f"toy-{method}",
+                    "task": {"name": str(task or self.task_dir), "max_length": 32},
+                    "model": {"name_or_path": str(self.model_dir)},
+                    "method": {"name": method, **opts},
+                    "train": {
+                        "max_steps": 4,
+                        "batch_size": 8,
+                        "lr": 1e-2,
+                        "progress": False,
+                        "log_every": 1,
+                        "seed": seed,
+                        "output_dir": str(self.root / "runs"),
+                    },
+                }
+            )
             run_dir = self.root / "runs" / f"{method}-{seed}-{len(self.cache)}"
             train(config, run_dir=run_dir)
             self.cache[key] = run_dir
