@@ -69,8 +69,9 @@ def main() -> None:
         raw,
         [
             (
-                f"MiniLM-L6, LoRA r 8 alpha 16 on query/value, lr 2e-3 (head 3e-3), one pass over {args.rows} train rows "
-                f"(batch 16), <= {args.eval_rows} validation rows, seed 0, one run per cell: a tiny budget, so differences "
+                f"MiniLM-L6, LoRA r 8 alpha 16 on query/value, lr 2e-3 (head 3e-3), one pass over {args.rows} "
+                f"train rows (batch 16), <= {args.eval_rows} validation rows, seed 0, one run per cell: a tiny "
+                "budget, so differences "
                 "of a few points are within seed noise."
             ),
             (

@@ -81,8 +81,9 @@ def main() -> None:
         raw,
         [
             (
-                f"MiniLM-L6 (22.7M), LoRA r 8 on query/value, lr 2e-3 (head 3e-3), one pass over {args.rows} train rows "
-                f"(batch 16), <= {args.eval_rows} validation rows, seed 0, one run per cell: a tiny budget, so accuracies "
+                f"MiniLM-L6 (22.7M), LoRA r 8 on query/value, lr 2e-3 (head 3e-3), one pass over {args.rows} "
+                f"train rows (batch 16), <= {args.eval_rows} validation rows, seed 0, one run per cell: a tiny "
+                "budget, so accuracies "
                 "are far below converged values and differences of a few points are noise."
             ),
             (
@@ -94,7 +95,8 @@ def main() -> None:
                 "model state = weight tensors + gradient and two AdamW moments of the trainable ones."
             ),
             (
-                "bf16 = fp32 weights with bf16 autocast (train.bf16=true). 4bit = NF4 with double quantisation, float32 "
+                "bf16 = fp32 weights with bf16 autocast (train.bf16=true). 4bit = NF4 with double quantisation, "
+                "float32 "
                 "compute on CPU; head (classifier) and pooler stay fp32 in the quantized runs."
             ),
             (

@@ -76,7 +76,8 @@ def main() -> None:
         raw,
         [
             (
-                f"MiniLM-L6, one pass over {args.rows} train rows (batch 16), <= {args.eval_rows} validation rows, fp32, "
+                f"MiniLM-L6, one pass over {args.rows} train rows (batch 16), <= {args.eval_rows} validation rows, "
+                "fp32, "
                 "seed 0, one run per cell, each method with its recipe's options and lr (head lr 2e-3; LoRA: the cpu "
                 "profile's 2e-3/3e-3). A tiny budget: accuracies are far from converged and rank little."
             ),

@@ -108,7 +108,8 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
         task = _hub_task(cfg, BUILTIN_TASKS[cfg.name], seed)
     elif cfg.name in BUILTIN_TASKS:
         raise PeftkitError(
-            f"task {cfg.name!r} is not in the data folder {root} (from --data-dir / ${DATA_ENV}); expected {root / cfg.name}/train.jsonl"
+            f"task {cfg.name!r} is not in the data folder {root} (from --data-dir / ${DATA_ENV}); "
+            f"expected {root / cfg.name}/train.jsonl"
         )
     else:
         raise unknown_choice("task (or a .jsonl/.csv path, or a task folder)", cfg.name, BUILTIN_TASKS)
@@ -162,7 +163,8 @@ def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int) -> Task:
         ds = datasets.load_dataset(spec.hf_path, spec.hf_name)
     except Exception as e:
         raise PeftkitError(
-            f"task {cfg.name!r}: no data folder set and the Hub copy {spec.hf_path} could not be loaded ({type(e).__name__}); set --data-dir or ${DATA_ENV}"
+            f"task {cfg.name!r}: no data folder set and the Hub copy {spec.hf_path} could not be loaded "
+            f"({type(e).__name__}); set --data-dir or ${DATA_ENV}"
         ) from None
     label_names = ds["train"].features["label"].names
     raw = {s: [dict(r) for r in ds[s]] for s in SPLITS if s in ds}

@@ -94,7 +94,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(
-            f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); unset train.checkpoint_every"
+            f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); "
+            "unset train.checkpoint_every"
         )
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -122,7 +123,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         guard.checkpoint_written(latest)
         if state.step >= total_steps:
             raise PeftkitError(
-                f"{run_dir} is already at step {state.step}, not below this run's {total_steps} steps; raise train.max_steps to continue"
+                f"{run_dir} is already at step {state.step}, not below this run's {total_steps} steps; "
+                "raise train.max_steps to continue"
             )
     log = RunLog(run_dir, enabled=ranks.is_main, truncate_after=state.step if resume else 0, report_to=tcfg.report_to)
     if ranks.is_main:

@@ -69,7 +69,7 @@ def _tiny_config(kind: str, **overrides):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """Factory: tiny_model_dir('bert'|'gpt2'|'llama', **config_overrides) -> a saved base-model folder with a tokenizer."""
+    """Factory: tiny_model_dir('bert'|'gpt2'|'llama', **config_overrides) -> a saved base-model folder + tokenizer."""
     cache: dict[str, Path] = {}
 
     def make(kind: str = "bert", **overrides) -> Path:

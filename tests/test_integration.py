@@ -37,7 +37,8 @@ def test_lora_learns_sst2(sst2_lora_run):
     run, summary = sst2_lora_run
     assert summary.validation_examples == 872
     assert summary.best["accuracy"] > 0.75, summary.best  # chance is 0.51
-    losses = [json.loads(l)["task_loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if "task_loss" in l]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["task_loss"] for line in lines if "task_loss" in line]
     assert len(losses) == 10 and losses[-1] < 0.8 * losses[0], losses  # 25-step mean training loss fell
     # r=8 on query/value (73,728) + head: classifier (770) + the pooler it pools with (model.pooling auto -> pooler)
     assert summary.trainable_params == 73_728 + 770 + 384 * 384 + 384

@@ -37,7 +37,7 @@ def test_run_folder_has_config_metrics_summary_adapter(tiny_run_config, tmp_path
         "seed",
     ):
         assert key in saved, key
-    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"split"' in l]
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"split"' in line]
     assert [e["step"] for e in evals] == [2, 4]
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")], "a temp file was left behind"
 
@@ -74,9 +74,9 @@ def test_resume_after_crash_is_bitwise_identical(tiny_run_config, tmp_path, monk
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert summary.steps == 8
     steps_logged = [
-        json.loads(l)["step"]
-        for l in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
-        if "task_loss" in l
+        json.loads(line)["step"]
+        for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+        if "task_loss" in line
     ]
     assert steps_logged == list(range(1, 9)), "the resumed log must not repeat or skip steps"
 

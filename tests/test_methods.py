@@ -46,7 +46,7 @@ def trainable_names(model):
         ("bottleneck", {"bottleneck_size": 8}, L * 2 * ((H * 8 + 8) + (8 * H + H)) + HEAD),
         ("prompt", {"num_virtual_tokens": 20}, 20 * H + HEAD),
         # IA3 on BERT (peft's default): key and value scale their H outputs; "output.dense" matches both the attention
-        # output (H inputs) and the feed-forward output (FF inputs), both treated as feed-forward and scaled on the input
+        # output (H inputs) and the feed-forward output (FF inputs), both treated as feed-forward, scaled on the input
         ("ia3", {}, L * (H + H + H + FF) + HEAD),
         # BitFit: embeddings LN + per layer (q,k,v, attn out, attn LN, intermediate, out, out LN) + pooler + head
         ("bitfit", {}, H + L * (3 * H + H + H + FF + H + H) + H + HEAD),
@@ -160,7 +160,7 @@ def test_adalora_reallocates_rank_budget(tiny_run_config, tmp_path):
 
 def test_adalora_logs_regulariser_separately(tiny_run_config, tmp_path):
     train(tiny_run_config("adalora", method_options=ADALORA_TINY), run_dir=tmp_path / "run")
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "task_loss" in r]
     assert steps and all(r["regulariser"] > 0 for r in steps)
 
@@ -218,7 +218,8 @@ def test_third_party_method_registers_through_entry_point(tmp_path, monkeypatch,
         "from peftkit.adapters.base import Method, freeze, unfreeze_head\n"
         "@dataclass\nclass HeadOnlyConfig:\n    pass\n"
         "class HeadOnly(Method):\n    name = 'headonly'\n    options_class = HeadOnlyConfig\n"
-        "    def apply(self, model, ctx):\n        freeze(model); unfreeze_head(model, ctx.head_modules); return model\n"
+        "    def apply(self, model, ctx):\n"
+        "        freeze(model); unfreeze_head(model, ctx.head_modules); return model\n"
     )
     dist = tmp_path / "myplugin-0.1.dist-info"
     dist.mkdir()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_runs import TINY_OPTIONS
 
 from peftkit.adapters import MethodContext, available_methods, build_method, get_method_class
 from peftkit.artifacts import load, save_adapter
@@ -15,8 +16,7 @@ from peftkit.formats import TaskInfo
 from peftkit.modeling import count_parameters, head_modules, load_model
 
 METHODS = available_methods()
-# Defaults sized for real models that do not fit the tiny BERT (hidden 32), or that need a schedule to prune in.
-from tiny_runs import TINY_OPTIONS
+# TINY_OPTIONS: defaults sized for real models do not fit the tiny BERT (hidden 32), or need a schedule to prune in.
 
 # Methods that refuse an encoder classifier on purpose, with a PeftkitError naming why.
 REFUSE_ENCODERS: set[str] = set()
@@ -312,7 +312,7 @@ def test_served_beside_a_lora_adapter_matches_loading_it_alone(name, tiny_model_
     for label, folder in folders.items():
         pool.add(label, folder)
     results = pool.predict([(label, TEXTS, None) for label in folders])
-    for (label, folder), predictions in zip(folders.items(), results):
+    for folder, predictions in zip(folders.values(), results):
         loaded = load(folder)
         want = torch.softmax(logits_of(loaded.model, loaded.tokenizer), -1)
         got = torch.tensor([list(p["probabilities"].values()) for p in predictions])

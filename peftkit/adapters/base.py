@@ -29,7 +29,7 @@ class MethodContext:
         str
     ]  # the task head's module names: ["classifier", "bert.pooler.dense"] (BERT), ["score"] (GPT-2)
     total_steps: int = 1  # optimizer steps in the run (AdaLoRA's rank schedule needs it)
-    # n -> up to n training batches (dicts of tensors, labels included); LoRA's eva/corda inits read them. None: no data
+    # n -> up to n training batches (dicts of tensors, labels included); LoRA's eva init reads them. None: no data
     calibration: Callable[[int], list[dict[str, Any]]] | None = None
 
 

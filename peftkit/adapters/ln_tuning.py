@@ -9,7 +9,7 @@ from peftkit.adapters._peft import OptionsAsPeftConfig
 
 @dataclass
 class LnTuningOptions:
-    # BERT-likes name their norms `LayerNorm`; Llama-likes `input_layernorm`/`post_attention_layernorm` (peft's default)
+    # BERT-likes name their norms `LayerNorm`; Llama-likes input_layernorm/post_attention_layernorm (peft's default)
     target_modules: list[str] | None = field(default_factory=lambda: ["LayerNorm"])
 
 

@@ -156,7 +156,8 @@ class LoRA(PeftMethod):
 def convert_to_plain_lora(directory: Path, initial: dict[str, Any]) -> None:
     """Rewrite a saved PiSSA/OLoRA/CorDA adapter as an ordinary LoRA against the ORIGINAL base weights.
 
-    The base kept W_res = W - s·B0·A0 and training reached W_res + s·B·A = W + s·(B·A - B0·A0) = W + s·[B, -B0]·[A; A0]:
+    The base kept W_res = W - s·B0·A0 and training reached W_res + s·B·A = W + s·(B·A - B0·A0)
+    = W + s·[B, -B0]·[A; A0]:
     a LoRA of rank 2r with the same scaling. peft's own conversion (`path_initial_model_for_weight_conversion`) does
     the same but drops modules_to_save (the task head) from the file, so it is done here.
     """

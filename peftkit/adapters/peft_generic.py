@@ -23,8 +23,8 @@ UNSUPPORTED_PEFT_TYPES: dict[str, str] = {
     "ADAPTION_PROMPT": "gated prompts inside the self-attention of decoder-only models; peft implements it only for "
     "llama, mistral and gpt2 model types, not encoder classifiers",
     "CPT": "context-aware prompt tuning for causal language models; peft's CPTConfig accepts only task_type CAUSAL_LM",
-    "CARTRIDGE": "a trained KV-cache prefix fed as past_key_values; sequence-classification forwards in transformers 5 "
-    "take none",
+    "CARTRIDGE": "a trained KV-cache prefix fed as past_key_values; sequence-classification forwards in "
+    "transformers 5 take none",
     "MULTITASK_PROMPT_TUNING": "needs task_ids with every batch (one prompt per task); a peftkit run trains one task "
     "(use method prompt)",
     "POLY": "routes between LoRA skills by task_ids given with every batch; a peftkit run trains one task",
