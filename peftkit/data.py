@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
@@ -131,7 +130,9 @@ def _folder_task(cfg: TaskConfig, folder: Path) -> Task:
         raise PeftkitError(f"task folder {folder} has no validation.jsonl")
     if pair_field is None and raw["train"] and "text_pair" in raw["train"][0]:
         pair_field = "text_pair"
-    label_names = cfg.label_names or meta.get("label_names") or _distinct_labels(raw["train"], cfg.label_field)
+    label_names = (
+        cfg.label_names or meta.get("label_names") or validation.distinct_labels(raw["train"], cfg.label_field)
+    )
     builtin = BUILTIN_TASKS.get(folder.name)
     return _normalise(folder.name, raw, cfg, pair_field, label_names, builtin.metrics if builtin else None)
 
@@ -146,7 +147,7 @@ def _file_task(cfg: TaskConfig, path: Path, seed: int) -> Task:
         raw = {"train": rest, "validation": held}
     if cfg.test_file:
         raw["test"] = read_rows(Path(cfg.test_file), cfg)
-    label_names = cfg.label_names or _distinct_labels(train, cfg.label_field)
+    label_names = cfg.label_names or validation.distinct_labels(train, cfg.label_field)
     return _normalise(path.stem, raw, cfg, cfg.text_pair_field, label_names, None)
 
 
@@ -185,20 +186,6 @@ def holdout(rows: list, seed: int, share: float = 0.1) -> tuple[list, list]:
     return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
 
 
-def iter_rows(
-    source: str | Path,
-    stdin: IO[str] | None = None,
-    what: str = "data",
-    encoding: str = "utf-8",
-    delimiter: str | None = None,
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (where, row) one row at a time from a JSONL or CSV file, or '-' for JSONL on stdin.
-
-    Streaming, so `peftkit predict` runs in constant memory; `where` (file:line) goes into every error.
-    """
-    return validation.iter_rows(source, stdin, what, encoding, delimiter)
-
-
 def read_rows(path: Path, cfg: TaskConfig | None = None) -> list[dict[str, Any]]:
     """Every row of a file, each a `validation.Row` that knows its file:line; bad rows go to `_BAD_ROWS`
     (with task.on_bad_row=skip) instead of stopping the read."""
@@ -208,10 +195,6 @@ def read_rows(path: Path, cfg: TaskConfig | None = None) -> list[dict[str, Any]]
 
 
 _BAD_ROWS: list[str] = []  # rows skipped while reading the task being loaded (collected into Task.skipped_rows)
-
-
-def _distinct_labels(rows: list[dict], label_field: str) -> list[str]:
-    return validation.distinct_labels(rows, label_field)
 
 
 def _normalise(

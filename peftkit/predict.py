@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from peftkit.artifacts import LoadedAdapter
-from peftkit.data import encode, iter_rows
+from peftkit.data import encode
 from peftkit.errors import PeftkitError
 from peftkit.inference import format_predictions, predict_logits
 from peftkit.io import atomic_open
-from peftkit.validation import check_text
+from peftkit.validation import check_text, iter_rows
 
 
 def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str | None) -> dict[str, Any]:
