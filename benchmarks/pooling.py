@@ -94,7 +94,7 @@ def main() -> None:
         print(table([row]).splitlines()[-1], flush=True)
         (out / "pooling.json").write_text(json.dumps(rows, indent=1) + "\n")
         (out / "pooling.md").write_text(
-            "# Pooling comparison (all-MiniLM-L6-v2, 1 epoch, batch 16, bf16, one seed)\n\n"
+            "# Pooling comparison (all-MiniLM-L6-v2, 1 epoch, batch 16, bf16 only where it pays, one seed)\n\n"
             f"Produced by `python benchmarks/pooling.py` on {sys.platform}; each row's exact command is in "
             "`pooling.json`. Common: `"
             + COMMON

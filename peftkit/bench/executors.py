@@ -90,7 +90,13 @@ class RayExecutor:
             if self.address:
                 self.ray.init(address=self.address, log_to_driver=False)
             else:
-                self.ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+                # a local cluster lives on this machine: keep its sockets on loopback, not on the network interface
+                self.ray.init(
+                    num_cpus=self.num_cpus or os.cpu_count(),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    _node_ip_address="127.0.0.1",
+                )
         pending = {self.remote.remote(job): job for job in jobs}
         while pending:
             [ref], _ = self.ray.wait(list(pending), num_returns=1)
