@@ -17,7 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# one thread per rank; gloo on the loopback interface (the ranks all run on this machine)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def free_port() -> int:
