@@ -64,7 +64,7 @@ def _child(payload: str) -> None:
     spec = json.loads(payload)
     data = apply_overrides({"method": spec["method"]}, spec["overrides"])
     data["recipe"] = "bench"
-    summary = train(RunConfig.from_dict(data), run_dir=spec["run_dir"])
+    summary = train(RunConfig.from_dict(data), run_dir=spec["run_dir"]).to_dict()
     keep = (
         "best",
         "trainable_params",
