@@ -58,7 +58,8 @@ def _child(payload: str) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from peftkit.config import RunConfig, apply_overrides
+    from peftkit.config import RunConfig
+    from peftkit.recipe_files import apply_overrides
     from peftkit.train import train
 
     spec = json.loads(payload)

@@ -24,7 +24,6 @@ import http.client
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import subprocess
@@ -34,8 +33,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-STABLE = ("lora0", "lora1", "ia3")
-CHURN = "churn"
+from load_plan import CHURN, STABLE, build_plan
 
 
 def rss_mb() -> float:
@@ -93,38 +91,6 @@ def damaged_copy(good: Path, other_rank: Path, dst: Path) -> Path:
     meta["weights_sha256"] = {"adapter_model.safetensors": sha256_file(dst / "adapter_model.safetensors")}
     (dst / "peftkit.json").write_text(json.dumps(meta))
     return dst
-
-
-MALFORMED = [  # (kind, body bytes)
-    ("lone_surrogate", lambda t: json.dumps({"adapter": "lora0", "texts": [t, "\ud800 broken"]})),
-    ("lone_low_surrogate", lambda t: json.dumps({"adapter": "ia3", "texts": ["\udfff" + t]})),
-    ("empty_texts", lambda t: json.dumps({"adapter": "lora1", "texts": []})),
-    ("too_many_texts", lambda t: json.dumps({"adapter": "lora0", "texts": [t] * 65})),
-    ("too_long_text", lambda t: json.dumps({"adapter": "lora0", "texts": ["x" * 10001]})),
-    ("unknown_adapter", lambda t: json.dumps({"adapter": "nope", "texts": [t]})),
-    ("broken_json", lambda t: '{"adapter": "lora0", "texts": ["' + t[:10]),
-    ("texts_not_list", lambda t: json.dumps({"adapter": "lora0", "texts": t})),
-    ("text_not_string", lambda t: json.dumps({"adapter": "lora1", "texts": [1, {"a": 2}]})),
-    ("pairs_for_single", lambda t: json.dumps({"adapter": "ia3", "texts": [t], "text_pairs": [t]})),
-    ("missing_adapter", lambda t: json.dumps({"texts": [t]})),
-]
-
-
-def build_plan(n: int, malformed_share: float, texts: list[str], seed: int = 0) -> list[tuple[str, str, bytes]]:
-    """(category, kind, body) per request, in a fixed seeded order."""
-    rng = random.Random(seed)
-    plan = []
-    n_bad = round(n * malformed_share)
-    bad_at = set(rng.sample(range(n), n_bad))
-    for i in range(n):
-        if i in bad_at:
-            kind, make = MALFORMED[i % len(MALFORMED)]
-            plan.append(("malformed", kind, make(rng.choice(texts)).encode()))
-            continue
-        adapter = CHURN if rng.random() < 0.05 else rng.choice(STABLE)
-        body = {"adapter": adapter, "texts": rng.sample(texts, rng.randint(1, 4))}
-        plan.append(("valid_churn" if adapter == CHURN else "valid", adapter, json.dumps(body).encode()))
-    return plan
 
 
 class Results:

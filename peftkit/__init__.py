@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return train
     if name == "load_config":
-        from peftkit.config import load_config
+        from peftkit.recipe_files import load_config
 
         return load_config
     raise AttributeError(name)

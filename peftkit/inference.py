@@ -86,9 +86,9 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Score a finished run's adapter on a split of its task (read again from the run's config.yaml)."""
     from peftkit.artifacts import load
-    from peftkit.config import load_config
     from peftkit.data import load_task
     from peftkit.modeling import resolve_device
+    from peftkit.recipe_files import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

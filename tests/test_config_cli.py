@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from peftkit.cli import main
-from peftkit.config import apply_overrides, list_recipes, load_config
 from peftkit.errors import PeftkitError
+from peftkit.recipe_files import apply_overrides, list_recipes, load_config
 
 TASKS = ("sst2", "banking77", "financial_phrasebank", "rte", "mrpc")
 

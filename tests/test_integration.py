@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from peftkit.config import load_config
+from peftkit.recipe_files import load_config
 from peftkit.train import train
 
 pytestmark = pytest.mark.integration

@@ -144,7 +144,7 @@ def test_methods_without_kbit_layers_refuse_a_quantized_base(method, tiny_run_co
 
 
 def test_unknown_quantization_is_a_clear_error():
-    from peftkit.config import load_config
+    from peftkit.recipe_files import load_config
 
     with pytest.raises(PeftkitError, match="Valid: 4bit, 8bit"):
         load_config(recipe="sst2-lora", overrides=["model.quantization=3bit"])

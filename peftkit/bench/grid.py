@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.bench.profiles import Profile, canonical_method
-from peftkit.config import RunConfig, apply_overrides, list_recipes, load_config
+from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError, unknown_choice
+from peftkit.recipe_files import apply_overrides, list_recipes, load_config
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftkit.config import build_dataclass, read_yaml, recipes_dir
+from peftkit.config import build_dataclass
 from peftkit.errors import PeftkitError, unknown_choice
+from peftkit.recipe_files import read_yaml, recipes_dir
 
 
 @dataclass(frozen=True)

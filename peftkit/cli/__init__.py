@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except PeftkitError as e:
         print(f"peftkit: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `peftkit recipes | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("peftkit: interrupted; files written so far are complete (all writes are atomic)", file=sys.stderr)
         return 130

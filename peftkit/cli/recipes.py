@@ -12,9 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftkit.config import list_recipes, load_config
     from peftkit.console import print_table
     from peftkit.modeling import trainable_pct_without_weights
+    from peftkit.recipe_files import list_recipes, load_config
 
     rows = []
     for name in list_recipes():

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peftkit.config import load_config
+    from peftkit.recipe_files import load_config
 
     overrides = list(args.overrides)
     if args.resume:

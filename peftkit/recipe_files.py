@@ -1,0 +1,128 @@
+"""Recipe files -> a validated RunConfig: find a recipe by name, resolve its `include:` parts, apply overrides.
+
+Recipes ship inside the wheel as peftkit/recipes (./recipes in a source checkout); the dataclasses they become,
+and the checks on every value, are in config.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.config import RunConfig
+from peftkit.errors import PeftkitError, unknown_choice
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a raw config mapping."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise PeftkitError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4, method.r=16)")
+        section, _, name = key.partition(".")
+        if section not in ("task", "model", "method", "train"):
+            raise unknown_choice("config section", section, ["task", "model", "method", "train"])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        data.setdefault(section, {})
+        data[section] = dict(data[section] or {})
+        data[section][name] = value
+    return data
+
+
+def recipes_dir() -> Path:
+    """Recipes ship inside the wheel as peftkit/recipes; in a source checkout they live in ./recipes."""
+    packaged = Path(__file__).parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "recipes"
+
+
+def list_recipes() -> dict[str, Path]:
+    """Runnable recipes: the top-level `<task>-<method>.yaml` files (tasks/, methods/ and profiles/ hold parts)."""
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe by name; an old method name in it (e.g. `sst2-adapter`) resolves to the current one."""
+    from peftkit.adapters import METHOD_ALIASES
+
+    recipes = list_recipes()
+    if name not in recipes:
+        task, _, rest = name.partition("-")
+        method, _, variant = rest.partition("-")
+        renamed = "-".join(p for p in (task, METHOD_ALIASES.get(method, method), variant) if p)
+        if renamed not in recipes:
+            raise unknown_choice("recipe", name, recipes)
+        name = renamed
+    return recipes[name]
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        raise PeftkitError(f"config file {path} is a directory, not a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PeftkitError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise PeftkitError(f"config file {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise PeftkitError(f"{path} is nested too deeply to be a recipe") from None
+    except yaml.YAMLError as e:
+        raise PeftkitError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PeftkitError(f"{path} must hold a mapping with sections task, model, method, train")
+    return data
+
+
+def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file with its `include:` list resolved: each included file (path relative to this one) is merged
+    in order, then this file's own keys on top. Sections merge key by key, so a recipe states only what differs."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise PeftkitError(f"recipe include cycle: {' -> '.join(p.name for p in (*_seen, path))}")
+    data = read_yaml(path)
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise PeftkitError(f"{path}: include must be a file name or a list of them, got {includes!r}")
+    merged: dict[str, Any] = {}
+    for name in includes:
+        merged = merge_sections(merged, read_recipe(path.parent / name, (*_seen, path)))
+    return merge_sections(merged, data)
+
+
+def merge_sections(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, one level deep: mappings (the sections) merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(recipe: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Resolve a recipe name or a user's YAML file, apply overrides and validate everything."""
+    if config_file:
+        data = read_recipe(config_file)
+        name = data.get("recipe") or Path(config_file).stem  # a run's config.yaml keeps its recipe's name
+    elif recipe:
+        if not isinstance(recipe, str):
+            raise PeftkitError(f"a recipe name must be a string, got {recipe!r}")
+        path = find_recipe(recipe)
+        data, name = read_recipe(path), path.stem
+    else:
+        raise PeftkitError("name a recipe (peftkit recipes lists them) or pass --config FILE.yaml")
+    data = apply_overrides(data, list(overrides))
+    if not isinstance(name, str):
+        raise PeftkitError(f"the config's recipe name must be a string, got {name!r}")
+    data["recipe"] = name
+    return RunConfig.from_dict(data)
