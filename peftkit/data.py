@@ -96,15 +96,15 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     """Find the task named by `cfg.name` and read its splits."""
     path = Path(cfg.name).expanduser()
     root = data_dir(cfg)
-    _BAD_ROWS.clear()
+    bad: list[str] | None = [] if cfg.on_bad_row == "skip" else None  # `file:line` of rows skipped
     if path.suffix.lower() in TASK_FILE_SUFFIXES:
-        task = _file_task(cfg, path, seed)
+        task = _file_task(cfg, path, seed, bad)
     elif path.is_dir() and (path / "train.jsonl").exists():
-        task = _folder_task(cfg, path)
+        task = _folder_task(cfg, path, bad)
     elif root is not None and (root / cfg.name).is_dir():
-        task = _folder_task(cfg, root / cfg.name)
+        task = _folder_task(cfg, root / cfg.name, bad)
     elif cfg.name in BUILTIN_TASKS and root is None:
-        task = _hub_task(cfg, BUILTIN_TASKS[cfg.name], seed)
+        task = _hub_task(cfg, BUILTIN_TASKS[cfg.name], seed, bad)
     elif cfg.name in BUILTIN_TASKS:
         raise PeftkitError(
             f"task {cfg.name!r} is not in the data folder {root} (from --data-dir / ${DATA_ENV}); "
@@ -122,10 +122,10 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     return task
 
 
-def _folder_task(cfg: TaskConfig, folder: Path) -> Task:
+def _folder_task(cfg: TaskConfig, folder: Path, bad: list[str] | None) -> Task:
     meta = validation.read_meta(folder)
     pair_field = cfg.text_pair_field or ("text_pair" if "text_pair" in meta.get("fields", {}) else None)
-    raw = {s: read_rows(folder / f"{s}.jsonl", cfg) for s in SPLITS if (folder / f"{s}.jsonl").exists()}
+    raw = {s: read_rows(folder / f"{s}.jsonl", cfg, bad) for s in SPLITS if (folder / f"{s}.jsonl").exists()}
     if "validation" not in raw:
         raise PeftkitError(f"task folder {folder} has no validation.jsonl")
     if pair_field is None and raw["train"] and "text_pair" in raw["train"][0]:
@@ -134,24 +134,24 @@ def _folder_task(cfg: TaskConfig, folder: Path) -> Task:
         cfg.label_names or meta.get("label_names") or validation.distinct_labels(raw["train"], cfg.label_field)
     )
     builtin = BUILTIN_TASKS.get(folder.name)
-    return _normalise(folder.name, raw, cfg, pair_field, label_names, builtin.metrics if builtin else None)
+    return _normalise(folder.name, raw, cfg, pair_field, label_names, builtin.metrics if builtin else None, bad)
 
 
-def _file_task(cfg: TaskConfig, path: Path, seed: int) -> Task:
-    train = read_rows(path, cfg)
+def _file_task(cfg: TaskConfig, path: Path, seed: int, bad: list[str] | None) -> Task:
+    train = read_rows(path, cfg, bad)
     raw = {"train": train}
     if cfg.validation_file:
-        raw["validation"] = read_rows(Path(cfg.validation_file), cfg)
+        raw["validation"] = read_rows(Path(cfg.validation_file), cfg, bad)
     else:  # hold out a seeded 10% so the loop can still pick its best step
         rest, held = holdout(train, seed)
         raw = {"train": rest, "validation": held}
     if cfg.test_file:
-        raw["test"] = read_rows(Path(cfg.test_file), cfg)
+        raw["test"] = read_rows(Path(cfg.test_file), cfg, bad)
     label_names = cfg.label_names or validation.distinct_labels(train, cfg.label_field)
-    return _normalise(path.stem, raw, cfg, cfg.text_pair_field, label_names, None)
+    return _normalise(path.stem, raw, cfg, cfg.text_pair_field, label_names, None, bad)
 
 
-def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int) -> Task:
+def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int, bad: list[str] | None) -> Task:
     """Fallback for a user online with no data folder: the task's Hugging Face `datasets` id."""
     try:
         import datasets
@@ -175,7 +175,7 @@ def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int) -> Task:
         rest, test = holdout(rest, seed + 1, share=1 / 9)
         raw = {"train": rest, "validation": validation, "test": test}
     fields = TaskConfig(**{**cfg.__dict__, "text_field": spec.text, "text_pair_field": spec.text_pair})
-    return _normalise(cfg.name, raw, fields, spec.text_pair, label_names, spec.metrics)
+    return _normalise(cfg.name, raw, fields, spec.text_pair, label_names, spec.metrics, bad)
 
 
 def holdout(rows: list, seed: int, share: float = 0.1) -> tuple[list, list]:
@@ -186,15 +186,11 @@ def holdout(rows: list, seed: int, share: float = 0.1) -> tuple[list, list]:
     return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
 
 
-def read_rows(path: Path, cfg: TaskConfig | None = None) -> list[dict[str, Any]]:
-    """Every row of a file, each a `validation.Row` that knows its file:line; bad rows go to `_BAD_ROWS`
-    (with task.on_bad_row=skip) instead of stopping the read."""
+def read_rows(path: Path, cfg: TaskConfig | None = None, bad: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every row of a file, each a `validation.Row` that knows its file:line. With a `bad` list (task.on_bad_row:
+    skip) invalid rows are appended to it instead of stopping the read."""
     cfg = cfg or TaskConfig()
-    bad = _BAD_ROWS if cfg.on_bad_row == "skip" else None
     return validation.read_rows(path, cfg.encoding, cfg.delimiter, bad)
-
-
-_BAD_ROWS: list[str] = []  # rows skipped while reading the task being loaded (collected into Task.skipped_rows)
 
 
 def _normalise(
@@ -204,11 +200,11 @@ def _normalise(
     pair_field: str | None,
     label_names: list[str],
     metrics: tuple[str, ...] | None,
+    bad: list[str] | None,
 ) -> Task:
-    bad = _BAD_ROWS if cfg.on_bad_row == "skip" else None
     splits, label_names = validation.normalise_splits(name, raw, cfg, pair_field, label_names, bad)
     default_metrics = ("accuracy", "f1") if len(label_names) == 2 else ("accuracy", "macro_f1")
-    return Task(name, label_names, pair_field is not None, metrics or default_metrics, splits, list(_BAD_ROWS))
+    return Task(name, label_names, pair_field is not None, metrics or default_metrics, splits, list(bad or []))
 
 
 # --------------------------------------------------------------------------------------------- tokens
