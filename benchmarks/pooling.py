@@ -4,7 +4,8 @@
 
 Every cell is `python -m peftkit train <recipe> <overrides> model.pooling=<p>` (the exact commands are written
 into the results), evaluated once at the end on at most 1000 validation rows. Results are written after every
-cell, so a partial run leaves a partial table. Order: LoRA pooler vs mean (what `auto` decides), LoRA cls/last,
+cell, so a partial run leaves a partial table, and a later run adds its cells to the saved ones.
+Order: LoRA pooler vs mean (what `auto` decides), LoRA cls/last,
 the head probe (pooler, mean), then full fine-tuning with each pooling.
 """
 
@@ -65,7 +66,9 @@ def main() -> None:
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     wanted = [w for w in args.only.split(",") if w]
-    rows: list[dict] = []
+    # earlier cells stay in the table; a cell run again replaces its row
+    saved = out / "pooling.json"
+    rows: list[dict] = json.loads(saved.read_text()) if saved.is_file() else []
     for task, method, pooling in CELLS:
         if wanted and not any(f"{task}-{method}-{pooling}".startswith(w) for w in wanted):
             continue
@@ -90,7 +93,7 @@ def main() -> None:
             )
         else:
             row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
-        rows.append(row)
+        rows = [r for r in rows if (r["task"], r["method"], r["pooling"]) != (task, method, pooling)] + [row]
         print(table([row]).splitlines()[-1], flush=True)
         (out / "pooling.json").write_text(json.dumps(rows, indent=1) + "\n")
         (out / "pooling.md").write_text(

@@ -4,7 +4,8 @@
 
 For each (task, method) it trains, in fresh processes and alternating (A B C D, then D C B A, ...):
   trainer-default  Trainer + peft as PEFT's docs write it (DataCollatorWithPadding), batch 32, max length 128, fp32
-  trainer-best     the same with bf16=True, group_by_length (transformers 5: train_sampling_strategy)
+  trainer-best     the same with group_by_length (transformers 5: train_sampling_strategy), and bf16=True where
+                   bf16 pays (AMX / AVX512-BF16; on an AVX2-only CPU bf16 is emulated and slower, so fp32 there)
   peftkit-default  `peftkit train <task>-<method>` with its recipe's defaults (bucketed batches, bf16 where it pays)
   peftkit-matched  peftkit at the Trainer's settings: batch 32, max length 128, fp32, random batches
   peftkit-ckpt     peftkit defaults + train.gradient_checkpointing (LoRA on the first task only)
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from speed_parts import LORA, lora_step_flops_per_token, matmul_peak, time_predict
+from speed_parts import LORA, bf16_pays_here, lora_step_flops_per_token, matmul_peak, time_predict
 
 VARIANTS = ("trainer-default", "trainer-best", "peftkit-default", "peftkit-matched")
 
@@ -146,7 +147,7 @@ def run_trainer(task: str, method: str, train_rows: int, best: bool, eval_rows: 
             seed=0,
             use_cpu=True,
             disable_tqdm=True,
-            bf16=best,
+            bf16=best and bf16_pays_here(),
             train_sampling_strategy="group_by_length" if best else "random",
         )
         collator = DataCollatorWithPadding(tokenizer)
@@ -166,7 +167,7 @@ def run_trainer(task: str, method: str, train_rows: int, best: bool, eval_rows: 
         "tokens_per_s": real / seconds,
         "peak_memory_mb": peak,
         "accuracy": accuracy,
-        "bf16": best,
+        "bf16": best and bf16_pays_here(),
         "batch_size": 32,
         "max_length": 128,
         "batching": "group_by_length" if best else "random",
@@ -327,8 +328,12 @@ def to_markdown(report: dict) -> str:
         "",
         f"Command: `{report.get('command')}` ({report.get('wall_seconds')} s). "
         f"Machine: {report.get('cpu_count')} cores, torch threads {report.get('torch_threads')}, "
-        f"load average at the end {report.get('load_average')} "
-        "(the machine was shared with other jobs: treat ratios as rough).",
+        f"load average at the end {report.get('load_average')}"
+        + (
+            " (the machine was shared with other jobs: treat ratios as rough)."
+            if max(report.get("load_average") or [0]) > 2.5
+            else " (quiet)."
+        ),
         "",
         "| task | method | setting | ex/s (median; each run) | tokens/s | peak RSS MB | val acc | bf16 |",
         "|---|---|---|---|---:|---:|---:|---|",

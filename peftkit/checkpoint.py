@@ -34,6 +34,7 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     train_seconds: float = 0.0
+    evals_since_best: int = 0  # early stopping's count (train.patience)
 
 
 def save_checkpoint(

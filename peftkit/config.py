@@ -62,6 +62,10 @@ class TaskConfig:
     max_length: Annotated[int, Range(ge=8, le=1_000_000)] = 128  # tokens; also capped by the model's positions
     max_train_examples: Positive | None = None  # seeded subsample of train, for CPU-sized budgets
     max_eval_examples: Positive | None = None  # a seeded sample of N rows of validation/test
+    # a dev split carved from train (a share < 1, or a row count) that the loop selects on (best step, early
+    # stopping), so validation and test stay unseen by every choice; the same rows for every train.seed
+    dev_size: Annotated[float, Range(gt=0)] | None = None
+    dev_seed: Annotated[int, Range(ge=0, lt=2**32)] = 0
     encoding: str = "utf-8"  # of the data files; e.g. latin-1 for a legacy export
     delimiter: str | None = None  # CSV delimiter; default: sniffed from the file (one of , ; tab |)
     allow_empty_text: bool = False  # accept texts that are empty after stripping whitespace
@@ -78,6 +82,10 @@ class TaskConfig:
             ) from None
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise PeftkitError(f"task.delimiter must be one character, got {self.delimiter!r}")
+        if self.dev_size is not None and self.dev_size >= 1 and self.dev_size != int(self.dev_size):
+            raise PeftkitError(
+                f"task.dev_size is a share of train below 1 (e.g. 0.1) or a whole number of rows, got {self.dev_size}"
+            )
 
 
 @dataclass
@@ -101,6 +109,10 @@ class TrainConfig:
 
     seed: Annotated[int, Range(ge=0, lt=2**32)] = 0
     epochs: Annotated[float, Range(gt=0, le=10_000)] = 1.0
+    # early stopping: stop after `patience` evaluations without improvement (the best is kept); the schedule then
+    # spans `max_epochs` (the ceiling) instead of `epochs`. Evaluates every epoch unless eval_every says otherwise.
+    patience: Positive | None = None
+    max_epochs: Annotated[float, Range(gt=0, le=10_000)] | None = None
     max_steps: Positive | None = None  # optimizer steps; overrides epochs when set
     batch_size: Positive = 32
     grad_accum_steps: Positive = 1

@@ -112,6 +112,8 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
         )
     else:
         raise unknown_choice("task (or a .jsonl/.csv path, or a task folder)", cfg.name, BUILTIN_TASKS)
+    if cfg.dev_size is not None:  # before subsampling: the same dev rows whatever the seed or train budget
+        task.splits["train"], task.splits["dev"] = carve_dev(task.splits["train"], cfg.dev_size, cfg.dev_seed)
     rng = random.Random(seed)
     if cfg.max_train_examples and len(task.splits["train"]) > cfg.max_train_examples:
         task.splits["train"] = rng.sample(task.splits["train"], cfg.max_train_examples)
@@ -178,12 +180,20 @@ def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int, bad: list[str] | No
     return _normalise(cfg.name, raw, fields, spec.text_pair, label_names, spec.metrics, bad)
 
 
-def holdout(rows: list, seed: int, share: float = 0.1) -> tuple[list, list]:
-    """A seeded split of `rows` into (the rest, a held-out `share` of at least one row)."""
+def holdout(rows: list, seed: int, share: float = 0.1, count: int | None = None) -> tuple[list, list]:
+    """A seeded split of `rows` into (the rest, a held-out `count` rows, or `share` of them, at least one)."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    cut = max(1, int(len(rows) * share))
+    cut = count if count is not None else max(1, int(len(rows) * share))
     return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
+
+
+def carve_dev(train: list, size: float, seed: int) -> tuple[list, list]:
+    """(train without dev, dev): a seeded share (size < 1) or count (size >= 1) of train, leaving train non-empty."""
+    count = int(size) if size >= 1 else max(1, int(len(train) * size))
+    if count >= len(train):
+        raise PeftkitError(f"task.dev_size={size:g} leaves no training rows (train has {len(train)})")
+    return holdout(train, seed, count=count)
 
 
 def read_rows(path: Path, cfg: TaskConfig | None = None, bad: list[str] | None = None) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from peftkit.io import atomic_write_json, read_json
 ADAPTER_META_FILE = "peftkit.json"
 SUMMARY_FILE = "summary.json"
 ADAPTER_FORMAT = "1.2"  # 1.2: pooling, head_modules, weights_sha256
-SUMMARY_FORMAT = "1.1"
+SUMMARY_FORMAT = "1.2"
 
 
 def check_version(found: Any, supported: str, where: Path) -> None:
@@ -198,7 +198,7 @@ class RunSummary:
     train_examples: int
     validation_examples: int
     final: dict[str, float]  # the last evaluation
-    best: dict[str, float]  # the evaluation the run kept ("step" included)
+    best: dict[str, float]  # the evaluation the run kept ("step" included), on `selection_split`
     test: dict[str, float] | None
     kept: str  # "best" or "final"
     trainable_params: int
@@ -217,6 +217,10 @@ class RunSummary:
     environment: dict[str, Any]
     run_dir: str
     adapter_bytes: int | None = None
+    selection_split: str = "validation"  # where the best step was chosen: validation, or a dev split from train
+    validation: dict[str, float] | None = None  # the kept weights on validation when selection_split is dev
+    stopped_early: bool = False  # train.patience ended the run before its last step
+    majority_rate: float | None = None  # validation accuracy of always answering the most frequent label
     extra: dict[str, Any] = field(default_factory=dict)  # anything a newer loop adds before it earns a field
     format_version: str = SUMMARY_FORMAT
 

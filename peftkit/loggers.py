@@ -34,6 +34,17 @@ class MetricsLog:
         pass
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a metrics.jsonl (a half-written last line from a killed run is left out)."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def _step_of(line: str) -> float:
     """Step of a metrics.jsonl line; a half-written last line (process killed mid-append) counts as past the end."""
     try:

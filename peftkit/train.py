@@ -76,6 +76,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             f"train.metric_for_best=f1 is the binary F1; task {task.name!r} has {task.num_labels} labels, use macro_f1"
         )
     splits = {name: encode(rows, tokenizer, config.task.max_length) for name, rows in task.splits.items()}
+    selection = "dev" if "dev" in splits else "validation"  # the split every choice (best step, stopping) reads
     if splits["validation"].labels is None:
         raise PeftkitError(
             f"the validation split of task {task.name!r} has rows without labels; the loop needs them to evaluate"
@@ -83,7 +84,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     lengths = splits["train"].lengths()
     order = BatchOrder(len(splits["train"]), tcfg.batch_size, tcfg.seed, ranks, lengths, tcfg.batching)
     steps_per_epoch = max(1, math.ceil(order.batches_per_epoch / tcfg.grad_accum_steps))
-    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    epochs = tcfg.max_epochs if tcfg.max_epochs is not None else tcfg.epochs
+    total_steps = tcfg.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    eval_every = tcfg.eval_every or (steps_per_epoch if tcfg.patience else None)  # early stopping: every epoch
 
     # Model and method.
     method = build_method(config.method.name, config.method.options)
@@ -144,7 +147,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     started = window_start = time.perf_counter()
     window_examples = window_tokens = window_steps = 0
     window_task_loss = window_total_loss = torch.zeros((), device=device)  # summed on the device: no per-step sync
-    while state.step < total_steps:
+    stopped_early = False
+    while state.step < total_steps and not stopped_early:
         for _ in range(tcfg.grad_accum_steps):
             indices = order.next(state)
             batch = {k: v.to(device, non_blocking=True) for k, v in collate(splits["train"], indices).items()}
@@ -191,13 +195,29 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             window_task_loss = window_total_loss = torch.zeros((), device=device)
         bar.update(1)
         paused = time.perf_counter()  # evaluation and checkpointing are not training time
-        if (tcfg.eval_every and state.step % tcfg.eval_every == 0) or state.step == total_steps:
-            metrics = score(splits["validation"])
-            log.write({"step": state.step, "split": "validation", **metrics})
+        if (eval_every and state.step % eval_every == 0) or state.step == total_steps:
+            metrics = score(splits[selection])
+            seconds_so_far = round(state.train_seconds + paused - started, 2)
+            log.write(
+                {
+                    "step": state.step,
+                    "split": selection,
+                    "examples_seen": state.examples_seen,
+                    "train_seconds": seconds_so_far,
+                    **metrics,
+                }
+            )
             if is_better(metrics[tcfg.metric_for_best], state.best_metric, tcfg.metric_for_best):
-                state.best_metric, state.best_step = metrics[tcfg.metric_for_best], state.step
+                state.best_metric, state.best_step, state.evals_since_best = (
+                    metrics[tcfg.metric_for_best],
+                    state.step,
+                    0,
+                )
                 if method.restore_best:
                     best_weights = {n: p.detach().clone() for n, p in trainable_state(model).items()}
+            else:
+                state.evals_since_best += 1
+                stopped_early = tcfg.patience is not None and state.evals_since_best >= tcfg.patience
             model.train()
         if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < total_steps:
             state.train_seconds += paused - started
@@ -222,7 +242,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if best_weights is not None and state.best_step != state.step:
         ranks.load_weights(model, best_weights)
         kept_step = state.best_step
-        kept_metrics = score(splits["validation"])
+        kept_metrics = score(splits[selection])
+    validation_metrics = score(splits["validation"]) if selection == "dev" else None  # never selected on
     test_metrics = None
     if "test" in splits and splits["test"].labels is not None:
         test_metrics = score(splits["test"])
@@ -239,6 +260,10 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         final=final_metrics,
         best={"step": kept_step, **kept_metrics},
         test=test_metrics,
+        validation=validation_metrics,
+        selection_split=selection,
+        stopped_early=stopped_early,
+        majority_rate=majority_rate(splits["validation"].labels),
         kept="best" if method.restore_best else "final",
         trainable_params=params.trainable,
         total_params=params.total,
@@ -280,7 +305,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             run_dir / "adapter",
             base_model=config.model.name_or_path,
             task=task_info,
-            metrics={"validation": kept_metrics, "test": test_metrics},
+            metrics={"validation": validation_metrics or kept_metrics, "test": test_metrics},
             params=params,
             head_modules=heads,
         )
@@ -317,6 +342,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         )
     # non-reentrant: works with frozen embeddings (no input that requires grad) and keeps dropout's RNG exact
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def majority_rate(labels: list[int]) -> float:
+    """The accuracy of always answering the most frequent label: the floor every method must clear."""
+    return max(labels.count(label) for label in set(labels)) / len(labels)
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:

@@ -202,3 +202,53 @@ def test_profiles_cover_the_grid():
     assert load_profile("full").seeds == (0, 1, 2) and load_profile("full").bf16_on_cuda
     for profile in map(load_profile, available_profiles()):
         assert all(o.count("=") >= 1 and o.split("=")[0].count(".") == 1 for o in profile.overrides)
+
+
+def test_learning_rate_grid_chooses_on_dev_then_runs_the_other_seeds(
+    tiny_model_dir, toy_task_dir, tmp_path, monkeypatch, capsys
+):
+    import peftkit.bench.profiles as profiles
+
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "grid.yaml").write_text(
+        "description: a learning-rate grid on a dev split\n"
+        "seeds: [0, 1]\n"
+        "overrides: [train.max_steps=4, train.eval_every=2, train.batch_size=8, task.dev_size=0.25,"
+        " train.bf16=false, task.max_length=32]\n"
+        "lr_grid: {lora: [1e-3, 5e-2]}\n"
+        "latency_examples: 8\nlatency_batch_size: 8\n"
+    )
+    monkeypatch.setattr(profiles, "profiles_dir", lambda: folder)
+    out = tmp_path / "bench"
+    argv = ["bench", "--profile", "grid", "--tasks", str(toy_task_dir), "--methods", "lora"]
+    argv += ["--model", str(tiny_model_dir("bert")), "--out", str(out)]
+    assert main(argv) == 0
+    selection = json.loads((out / "selection.json").read_text())
+    choice = selection["tasks"]["toy"]["lora"]
+    assert choice["metric"] == "accuracy" and set(choice["dev"]) == {"0.001", "0.05"}
+    chosen = max(choice["dev"], key=lambda lr: choice["dev"][lr])  # ties: the first listed
+    assert choice["chosen_lr"] == float(chosen)
+    other = "0.05" if chosen == "0.001" else "0.001"
+    tag = {"0.001": "0.001", "0.05": "0.05"}
+    ids = sorted(p.stem for p in (out / "cells").glob("*.json"))
+    assert ids == sorted(
+        [
+            f"toy__lora__lr{tag[chosen]}__seed0",
+            f"toy__lora__lr{tag[chosen]}__seed1",
+            f"toy__lora__lr{tag[other]}__seed0",
+        ]
+    )
+    assert "dev split carved from train" in selection["protocol"]
+    cell = json.loads((out / "cells" / f"toy__lora__lr{tag[chosen]}__seed1.json").read_text())
+    assert cell["selection_split"] == "dev" and cell["dev"]["accuracy"] is not None
+    assert cell["grid_lr"] == float(chosen) == cell["manifest"]["config"]["train"]["lr"]
+    assert [e["split"] for e in cell["curve"]] == ["dev", "dev"] and cell["curve"][-1]["examples_seen"] == 32
+    assert 0.5 <= cell["majority_rate"] <= 1
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    lora = next(r for r in rows if r["method"] == "lora")
+    assert lora["ok"] == 2  # the two seeds at the chosen rate; the grid's other cell is not reported
+    # resume: nothing reruns
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "3 cells (3 already done, 0 run now)" in capsys.readouterr().out

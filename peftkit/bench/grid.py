@@ -19,11 +19,15 @@ from peftkit.recipe_files import apply_overrides, list_recipes, load_config
 
 @dataclass(frozen=True)
 class Cell:
-    """One (task, method, seed) run. `task` is a built-in task name or a task folder / data file path."""
+    """One (task, method, seed) run. `task` is a built-in task name or a task folder / data file path.
+
+    `lr` is set for a cell of a learning-rate grid (profile `lr_grid`, see selection.py): it overrides train.lr.
+    """
 
     task: str
     method: str
     seed: int
+    lr: float | None = None
 
     @property
     def task_label(self) -> str:
@@ -31,7 +35,8 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"{self.task_label}__{self.method}__seed{self.seed}"
+        lr = "" if self.lr is None else f"__lr{self.lr:g}"
+        return f"{self.task_label}__{self.method}{lr}__seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,8 @@ def cell_job(cell: Cell, profile: Profile, out: Path, model: str | None, data_di
     defaults (what `peftkit train --config` would give a user's YAML naming only the task and the method).
     """
     overrides = profile.overrides_for(cell.task_label, cell.method)
+    if cell.lr is not None:
+        overrides.append(f"train.lr={cell.lr!r}")
     if profile.bf16_on_cuda:
         overrides.append(f"train.bf16={'true' if cuda_has_bf16() else 'false'}")
     overrides += [

@@ -9,6 +9,7 @@ an edit here. The same two lists give the report its row order.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class Profile:
     overrides: tuple[str, ...] = ()
     task_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. short-budget learning rates
+    lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # chosen on dev per task (selection.py)
     bf16_on_cuda: bool = False  # bf16 autocast when the cell lands on a bf16-capable GPU; fp32 elsewhere
     latency_examples: int = 256  # validation rows timed for inference latency after training
     latency_batch_size: int = 32
@@ -104,6 +106,7 @@ def load_profile(name: str) -> Profile:
             "overrides": (),
             "task_overrides": {},
             "method_overrides": {},
+            "lr_grid": {},
         },
         where,
     )
@@ -122,17 +125,30 @@ def load_profile(name: str) -> Profile:
             canonical_method(m): v
             for m, v in _table(data.get("method_overrides"), str, f"{where}.method_overrides").items()
         },
+        lr_grid={canonical_method(m): v for m, v in _table(data.get("lr_grid"), float, f"{where}.lr_grid").items()},
     )
 
 
 def _items(value: Any, kind: type, where: str) -> tuple[Any, ...]:
-    """A YAML list of strings or integers as a tuple (null or absent: empty)."""
+    """A YAML list of strings, integers or positive numbers as a tuple (null or absent: empty)."""
     if value is None:
         return ()
+    if kind is float:  # learning rates: YAML 1.1 reads 2e-3 (no dot) as a string, so parse those too
+        return tuple(_positive_number(v, where) for v in (value if isinstance(value, list) else [value]))
     if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
         what = "integers" if kind is int else "strings"
         raise PeftkitError(f"{where} must be a list of {what}, got {value!r}")
     return tuple(value)
+
+
+def _positive_number(value: Any, where: str) -> float:
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise PeftkitError(f"{where} must be a list of positive numbers (e.g. [1e-3, 2e-3]), got {value!r}")
+    return number
 
 
 def _table(value: Any, kind: type, where: str) -> dict[str, tuple[Any, ...]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from peftkit.bench.plots import draw_plots
 from peftkit.bench.profiles import all_methods, all_tasks, canonical_method
+from peftkit.bench.selection import read_selection, reported_cells
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json, atomic_write_text, read_json
 
@@ -56,7 +57,7 @@ def load_cells(out: str | Path) -> list[dict[str, Any]]:
 def build_report(out: str | Path) -> dict[str, Any]:
     """Rebuild results.json, results.csv, results.md and plots/ from OUT/cells/*.json alone."""
     out = Path(out)
-    cells = load_cells(out)
+    cells = reported_cells(load_cells(out), read_selection(out))  # a grid's cells at the chosen learning rate only
     rows = aggregate(cells)
     tasks = in_canonical_order({r["task"] for r in rows}, all_tasks())
     methods = in_canonical_order({r["method"] for r in rows}, all_methods())

@@ -19,9 +19,11 @@ from peftkit.bench.executors import Executor, LocalExecutor
 from peftkit.bench.grid import Cell, CellJob, cell_job, cell_path, plan_cells, validate_choices
 from peftkit.bench.profiles import Profile, load_profile
 from peftkit.bench.report import build_report
+from peftkit.bench.selection import choose, grid_cells, seed_cells, write_selection
 from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json, read_json
+from peftkit.loggers import read_metrics
 from peftkit.measure import machine_manifest
 
 
@@ -49,20 +51,24 @@ def run_bench(
     tasks = list(tasks or profile.tasks)
     methods = validate_choices(tasks, list(methods or profile.methods))
     out = Path(out or f"benchmarks/results/{profile.name}")
-    cells = plan_cells(profile, tasks, methods, seeds)
-    if len({c.id for c in cells}) != len(cells):
+    planned = plan_cells(profile, tasks, methods, seeds)
+    if len({c.id for c in planned}) != len(planned):
         raise PeftkitError("two tasks share a name (folder/file stem); rename one so result files do not collide")
-
-    todo = [c for c in cells if not cell_path(out, c).exists()]
+    # with a learning-rate grid: the grid first (first seed), then the other seeds at each chosen rate
+    first_phase, chosen_later = grid_cells(planned, profile.lr_grid)
+    later_count = (
+        len(planned) - len(first_phase) - len(chosen_later) + sum(len(profile.lr_grid[c.method]) for c in chosen_later)
+    )
     manifest_base = {
         "profile": profile.name,
         "profile_description": profile.description,
         "command": command,
         **machine_manifest(),
     }
-    counts = {"planned": len(cells), "skipped": len(cells) - len(todo), "ran": 0}
+    done = [c for c in first_phase if cell_path(out, c).exists()]
+    counts = {"planned": len(first_phase) + later_count, "skipped": len(done), "ran": 0}
     bar = progress_bar(
-        len(cells),
+        counts["planned"],
         counts["skipped"],
         progress,
         desc="bench",
@@ -78,15 +84,31 @@ def run_bench(
         bar.set_postfix_str(cell.id)
         bar.update(1)
 
-    records, jobs = {}, []
-    for cell in todo:
-        records[cell.id], job = prepare_cell(cell, profile, out, model, data_dir, manifest_base)
-        if job is None:  # its config did not resolve: recorded as failed without running
-            write(cell, records.pop(cell.id))
-        else:
-            jobs.append(job)
-    for job, outcome in (executor or LocalExecutor()).run(jobs):
-        write(job.cell, finish_record(records.pop(job.cell.id), outcome))
+    def run_cells(cells: list[Cell]) -> None:
+        records, jobs = {}, []
+        for cell in cells:
+            if cell_path(out, cell).exists():
+                continue
+            records[cell.id], job = prepare_cell(cell, profile, out, model, data_dir, manifest_base)
+            if job is None:  # its config did not resolve: recorded as failed without running
+                write(cell, records.pop(cell.id))
+            else:
+                jobs.append(job)
+        for job, outcome in (executor or LocalExecutor()).run(jobs):
+            write(job.cell, finish_record(records.pop(job.cell.id), outcome))
+
+    run_cells(first_phase)
+    cells = list(first_phase)
+    if chosen_later:
+        choices = choose(out, chosen_later, profile.lr_grid)
+        write_selection(out, choices, sorted({c.seed for c in planned}))
+        later, unchosen = seed_cells(chosen_later, planned, choices)
+        for first in unchosen:
+            bar.write(f"peftkit bench: {first.task_label} {first.method}: every grid cell failed; no seeds run")
+        counts["skipped"] += sum(cell_path(out, c).exists() for c in later)
+        bar.update(sum(cell_path(out, c).exists() for c in later))
+        run_cells(later)
+        cells += later
     bar.close()
     build_report(out)
     counts["failed"] = sum(read_json(cell_path(out, c))["status"] != "ok" for c in cells)  # this grid, any run
@@ -102,6 +124,7 @@ def prepare_cell(
         "task": cell.task_label,
         "method": cell.method,
         "seed": cell.seed,
+        "grid_lr": cell.lr,  # set for a cell of a learning-rate grid (selection.py)
         "status": "failed",
         "error": None,
     }
@@ -180,16 +203,24 @@ def measure_cell(job: CellJob) -> dict[str, Any]:
     s = train(config, run_dir=job.run_dir)
     latency = inference_latency(job, config)
     task_metrics = AdapterMeta.read(job.run_dir / "adapter").task.metrics
+    curve = [r for r in read_metrics(job.run_dir / "metrics.jsonl") if "split" in r]  # evaluations as it trained
+    kept = {k: v for k, v in s.best.items() if k != "step"}
     for heavy in ("adapter", "checkpoints"):  # keep config.yaml, metrics.jsonl, summary.json; weights can be MBs
         shutil.rmtree(job.run_dir / heavy, ignore_errors=True)
     on_cuda = s.memory_kind == "cuda_max_allocated"
     return {
         "task_metrics": task_metrics,  # the task's reported metrics, first = main (e.g. accuracy; mrpc adds f1)
-        "validation": {k: v for k, v in s.best.items() if k != "step"},  # the evaluation the run kept
+        "validation": s.validation or kept,  # the kept weights on validation (never selected on with a dev split)
         "test": s.test,  # None where the task has no labelled test split
+        "selection_split": s.selection_split,
+        "dev": kept if s.selection_split == "dev" else None,  # what the best step and the learning rate chose by
+        "lr": config.train.lr,
         "kept": s.kept,
         "kept_step": s.best["step"],
-        "final_validation": s.final,
+        "stopped_early": s.stopped_early,
+        "final_validation": s.final,  # the last evaluation (on the selection split)
+        "majority_rate": s.majority_rate,
+        "curve": curve,
         "trainable_params": s.trainable_params,
         "total_params": s.total_params,
         "trainable_pct": s.trainable_pct,

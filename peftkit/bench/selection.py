@@ -1,0 +1,103 @@
+"""Each method's learning rate, chosen on a dev split before the seeds that are reported.
+
+The protocol a profile with `lr_grid` follows (and that `selection.json` states at the top of the results): per
+task and method, train once per learning rate of the method's grid at the first seed, read the main metric on the
+dev split carved from train (`task.dev_size`, the same rows for every seed), keep the best learning rate, and run
+the other seeds at it. Validation and test are never read by any choice (the best step is chosen on dev too); the
+report shows them for the chosen learning rate only, the grid's other cells stay on disk as the evidence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peftkit.bench.grid import Cell, cell_path
+from peftkit.io import atomic_write_json, read_json
+
+SELECTION_FILE = "selection.json"
+PROTOCOL = (
+    "Learning rate chosen per task and method: one run per value of the method's grid at seed {seed}, scored by "
+    "the main metric on a dev split carved from train (seeded, the same rows for every run); the chosen value then "
+    "runs seeds {seeds}. Best step and early stopping also read dev only, so validation and test were never used "
+    "for any choice."
+)
+
+
+def grid_cells(cells: list[Cell], lr_grid: dict[str, tuple[float, ...]]) -> tuple[list[Cell], list[Cell]]:
+    """Split the planned cells into (cells to run now, the (task, method) pairs whose learning rate is chosen).
+
+    A method with a grid runs every grid value at its first planned seed now; its other seeds wait for the choice
+    (`seed_cells`). Methods without a grid keep their planned cells.
+    """
+    now: list[Cell] = []
+    chosen_later: list[Cell] = []
+    for cell in cells:
+        grid = lr_grid.get(cell.method)
+        if not grid:
+            now.append(cell)
+        elif not any(c.task == cell.task and c.method == cell.method for c in chosen_later):
+            chosen_later.append(cell)
+            now += [Cell(cell.task, cell.method, cell.seed, lr) for lr in grid]
+    return now, chosen_later
+
+
+def choose(out: Path, firsts: list[Cell], lr_grid: dict[str, tuple[float, ...]]) -> dict[str, Any]:
+    """{task: {method: {"chosen_lr", "dev": {lr: score}, "metric"}}} from the grid's cell files (failed: skipped)."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for first in firsts:
+        scores: dict[str, float] = {}
+        metric = None
+        for lr in lr_grid[first.method]:
+            record = read_json(cell_path(out, Cell(first.task, first.method, first.seed, lr)))
+            if record.get("status") == "ok" and record.get("dev"):
+                metric = record["task_metrics"][0]
+                scores[repr(lr)] = record["dev"][metric]
+        best = max(scores, key=lambda lr: scores[lr]) if scores else None  # ties: the first (smaller) value
+        tasks.setdefault(first.task_label, {})[first.method] = {
+            "chosen_lr": float(best) if best is not None else None,
+            "metric": metric,
+            "dev": scores,
+        }
+    return tasks
+
+
+def seed_cells(
+    firsts: list[Cell], planned: list[Cell], choices: dict[str, dict[str, Any]]
+) -> tuple[list[Cell], list[Cell]]:
+    """(the remaining seeds at each chosen learning rate, the pairs with no choice because every grid cell failed)."""
+    later, unchosen = [], []
+    for first in firsts:
+        lr = choices[first.task_label][first.method]["chosen_lr"]
+        if lr is None:
+            unchosen.append(first)
+            continue
+        later += [
+            Cell(c.task, c.method, c.seed, lr)
+            for c in planned
+            if c.task == first.task and c.method == first.method and c.seed != first.seed
+        ]
+    return later, unchosen
+
+
+def write_selection(out: Path, choices: dict[str, dict[str, Any]], seeds: list[int]) -> None:
+    protocol = PROTOCOL.format(seed=seeds[0], seeds=", ".join(map(str, seeds[1:])) or "(none)")
+    atomic_write_json(out / SELECTION_FILE, {"protocol": protocol, "tasks": choices})
+
+
+def read_selection(out: str | Path) -> dict[str, Any] | None:
+    path = Path(out) / SELECTION_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def reported_cells(cells: list[dict[str, Any]], selection: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The cells the tables report: a grid cell only at its (task, method)'s chosen learning rate."""
+    if not selection:
+        return cells
+    chosen = selection.get("tasks", {})
+    kept = []
+    for cell in cells:
+        choice = chosen.get(cell["task"], {}).get(cell["method"])
+        if cell.get("grid_lr") is None or choice is None or cell["grid_lr"] == choice["chosen_lr"]:
+            kept.append(cell)
+    return kept
