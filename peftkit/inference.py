@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from peftkit.data import EncodedSplit, collate, compute_metrics, encode
 from peftkit.errors import PeftkitError
 from peftkit.precision import autocast, resolve_bf16
 
-__all__ = ["autocast", "evaluate", "evaluate_run", "predict_logits"]
+__all__ = ["autocast", "evaluate", "evaluate_run", "predict_logits", "score_logits"]
 
 
 @torch.inference_mode()
@@ -70,10 +71,13 @@ def evaluate(
     bf16: bool | None = False,
 ) -> dict[str, float]:
     """Task metrics plus mean cross-entropy on a labelled split."""
-    logits = predict_logits(model, split, batch_size, device, bf16)
-    labels = torch.tensor(split.labels)
-    metrics = compute_metrics(logits.argmax(-1).tolist(), split.labels, num_labels)
-    metrics["loss"] = float(nn.functional.cross_entropy(logits, labels))
+    return score_logits(predict_logits(model, split, batch_size, device, bf16), split.labels, num_labels)
+
+
+def score_logits(logits: torch.Tensor, labels: list[int], num_labels: int) -> dict[str, float]:
+    """Task metrics plus mean cross-entropy of logits already computed (so one forward pass serves every metric)."""
+    metrics = compute_metrics(logits.argmax(-1).tolist(), labels, num_labels)
+    metrics["loss"] = float(nn.functional.cross_entropy(logits, torch.tensor(labels)))
     return metrics
 
 
@@ -83,16 +87,23 @@ def evaluate_run(
     device: str = "auto",
     batch_size: int = 64,
     data_dir: str | None = None,
+    user_metrics: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Score a finished run's adapter on a split of its task (read again from the run's config.yaml)."""
+    """Score a finished run's adapter on a split of its task (read again from the run's config.yaml).
+
+    `user_metrics`: evaluate module specs (peftkit.user_metrics), scored as `<module>:<key>` beside the built-in
+    metrics; they are loaded first, so a bad one fails before the model loads.
+    """
     from peftkit.artifacts import load
     from peftkit.data import load_task
     from peftkit.modeling import resolve_device
     from peftkit.recipe_files import load_config
+    from peftkit.user_metrics import load_user_metrics, score_user_metrics
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise PeftkitError(f"{run_dir} is not a run folder (no config.yaml)")
+    extra_metrics = load_user_metrics(user_metrics)
     config = load_config(config_file=str(run_dir / "config.yaml"))
     if data_dir:
         config.task.data_dir = data_dir
@@ -103,5 +114,7 @@ def evaluate_run(
     encoded = encode(task.split(split), loaded.tokenizer, config.task.max_length)
     if encoded.labels is None:
         raise PeftkitError(f"split {split!r} of task {task.name!r} has no labels to evaluate against")
-    metrics = evaluate(loaded.model, encoded, task.num_labels, batch_size, target, None)
+    logits = predict_logits(loaded.model, encoded, batch_size, target, None)
+    metrics = score_logits(logits, encoded.labels, task.num_labels)
+    metrics.update(score_user_metrics(extra_metrics, logits.argmax(-1).tolist(), encoded.labels))
     return {"split": split, "examples": len(encoded), **metrics}

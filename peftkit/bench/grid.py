@@ -52,6 +52,7 @@ class CellJob:
     run_dir: Path
     latency_examples: int  # validation rows timed for inference latency
     latency_batch_size: int
+    user_metrics: tuple[str, ...] = ()  # evaluate module specs scored on the kept model (peftkit.user_metrics)
 
 
 def task_label(task: str) -> str:

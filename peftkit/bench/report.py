@@ -15,6 +15,7 @@ from typing import Any
 
 from peftkit.bench.plots import draw_plots
 from peftkit.bench.profiles import all_methods, all_tasks, canonical_method
+from peftkit.bench.report_user_metrics import user_metric_columns, user_metric_means, user_metrics_section
 from peftkit.bench.selection import read_selection, reported_cells
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json, atomic_write_text, read_json
@@ -98,6 +99,7 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for metric in METRIC_ORDER:
                 values = [c[split][metric] for c in ok if c.get(split) and metric in c["task_metrics"]]
                 row[f"{split}_{metric}_mean"], row[f"{split}_{metric}_std"] = mean_and_std(values)
+        row.update(user_metric_means(ok))  # `peftkit bench --metric` columns, if any
         for column in NUMERIC_COLUMNS:
             source = "adapter_bytes" if column == "adapter_mb" else column
             values = [c[source] for c in ok if c.get(source) is not None]
@@ -180,13 +182,17 @@ def environment_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
 def to_csv(rows: list[dict[str, Any]]) -> str:
     columns = ["task", "method", "cells", "ok", "seeds", "main_metric"]
     columns += [f"{s}_{m}_{a}" for s in ("validation", "test") for m in METRIC_ORDER for a in ("mean", "std")]
-    columns += [*NUMERIC_COLUMNS, "memory_kind", "steps", "lr", "errors"]
+    columns += [*NUMERIC_COLUMNS, "memory_kind", "steps", "lr", "errors", *user_metric_columns(rows)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow(
-            {**{k: r[k] for k in columns}, "seeds": " ".join(map(str, r["seeds"])), "errors": " | ".join(r["errors"])}
+            {
+                **{k: r.get(k) for k in columns},
+                "seeds": " ".join(map(str, r["seeds"])),
+                "errors": " | ".join(r["errors"]),
+            }
         )
     return buffer.getvalue()
 
@@ -262,6 +268,7 @@ def to_markdown(
 
     for task in tasks:
         lines += task_section(task, [r for r in rows if r["task"] == task], plots.get(task, []), out)
+    lines += user_metrics_section(rows)
 
     failed = [c for c in report["cells"] if c["status"] != "ok"]
     if failed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json, read_json
 from peftkit.loggers import read_metrics
 from peftkit.measure import machine_manifest
+from peftkit.user_metrics import checked_specs, score_saved_adapter
 
 
 def run_bench(
@@ -38,18 +40,21 @@ def run_bench(
     progress: bool = True,
     command: str | None = None,
     executor: Executor | None = None,
+    user_metrics: list[str] | None = None,
 ) -> dict[str, int]:
     """Run every cell of the grid that has no result file yet, then rebuild the report.
 
     `executor` decides where cells train (executors.py; default: one at a time in spawned processes here); this
     driver writes every cell file, atomically, as results arrive. Returns counts: planned cells, skipped (already
-    had a result), ran now, failed (in the whole grid).
+    had a result), ran now, failed (in the whole grid). `user_metrics` (evaluate module specs) are loaded once
+    here, before any cell trains, and each cell scores its kept model with them.
     """
     from peftkit.console import progress_bar
 
     profile = load_profile(profile_name)
     tasks = list(tasks or profile.tasks)
     methods = validate_choices(tasks, list(methods or profile.methods))
+    metric_specs = checked_specs(user_metrics or ())
     out = Path(out or f"benchmarks/results/{profile.name}")
     planned = plan_cells(profile, tasks, methods, seeds)
     if len({c.id for c in planned}) != len(planned):
@@ -93,7 +98,7 @@ def run_bench(
             if job is None:  # its config did not resolve: recorded as failed without running
                 write(cell, records.pop(cell.id))
             else:
-                jobs.append(job)
+                jobs.append(replace(job, user_metrics=metric_specs))
         for job, outcome in (executor or LocalExecutor()).run(jobs):
             write(job.cell, finish_record(records.pop(job.cell.id), outcome))
 
@@ -205,6 +210,7 @@ def measure_cell(job: CellJob) -> dict[str, Any]:
     task_metrics = AdapterMeta.read(job.run_dir / "adapter").task.metrics
     curve = [r for r in read_metrics(job.run_dir / "metrics.jsonl") if "split" in r]  # evaluations as it trained
     kept = {k: v for k, v in s.best.items() if k != "step"}
+    user_metrics = score_saved_adapter(job.user_metrics, job.run_dir / "adapter", config) if job.user_metrics else None
     for heavy in ("adapter", "checkpoints"):  # keep config.yaml, metrics.jsonl, summary.json; weights can be MBs
         shutil.rmtree(job.run_dir / heavy, ignore_errors=True)
     on_cuda = s.memory_kind == "cuda_max_allocated"
@@ -242,6 +248,7 @@ def measure_cell(job: CellJob) -> dict[str, Any]:
         "device": s.device,
         "bf16": s.bf16,
         "environment": s.environment,
+        **({"user_metrics": user_metrics} if user_metrics is not None else {}),  # {"validation": {...}, "test": ...}
     }
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.user_metrics import METRIC_HELP
 
 HELP = "train methods x tasks and write accuracy/params/memory/time tables"
 
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-cell", type=float, help="CPUs each Ray task / Slurm job asks for (default 1)")
     parser.add_argument("--gpus-per-cell", type=float, help="GPUs each Ray task / Slurm job asks for (default 0)")
     parser.add_argument("--slurm-partition", help="Slurm partition for --executor slurm")
+    parser.add_argument("--metric", action="append", default=[], metavar="PATH_OR_ID", help=METRIC_HELP)
 
 
 def parse_list(value: str | None) -> list[str] | None:
@@ -63,6 +65,8 @@ def command_line(args: argparse.Namespace) -> str:
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.executor != "local":
         parts += ["--executor", args.executor]
+    for spec in args.metric:
+        parts += ["--metric", spec]
     return " ".join(parts)
 
 
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
         command=command_line(args),
         executor=executor,
+        user_metrics=args.metric,
     )
     print(
         f"bench {args.profile}: {counts['planned']} cells ({counts['skipped']} already done, "

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from peftkit.errors import PeftkitError
+from peftkit.user_metrics import METRIC_HELP
 
 HELP = "evaluate a finished run on a split"
 
@@ -16,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--metric", action="append", default=[], metavar="PATH_OR_ID", help=METRIC_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +26,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise PeftkitError(f"--batch-size must be at least 1, got {args.batch_size}")
     result = evaluate_run(
-        args.run_dir, args.split, device=args.device, batch_size=args.batch_size, data_dir=args.data_dir
+        args.run_dir,
+        args.split,
+        device=args.device,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        user_metrics=args.metric,
     )
     print(json.dumps(result, indent=2))
     return 0
