@@ -157,21 +157,39 @@ class MethodSpec:
 
 
 @dataclass
+class Expected:
+    """What a recipe is expected to reach, as the benchmark that chose its settings measured it (never applied)."""
+
+    metric: MetricName
+    mean: Annotated[float, Range(ge=0)]
+    std: NonNegative | None = None
+    seeds: Positive = 1
+    train_seconds: NonNegative | None = None
+    peak_memory_mb: NonNegative | None = None
+    profile: str = ""  # the bench profile that measured it, e.g. converged
+    machine: str = ""  # where, e.g. "2-core AMD EPYC (AVX2), fp32"
+
+
+@dataclass
 class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodSpec = field(default_factory=lambda: MethodSpec("lora", None))
     train: TrainConfig = field(default_factory=TrainConfig)
     recipe: str | None = None
+    expected: Expected | None = None  # a built-in recipe's measured result (recipes/<task>-<method>.yaml)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "recipe": self.recipe,
             "task": dataclasses.asdict(self.task),
             "model": dataclasses.asdict(self.model),
             "method": {"name": self.method.name, **dataclasses.asdict(self.method.options)},
             "train": dataclasses.asdict(self.train),
         }
+        if self.expected is not None:
+            data["expected"] = dataclasses.asdict(self.expected)
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -182,11 +200,11 @@ class RunConfig:
 
         if not isinstance(data, dict):
             raise PeftkitError("a config must be a mapping with sections task, model, method, train")
-        sections = {"recipe", "task", "model", "method", "train"}
+        sections = {"recipe", "task", "model", "method", "train", "expected"}
         for key in data:
             if key not in sections:
                 raise unknown_choice("config section", key, sections)
-        for section in ("task", "model", "method", "train"):
+        for section in ("task", "model", "method", "train", "expected"):
             if data.get(section) is not None and not isinstance(data[section], dict):
                 raise PeftkitError(
                     f"config section {section} must be a mapping of keys, got {data[section]!r} "
@@ -205,6 +223,7 @@ class RunConfig:
             ),
             train=build_dataclass(TrainConfig, data.get("train") or {}, "train"),
             recipe=_recipe_name(data.get("recipe")),
+            expected=build_dataclass(Expected, data["expected"], "expected") if data.get("expected") else None,
         )
 
 

@@ -196,9 +196,14 @@ def test_aggregate_means_stds_and_pareto(tmp_path):
 
 
 def test_profiles_cover_the_grid():
-    cpu = load_profile("cpu")
-    assert len(cpu.tasks) == 5 and len(cpu.methods) >= 6 and cpu.seeds == (0,)
-    assert sum(len(s) == 3 for s in cpu.more_seeds.values()) == 2 and "sst2" in cpu.more_seeds
+    quick = load_profile("quick")
+    assert len(quick.tasks) == 5 and "head" in quick.methods and len(quick.methods) == 9 and quick.seeds == (0,)
+    assert sum(len(s) == 3 for s in quick.more_seeds.values()) == 2 and "sst2" in quick.more_seeds
+    converged = load_profile("converged")
+    assert converged.seeds == (0, 1, 2) and set(converged.lr_grid) == set(converged.methods)
+    assert all(len(grid) == 3 and sorted(grid) == list(grid) for grid in converged.lr_grid.values())
+    assert any(o.startswith("task.dev_size=") for o in converged.overrides)
+    assert any(o.startswith("train.patience=") for o in converged.overrides)
     assert load_profile("full").seeds == (0, 1, 2) and load_profile("full").bf16_on_cuda
     for profile in map(load_profile, available_profiles()):
         assert all(o.count("=") >= 1 and o.split("=")[0].count(".") == 1 for o in profile.overrides)

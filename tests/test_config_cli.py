@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from peftkit.cli import main
+from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError
 from peftkit.recipe_files import apply_overrides, list_recipes, load_config
 
@@ -100,6 +101,28 @@ def test_recipes_command_lists_names_and_trainable_share(capsys):
     # LoRA r=8 on query/value of MiniLM + classifier + the pooler it pools with: 222,338 / 22.94M (peft's head copies)
     assert "sst2-lora" in out and "0.969" in out
     assert "100.000" in out  # full fine-tuning
+
+
+def test_expected_section_is_read_checked_and_listed(tmp_path, monkeypatch, capsys):
+    import peftkit.recipe_files as recipe_files
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "toy-lora.yaml").write_text(
+        "task: {name: sst2}\nmethod: {name: lora}\n"
+        "expected: {metric: accuracy, mean: 0.912, std: 0.004, seeds: 3, profile: converged}\n"
+    )
+    (folder / "toy-ia3.yaml").write_text("task: {name: sst2}\nmethod: {name: ia3}\n")
+    monkeypatch.setattr(recipe_files, "recipes_dir", lambda: folder)
+    config = load_config(recipe="toy-lora")
+    assert config.expected.mean == 0.912 and config.expected.seeds == 3
+    assert config.to_dict()["expected"]["profile"] == "converged"
+    assert main(["recipes", "--no-params"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "accuracy 91.2 ± 0.4 (converged)" in lines["toy-lora"]
+    assert "accuracy" not in lines["toy-ia3"]  # not measured: nothing claimed
+    with pytest.raises(PeftkitError, match="expected.metric"):
+        RunConfig.from_dict({"method": {"name": "lora"}, "expected": {"metric": "acc", "mean": 0.9}})
 
 
 def test_train_and_eval_commands_on_a_tiny_model(tiny_model_dir, toy_task_dir, tmp_path, capsys):

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", help="comma-separated tasks (default: the profile's)")
     parser.add_argument("--methods", help="comma-separated methods (default: the profile's)")
     parser.add_argument(
-        "--profile", default="cpu", help="a profile name (see recipes/profiles/), e.g. smoke, cpu, full"
+        "--profile", default="quick", help="a profile name (see recipes/profiles/): smoke, quick, converged, full"
     )
     parser.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
     parser.add_argument("--out", help="results folder (default: benchmarks/results/<profile>)")

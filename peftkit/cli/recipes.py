@@ -1,4 +1,5 @@
-"""`peftkit recipes`: the built-in recipes with their task, method and trainable share of parameters."""
+"""`peftkit recipes`: the built-in recipes with their task, method, trainable share of parameters, and the metric
+each is expected to reach (measured by the benchmark that chose its settings; see the recipe's `expected:`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def run(args: argparse.Namespace) -> int:
     for name in list_recipes():
         cfg = load_config(recipe=name)
         pct = "" if args.no_params else trainable_pct_without_weights(cfg)
-        rows.append((name, cfg.task.name, cfg.method.name, pct))
-    print_table(("recipe", "task", "method", "trainable %"), rows)
+        rows.append((name, cfg.task.name, cfg.method.name, pct, expected_text(cfg.expected)))
+    print_table(("recipe", "task", "method", "trainable %", "expected (mean ± std, profile)"), rows)
     return 0
+
+
+def expected_text(expected) -> str:
+    """e.g. `accuracy 91.2 ± 0.4 (converged)`; empty for a recipe no benchmark has measured yet."""
+    if expected is None:
+        return ""
+    spread = f" ± {100 * expected.std:.1f}" if expected.std is not None else ""
+    return f"{expected.metric} {100 * expected.mean:.1f}{spread} ({expected.profile or 'measured'})"
