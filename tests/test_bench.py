@@ -123,7 +123,7 @@ def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == mtimes
 
     # --report rebuilds tables and plots from the cell files alone
-    for name in ("results.json", "results.csv", "results.md"):
+    for name in ("results.json", "results.csv", "results.md", "index.html"):
         (out / name).unlink()
     for png in (out / "plots").glob("*.png"):
         png.unlink()
@@ -132,8 +132,9 @@ def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir
 
 
 def _check_report(out: Path) -> None:
-    for name in ("results.json", "results.csv", "results.md"):
+    for name in ("results.json", "results.csv", "results.md", "index.html"):
         assert (out / name).stat().st_size > 0, name
+    assert (out / "index.html").read_text().count("data:image/png;base64,") == 4  # 2 tasks x (params, memory)
     for task in ("toy", "toy3"):
         for kind in ("params", "memory"):
             assert (out / "plots" / f"{task}-{kind}.png").read_bytes()[:4] == b"\x89PNG"

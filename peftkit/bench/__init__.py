@@ -4,8 +4,11 @@ Read in this order:
   profiles.py  named budgets, read from recipes/profiles/<name>.yaml
   grid.py      the cells, checked before anything trains, and each cell's config (recipe + dotted overrides)
   runner.py    each cell trained by `train()` in its own spawned process -> one JSON file per cell in OUT/cells/
-  report.py    OUT/cells/*.json -> results.json / results.csv / results.md
-  plots.py     per-task metric vs parameters / memory plots in OUT/plots/ (matplotlib, optional)
+  report.py    OUT/cells/*.json -> results.json / results.csv / results.md / index.html
+  tables.py    the tables (one source for Markdown and HTML) and results.md
+  page.py      index.html: one self-contained page, sortable tables, plots inline
+  plots.py     per-task metric vs parameters / memory plots in OUT/plots/ (matplotlib, optional), reference lines
+  curves.py    per-task metric vs training time / examples seen, from each cell's evaluations during training
 """
 
 from __future__ import annotations

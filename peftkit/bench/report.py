@@ -1,4 +1,5 @@
-"""The report: OUT/cells/*.json alone -> results.json, results.csv, results.md (and plots/ through plots.py).
+"""The report: OUT/cells/*.json alone -> results.json, results.csv, results.md, index.html (page.py) and plots/
+(plots.py); tables.py renders the tables.
 
 The cell files are the only source of truth, so `peftkit bench --report DIR` rebuilds every table on any machine,
 and cell files written before a rename still count: a method's old name (`adapter`) is read as its current one.
@@ -13,14 +14,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peftkit.bench.page import write_page
 from peftkit.bench.plots import draw_plots
 from peftkit.bench.profiles import all_methods, all_tasks, canonical_method
-from peftkit.bench.report_user_metrics import user_metric_columns, user_metric_means, user_metrics_section
+from peftkit.bench.report_user_metrics import user_metric_columns, user_metric_means
 from peftkit.bench.selection import read_selection, reported_cells
+from peftkit.bench.tables import METRIC_ORDER, to_markdown
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json, atomic_write_text, read_json
 
-METRIC_ORDER = ("accuracy", "macro_f1", "f1")
 NUMERIC_COLUMNS = (
     "trainable_params",
     "trainable_pct",
@@ -32,19 +34,6 @@ NUMERIC_COLUMNS = (
     "latency_ms_per_example",
 )
 CELL_KEYS = ("cell", "task", "method", "seed", "status", "error", "validation", "test")  # results.json's cell list
-COLUMN_HELP = {
-    "method": "adaptation method (recipe <task>-<method>)",
-    "seeds": "successful seeds / cells run",
-    "trainable %": "trainable parameters (task head included) as % of all parameters in the trained model",
-    "adapter MB": "size on disk of the saved weights (safetensors); full fine-tuning saves the whole model",
-    "peak mem MB": "CPU: process peak RSS during training above the RSS after loading the model; "
-    "CUDA: max_memory_allocated",
-    "state MB": "tensor memory of weights + gradients + AdamW moments of trainable parameters (analytic)",
-    "train s": "training wall time (excludes data loading and final evaluation)",
-    "ex/s": "training examples per second",
-    "latency ms": "inference milliseconds per validation example at the profile's batch size, "
-    "adapter loaded from disk",
-}
 
 
 def load_cells(out: str | Path) -> list[dict[str, Any]]:
@@ -56,26 +45,45 @@ def load_cells(out: str | Path) -> list[dict[str, Any]]:
 
 
 def build_report(out: str | Path) -> dict[str, Any]:
-    """Rebuild results.json, results.csv, results.md and plots/ from OUT/cells/*.json alone."""
+    """Rebuild results.json, results.csv, results.md, index.html and plots/ from OUT/cells/*.json alone
+    (plus OUT/selection.json, the learning-rate selection, where one was written)."""
     out = Path(out)
     cells = reported_cells(load_cells(out), read_selection(out))  # a grid's cells at the chosen learning rate only
     rows = aggregate(cells)
     tasks = in_canonical_order({r["task"] for r in rows}, all_tasks())
     methods = in_canonical_order({r["method"] for r in rows}, all_methods())
+    selection = load_selection(out)
     report = {
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "profiles": sorted({c["manifest"]["profile"] for c in cells}),
+        "protocol": protocol_text(cells, selection),
         "environment": environment_summary(cells),
         "budgets": budgets(cells),
         "summary": {m: {t: main_metric_summary(rows, t, m) for t in tasks} for m in methods},
+        "selection": selection,
         "rows": rows,
         "cells": [{**{k: c.get(k) for k in CELL_KEYS}, "method": canonical_method(c["method"])} for c in cells],
     }
     atomic_write_json(out / "results.json", report)
     atomic_write_text(out / "results.csv", to_csv(rows))
-    plots = draw_plots(rows, tasks, out / "plots")
+    plots = draw_plots(rows, cells, tasks, out / "plots")
     atomic_write_text(out / "results.md", to_markdown(report, tasks, methods, plots, out))
+    write_page(out / "index.html", report, tasks, methods, plots, cells)
     return report
+
+
+def load_selection(out: Path) -> dict[str, Any] | None:
+    """OUT/selection.json: the learning rate each (task, method) kept and the dev score of every one tried."""
+    path = out / "selection.json"
+    return read_json(path) if path.is_file() else None
+
+
+def protocol_text(cells: list[dict[str, Any]], selection: dict[str, Any] | None) -> str:
+    """How the numbers were made, in words: the profiles' descriptions, then the selection protocol if any."""
+    parts = sorted({c["manifest"].get("profile_description") or "" for c in cells} - {""})
+    if selection and selection.get("protocol"):
+        parts.append(selection["protocol"])
+    return "\n\n".join(parts)
 
 
 def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -105,6 +113,8 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [c[source] for c in ok if c.get(source) is not None]
             mean = statistics.fmean(values) if values else None
             row[column] = None if mean is None else (mean / 2**20 if column == "adapter_mb" else mean)
+        rates = [c["majority_rate"] for c in ok if c.get("majority_rate") is not None]  # absent in old cells
+        row["majority_rate"] = statistics.fmean(rates) if rates else None
         row["memory_kind"] = ok[0]["memory_kind"] if ok else None
         row["steps"] = ok[0]["steps"] if ok else None
         row["lr"] = ok[0]["manifest"]["config"]["train"]["lr"] if ok else None
@@ -182,7 +192,7 @@ def environment_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
 def to_csv(rows: list[dict[str, Any]]) -> str:
     columns = ["task", "method", "cells", "ok", "seeds", "main_metric"]
     columns += [f"{s}_{m}_{a}" for s in ("validation", "test") for m in METRIC_ORDER for a in ("mean", "std")]
-    columns += [*NUMERIC_COLUMNS, "memory_kind", "steps", "lr", "errors", *user_metric_columns(rows)]
+    columns += [*NUMERIC_COLUMNS, "majority_rate", "memory_kind", "steps", "lr", "errors", *user_metric_columns(rows)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -195,137 +205,3 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
             }
         )
     return buffer.getvalue()
-
-
-def format_mean_std(mean: float | None, std: float | None) -> str:
-    """A metric as a percentage, `mean ± std` over seeds (no std for one seed)."""
-    if mean is None:
-        return "-"
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
-
-
-def format_number(value: float | None, digits: int = 1) -> str:
-    """A cost column: `digits` decimals, or thousands separators and no decimals from 1000 up."""
-    if value is None:
-        return "-"
-    if digits == 0 or abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}f}"
-
-
-def to_markdown(
-    report: dict[str, Any], tasks: list[str], methods: list[str], plots: dict[str, list[str]], out: Path
-) -> str:
-    rows, env = report["rows"], report["environment"]
-    lines = [f"# peftkit bench results ({', '.join(report['profiles'])} profile)", ""]
-    if env.get("command"):
-        lines += [f"Command: `{env['command']}`", ""]
-    lines += [
-        f"Machine: {env.get('cpu_model')} ({env.get('cpu_count')} cores, torch threads "
-        f"{env.get('torch_threads')}), GPU: {env.get('gpu') or 'none'}; torch {env.get('torch')}, "
-        f"transformers {env.get('transformers')}, peft {env.get('peft')}, peftkit {env.get('peftkit')}; "
-        f"git {env.get('git_commit') or 'unknown'}{' (uncommitted changes)' if env.get('git_dirty') else ''}. "
-        f"Generated {report['generated_at']}.",
-        "",
-    ]
-
-    lines += ["## Summary: main validation metric (%), mean ± std over seeds", ""]
-    table = []
-    for m in methods:
-        cells = [report["summary"][m].get(t) for t in tasks]
-        values = [c["mean"] for c in cells if c and c["mean"] is not None]
-        mean = statistics.fmean(values) if len(values) == len(tasks) else None
-        table.append(
-            [m, *(format_mean_std(c["mean"], c["std"]) if c else "-" for c in cells), format_mean_std(mean, None)]
-        )
-    lines += markdown_table(["method", *tasks, "mean"], table)
-    mains = {t: next((r["main_metric"] for r in rows if r["task"] == t and r["main_metric"]), "-") for t in tasks}
-    lines += [
-        "",
-        "Main metric per task: "
-        + ", ".join(f"{t}: {m}" for t, m in mains.items())
-        + ". The mean column averages tasks only where a method has every task.",
-        "",
-    ]
-
-    lines += ["## Budgets", ""]
-    header = ["task", "train rows", "steps", "batch", "max length", "eval rows", "eval every", "bf16", "device"]
-    table = [
-        [
-            t,
-            format_number(b["train_examples"], 0),
-            b["steps"],
-            b["batch_size"] * b["grad_accum_steps"],
-            b["max_length"],
-            b["validation_examples"],
-            b["eval_every"] or "end",
-            b["bf16"],
-            b["device"],
-        ]
-        for t, b in report["budgets"].items()
-    ]
-    lines += markdown_table(header, table) + [""]
-
-    for task in tasks:
-        lines += task_section(task, [r for r in rows if r["task"] == task], plots.get(task, []), out)
-    lines += user_metrics_section(rows)
-
-    failed = [c for c in report["cells"] if c["status"] != "ok"]
-    if failed:
-        lines += ["## Failed cells", ""]
-        lines += [f"- `{c['cell']}`: {c['error'].splitlines()[0]}" for c in failed] + [""]
-    lines += ["## Columns", ""] + [f"- **{k}**: {v}" for k, v in COLUMN_HELP.items()]
-    lines += [
-        "- **val/test metric**: the evaluation the run kept (best on validation for most methods, final for "
-        "AdaLoRA), in %; test only where the task has a labelled test split",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def task_section(task: str, task_rows: list[dict[str, Any]], plots: list[str], out: Path) -> list[str]:
-    """One task's table: every method's metrics (validation, and test where labelled) and cost columns, then plots."""
-    metrics = [m for m in METRIC_ORDER if any(r[f"validation_{m}_mean"] is not None for r in task_rows)]
-    has_test = any(r[f"test_{m}_mean"] is not None for r in task_rows for m in metrics)
-    header = [
-        "method",
-        "seeds",
-        *(f"val {m}" for m in metrics),
-        *(f"test {m}" for m in metrics if has_test),
-        "trainable %",
-        "trainable",
-        "adapter MB",
-        "peak mem MB",
-        "state MB",
-        "train s",
-        "ex/s",
-        "latency ms",
-        "lr",
-    ]
-    table = []
-    for r in task_rows:
-        table.append(
-            [
-                r["method"],
-                f"{r['ok']}/{r['cells']}",
-                *(format_mean_std(r[f"validation_{m}_mean"], r[f"validation_{m}_std"]) for m in metrics),
-                *(format_mean_std(r[f"test_{m}_mean"], r[f"test_{m}_std"]) for m in metrics if has_test),
-                format_number(r["trainable_pct"], 3),
-                format_number(r["trainable_params"], 0),
-                format_number(r["adapter_mb"], 2),
-                format_number(r["peak_memory_mb"], 0),
-                format_number(r["model_state_mb"], 0),
-                format_number(r["train_seconds"]),
-                format_number(r["train_examples_per_s"]),
-                format_number(r["latency_ms_per_example"], 2),
-                f"{r['lr']:g}" if r["lr"] is not None else "-",
-            ]
-        )
-    lines = [f"## {task}", "", *markdown_table(header, table), ""]
-    lines += [f"![{task}: {Path(p).stem}]({Path(p).relative_to(out).as_posix()})" for p in plots]
-    return lines + [""]
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    aligns = ["---" if i == 0 else "---:" for i in range(len(header))]
-    return ["| " + " | ".join(map(str, r)) + " |" for r in (header, aligns, *rows)]
