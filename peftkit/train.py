@@ -326,11 +326,22 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, heads: list[str]) -> to
             decay = p.ndim >= 2 and "norm" not in name.lower()
             groups.setdefault((is_head_parameter(name, heads), decay), []).append(p)
     head_lr = tcfg.head_lr or tcfg.lr
+    params = [p for ps in groups.values() for p in ps]
     return torch.optim.AdamW(
         [
             {"params": ps, "lr": head_lr if head else tcfg.lr, "weight_decay": tcfg.weight_decay if decay else 0.0}
             for (head, decay), ps in sorted(groups.items())
-        ]
+        ],
+        fused=can_fuse(params) or None,  # one kernel for all tensors instead of a Python loop over them
+    )
+
+
+def can_fuse(params: list[torch.Tensor]) -> bool:
+    """Fused AdamW needs plain floating tensors on CPU or CUDA (not FSDP's DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params
     )
 
 
