@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +74,7 @@ def main() -> None:
         if wanted and not any(f"{task}-{method}-{pooling}".startswith(w) for w in wanted):
             continue
         cmd = command(task, method, pooling, runs)
+        shutil.rmtree(runs / f"{task}-{method}-{pooling}", ignore_errors=True)  # else the run lands in NAME-1
         started = time.time()
         proc = subprocess.run(shlex.split(cmd), capture_output=True, text=True)
         row = {

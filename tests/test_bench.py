@@ -134,9 +134,10 @@ def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir
 def _check_report(out: Path) -> None:
     for name in ("results.json", "results.csv", "results.md", "index.html"):
         assert (out / name).stat().st_size > 0, name
-    assert (out / "index.html").read_text().count("data:image/png;base64,") == 4  # 2 tasks x (params, memory)
+    # 2 tasks x (params, memory, and the curves each cell's evaluations draw: against time and examples seen)
+    assert (out / "index.html").read_text().count("data:image/png;base64,") == 8
     for task in ("toy", "toy3"):
-        for kind in ("params", "memory"):
+        for kind in ("params", "memory", "curve-time", "curve-examples"):
             assert (out / "plots" / f"{task}-{kind}.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "results.json").read_text())
     assert {"profiles", "environment", "budgets", "summary", "rows", "cells"} <= set(report)
@@ -199,7 +200,7 @@ def test_aggregate_means_stds_and_pareto(tmp_path):
 def test_profiles_cover_the_grid():
     quick = load_profile("quick")
     assert len(quick.tasks) == 5 and "head" in quick.methods and len(quick.methods) == 9 and quick.seeds == (0,)
-    assert sum(len(s) == 3 for s in quick.more_seeds.values()) == 2 and "sst2" in quick.more_seeds
+    assert not quick.more_seeds and quick.overrides_for("sst2", "lora")[-1] == "train.lr=2e-3"
     converged = load_profile("converged")
     assert converged.seeds == (0, 1, 2) and set(converged.lr_grid) == set(converged.methods)
     assert all(len(grid) == 3 and sorted(grid) == list(grid) for grid in converged.lr_grid.values())

@@ -3,7 +3,9 @@
 Read in this order:
   profiles.py  named budgets, read from recipes/profiles/<name>.yaml
   grid.py      the cells, checked before anything trains, and each cell's config (recipe + dotted overrides)
+  selection.py a profile's learning-rate grid: run it at the first seed, choose on dev, then the other seeds
   runner.py    each cell trained by `train()` in its own spawned process -> one JSON file per cell in OUT/cells/
+  executors.py where cells run: here (one at a time), on Ray, or on Slurm through submitit
   report.py    OUT/cells/*.json -> results.json / results.csv / results.md / index.html
   tables.py    the tables (one source for Markdown and HTML) and results.md
   page.py      index.html: one self-contained page, sortable tables, plots inline
