@@ -237,17 +237,16 @@ def test_learning_rate_grid_chooses_on_dev_then_runs_the_other_seeds(
     chosen = max(choice["dev"], key=lambda lr: choice["dev"][lr])  # ties: the first listed
     assert choice["chosen_lr"] == float(chosen)
     other = "0.05" if chosen == "0.001" else "0.001"
-    tag = {"0.001": "0.001", "0.05": "0.05"}
     ids = sorted(p.stem for p in (out / "cells").glob("*.json"))
     assert ids == sorted(
         [
-            f"toy__lora__lr{tag[chosen]}__seed0",
-            f"toy__lora__lr{tag[chosen]}__seed1",
-            f"toy__lora__lr{tag[other]}__seed0",
+            f"toy__lora__lr{chosen}__seed0",
+            f"toy__lora__lr{chosen}__seed1",
+            f"toy__lora__lr{other}__seed0",
         ]
     )
     assert "dev split carved from train" in selection["protocol"]
-    cell = json.loads((out / "cells" / f"toy__lora__lr{tag[chosen]}__seed1.json").read_text())
+    cell = json.loads((out / "cells" / f"toy__lora__lr{chosen}__seed1.json").read_text())
     assert cell["selection_split"] == "dev" and cell["dev"]["accuracy"] is not None
     assert cell["grid_lr"] == float(chosen) == cell["manifest"]["config"]["train"]["lr"]
     assert [e["split"] for e in cell["curve"]] == ["dev", "dev"] and cell["curve"][-1]["examples_seen"] == 32

@@ -110,8 +110,9 @@ def run_bench(
         later, unchosen = seed_cells(chosen_later, planned, choices)
         for first in unchosen:
             bar.write(f"peftkit bench: {first.task_label} {first.method}: every grid cell failed; no seeds run")
-        counts["skipped"] += sum(cell_path(out, c).exists() for c in later)
-        bar.update(sum(cell_path(out, c).exists() for c in later))
+        already = sum(cell_path(out, c).exists() for c in later)
+        counts["skipped"] += already
+        bar.update(already)
         run_cells(later)
         cells += later
     bar.close()

@@ -31,15 +31,15 @@ def grid_cells(cells: list[Cell], lr_grid: dict[str, tuple[float, ...]]) -> tupl
     (`seed_cells`). Methods without a grid keep their planned cells.
     """
     now: list[Cell] = []
-    chosen_later: list[Cell] = []
+    firsts: dict[tuple[str, str], Cell] = {}  # (task, method) -> its first planned cell
     for cell in cells:
         grid = lr_grid.get(cell.method)
         if not grid:
             now.append(cell)
-        elif not any(c.task == cell.task and c.method == cell.method for c in chosen_later):
-            chosen_later.append(cell)
+        elif (cell.task, cell.method) not in firsts:
+            firsts[cell.task, cell.method] = cell
             now += [Cell(cell.task, cell.method, cell.seed, lr) for lr in grid]
-    return now, chosen_later
+    return now, list(firsts.values())
 
 
 def choose(out: Path, firsts: list[Cell], lr_grid: dict[str, tuple[float, ...]]) -> dict[str, Any]:
