@@ -76,8 +76,12 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed: int = 0) -> nn.Module:
-    """Pretrained body, pooled as `cfg.pooling`, + a fresh classification head (seeded: same seed, same head)."""
+def load_model(
+    cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed: int = 0, frozen_body: bool = False
+) -> nn.Module:
+    """Pretrained body, pooled as `cfg.pooling`, + a fresh classification head (seeded: same seed, same head).
+
+    `frozen_body`: the method trains no body weight, which changes what `model.pooling: auto` picks (pooling.py)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -94,7 +98,7 @@ def load_model(cfg: ModelConfig, num_labels: int, pad_token_id: int | None, seed
         raise PeftkitError(f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
-    apply_pooling(model, resolve_pooling(cfg.pooling, path, model))
+    apply_pooling(model, resolve_pooling(cfg.pooling, path, model, frozen_body))
     if cfg.quantization:
         from peft import prepare_model_for_kbit_training
 
@@ -224,9 +228,10 @@ def trainable_pct_without_weights(cfg) -> str:
         model_config = AutoConfig.from_pretrained(path, num_labels=num_labels)
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(model_config)
-            apply_pooling(model, resolve_pooling(cfg.model.pooling, path, model))
+            method = build_method(cfg.method.name, cfg.method.options)
+            apply_pooling(model, resolve_pooling(cfg.model.pooling, path, model, method.frozen_body))
             ctx = MethodContext(path, trained_head_modules(model), total_steps=1000)
-            model = build_method(cfg.method.name, cfg.method.options).apply(model, ctx)
+            model = method.apply(model, ctx)
         return f"{count_parameters(model).trainable_pct:.3f}"
     except Exception:  # a listing must not fail because one recipe's model is not available offline
         return "?"

@@ -3,9 +3,12 @@
 - `pooler`: what the stock transformers class does: its pooler (BERT: dense + tanh on [CLS]), trained and saved with
   the classifier; a model without a pooler keeps its head's own selection (decoders: the last token).
 - `cls`: the first token's hidden state; `mean`: the mean over real (unmasked) tokens; `last`: the last real token.
-- `auto`: what the base model folder says: a sentence-transformers folder (`modules.json` + `1_Pooling/config.json`)
-  gets its own pooling, a model with a pooler gets `pooler`, any other model its classification head's own
-  selection (`last` for decoders, as transformers' *ForSequenceClassification does; `cls` otherwise).
+- `auto`: what the base model folder says: a model with a pooler gets `pooler` (trained), a sentence-transformers
+  folder (`modules.json` + `1_Pooling/config.json`) without one its own pooling, any other model its classification
+  head's own selection (`last` for decoders, as transformers' *ForSequenceClassification does; `cls` otherwise).
+  Under a method that leaves the body frozen (the `head` probe), a sentence-transformers folder's own pooling wins
+  over the pooler: its sentence embedding is what the body was trained to produce, while a pooler over frozen
+  [CLS] states reads features the body never trained for (benchmarks/results/pooling.md: 8 points on sst2).
 
 The pooling lives inside the model `modeling.load_model` returns, so training, `peftkit.load`, predict, serve and
 export get it by passing `model.pooling` through. BERT-likes: the pooler is swapped for a parameter-free `Pooling`
@@ -34,8 +37,8 @@ SENTENCE_TRANSFORMERS_MODES = {
 }
 # Whether `auto` prefers a model's own pooler (trained; stock-loadable) over a sentence-transformers folder's pooling.
 # Issue 9's runs (MiniLM, LoRA r=8 q,v, banking77, 1 epoch, batch 16, bf16): trained pooler 90.7%, mean 90.4%,
-# [CLS] 89.6% (frozen pooler 71.7%): the pooler is within 0.5 point of the best, so it is preferred. To be confirmed
-# on both tasks and full fine-tuning by `python benchmarks/pooling.py` (benchmarks/results/pooling.md).
+# [CLS] 89.6% (frozen pooler 71.7%): the pooler is within 0.5 point of the best, so it is preferred; confirmed on
+# banking77 and sst2 for LoRA and full fine-tuning by `python benchmarks/pooling.py` (benchmarks/results/pooling.md).
 PREFER_POOLER = True
 
 
@@ -105,8 +108,8 @@ def sentence_transformers_pooling(model_path: str | Path) -> str | None:
     return None
 
 
-def resolve_pooling(requested: str, model_path: str, model: nn.Module) -> str:
-    """`auto` -> a concrete pooling for this base model; anything else is checked and returned."""
+def resolve_pooling(requested: str, model_path: str, model: nn.Module, frozen_body: bool = False) -> str:
+    """`auto` -> a concrete pooling for this base model (and method: `frozen_body`); anything else is checked."""
     if requested not in POOLINGS:
         raise PeftkitError(f"unknown model.pooling {requested!r}; valid: {', '.join(POOLINGS)}")
     if requested != "auto":
@@ -115,7 +118,7 @@ def resolve_pooling(requested: str, model_path: str, model: nn.Module) -> str:
     if recorded in POOLINGS[1:]:
         return recorded
     declared = sentence_transformers_pooling(model_path)
-    if declared and not (PREFER_POOLER and has_pooler(model)):
+    if declared and (frozen_body or not (PREFER_POOLER and has_pooler(model))):
         return declared
     return native_pooling(model)
 

@@ -92,7 +92,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     method = build_method(config.method.name, config.method.options)
     if config.model.quantization and method.quantization_error():
         raise PeftkitError(method.quantization_error())
-    model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed)
+    model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, tcfg.seed, method.frozen_body)
     check_max_length(config.task.max_length, model, tokenizer)
     heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
     if tcfg.checkpoint_every and not method.resumable:
@@ -284,7 +284,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     saved = ranks.full_model(
         model,
         lambda: method.apply(  # under FSDP: an unsharded copy with the gathered weights
-            load_model(config.model, task.num_labels, tokenizer.pad_token_id, seed=tcfg.seed),
+            load_model(config.model, task.num_labels, tokenizer.pad_token_id, tcfg.seed, method.frozen_body),
             MethodContext(resolve_model_path(config.model.name_or_path), heads, total_steps),
         ),
     )

@@ -140,6 +140,21 @@ def test_auto_reads_the_base_folder(tiny_model_dir, tmp_path, monkeypatch):
     assert pooling_of(load_model(gpt2, 2, 0)) == "last"
 
 
+def test_auto_under_a_frozen_body_takes_the_sentence_transformers_pooling(tiny_model_dir, tmp_path):
+    from peftkit.adapters import build_method
+    from peftkit.pooling import pooling_of
+
+    st_mean = _sentence_transformers_copy(tiny_model_dir("bert"), tmp_path / "st-mean")
+    assert build_method("head").frozen_body and not build_method("lora").frozen_body
+    for path, frozen, expected in [
+        (st_mean, True, "mean"),
+        (st_mean, False, "pooler"),
+        (tiny_model_dir("bert"), True, "pooler"),
+    ]:
+        model = load_model(ModelConfig(name_or_path=str(path)), 2, 0, frozen_body=frozen)
+        assert pooling_of(model) == expected, (path.name, frozen)
+
+
 def test_stock_peft_loads_pooler_adapters_and_three_lines_apply_mean(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

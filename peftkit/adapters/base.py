@@ -43,6 +43,7 @@ class Method:
     restore_best: ClassVar[bool] = True  # whether the loop may roll back to the best evaluation at the end
     resume_blocker: ClassVar[str | None] = None  # why checkpoints of this method would not resume exactly, if so
     quantizable: ClassVar[bool] = False  # peft has bitsandbytes (8-bit/4-bit) layers for it: model.quantization works
+    frozen_body: ClassVar[bool] = False  # trains no body weight (the head probe): `model.pooling: auto` then differs
 
     @property
     def resumable(self) -> bool:

@@ -24,6 +24,7 @@ class HeadOnly(Method):
     name = "head"
     options_class = HeadOptions
     merge_blocker = None  # the trained head sits in the base model itself: merging is saving it whole
+    frozen_body = True  # auto pooling: a sentence-transformers model's own pooling, not a pooler on frozen [CLS]
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         freeze(model)
