@@ -174,7 +174,7 @@ def budgets(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "max_length": t["max_length"],
             "max_eval_examples": t["max_eval_examples"],
             "validation_examples": c["validation_examples"],
-            "eval_every": tr["eval_every"],
+            "eval_every": tr["eval_every"] or ("epoch" if tr.get("patience") else None),  # early stopping: each epoch
             "bf16": tr["bf16"],
             "device": c["device"],
         }

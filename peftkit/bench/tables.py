@@ -81,7 +81,7 @@ def budget_table(report: dict[str, Any]) -> Table:
             str(b["max_length"]),
             str(b["validation_examples"]),
             str(b["eval_every"] or "end"),
-            str(b["bf16"]),
+            "auto" if b["bf16"] is None else str(b["bf16"]),  # auto: bf16 only where it pays
             str(b["device"]),
         ]
         for t, b in report["budgets"].items()
