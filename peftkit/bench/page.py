@@ -8,6 +8,7 @@ escaped, since task names and errors come from users' data.
 from __future__ import annotations
 
 import base64
+import io
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,13 @@ def task_block(index: int, task: str, task_rows: list[dict[str, Any]], plots: li
 
 
 def figure(plot: Plot, alt: str) -> str:
-    """The PNG inline as a data URI, so the page needs no file beside it."""
-    data = base64.b64encode(Path(plot.path).read_bytes()).decode("ascii")
+    """The PNG inline as a data URI, so the page needs no file beside it; 256 colours keep a 20-plot page small."""
+    from PIL import Image  # matplotlib's own dependency
+
+    buffer = io.BytesIO()
+    with Image.open(plot.path) as image:
+        image.convert("RGB").quantize(256).save(buffer, format="PNG", optimize=True)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return (
         f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
         f"<figcaption>{escape(plot.caption)}</figcaption></figure>"
