@@ -258,3 +258,29 @@ def test_learning_rate_grid_chooses_on_dev_then_runs_the_other_seeds(
     capsys.readouterr()
     assert main(argv) == 0
     assert "3 cells (3 already done, 0 run now)" in capsys.readouterr().out
+
+
+def test_a_grid_run_in_sittings_keeps_every_pairs_choice(tiny_model_dir, toy_task_dir, tmp_path, monkeypatch):
+    """Two subsets run one after the other into one folder: selection.json holds both choices, and the report
+    counts each pair's seeds at its chosen rate only (not the other grid cells as extra seeds)."""
+    import peftkit.bench.profiles as profiles
+
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "grid.yaml").write_text(
+        "description: a learning-rate grid run in two sittings\n"
+        "seeds: [0, 1]\n"
+        "overrides: [train.max_steps=2, train.eval_every=2, train.batch_size=8, task.dev_size=0.25,"
+        " train.bf16=false, task.max_length=32]\n"
+        "lr_grid: {lora: [1e-3, 5e-2], bitfit: [1e-3, 5e-2]}\n"
+        "latency_examples: 8\nlatency_batch_size: 8\n"
+    )
+    monkeypatch.setattr(profiles, "profiles_dir", lambda: folder)
+    out = tmp_path / "bench"
+    base = ["bench", "--profile", "grid", "--tasks", str(toy_task_dir), "--model", str(tiny_model_dir("bert"))]
+    for method in ("lora", "bitfit"):
+        assert main([*base, "--methods", method, "--out", str(out)]) == 0
+    chosen = json.loads((out / "selection.json").read_text())["tasks"]["toy"]
+    assert set(chosen) == {"lora", "bitfit"}
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["method"]: r["ok"] for r in rows} == {"lora": 2, "bitfit": 2}

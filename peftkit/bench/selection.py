@@ -81,8 +81,18 @@ def seed_cells(
 
 
 def write_selection(out: Path, choices: dict[str, dict[str, Any]], seeds: list[int]) -> None:
+    """Record `choices` in OUT/selection.json, keeping the choices of pairs this run did not plan.
+
+    A grid is often run in sittings (`--tasks rte --methods full`, then another subset, into the same folder);
+    the report needs every pair's choice, or it would count that pair's other grid cells as extra seeds.
+    """
+    tasks: dict[str, dict[str, Any]] = {
+        task: dict(methods) for task, methods in ((read_selection(out) or {}).get("tasks") or {}).items()
+    }
+    for task, methods in choices.items():
+        tasks.setdefault(task, {}).update(methods)
     protocol = PROTOCOL.format(seed=seeds[0], seeds=", ".join(map(str, seeds[1:])) or "(none)")
-    atomic_write_json(out / SELECTION_FILE, {"protocol": protocol, "tasks": choices})
+    atomic_write_json(out / SELECTION_FILE, {"protocol": protocol, "tasks": tasks})
 
 
 def read_selection(out: str | Path) -> dict[str, Any] | None:
