@@ -228,3 +228,15 @@ def test_screenshot_script_says_clearly_when_chromium_is_missing(tmp_path):
         "screenshot: no Chromium found (looked for chromium, chromium-browser, google-chrome); "
         "install it: apt-get install chromium"
     ]
+
+
+def test_a_grid_run_in_sittings_names_every_command_with_its_cell_count(new_cells, tmp_path):
+    for c in new_cells:
+        if c["task"] == "toy":
+            c["manifest"] = {**c["manifest"], "command": "peftkit bench --profile smoke --tasks toy"}
+    out = write_cells(tmp_path / "bench", new_cells)
+    build_report(out)
+    markdown, page = (out / "results.md").read_text(), (out / "index.html").read_text()
+    assert "- `peftkit bench --profile smoke --tasks toy` (6 cells)" in markdown
+    assert "- `peftkit bench --profile smoke` (6 cells)" in markdown and "Command: " not in markdown
+    assert "peftkit bench --profile smoke --tasks toy` (6 cells)" in page

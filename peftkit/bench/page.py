@@ -18,6 +18,7 @@ from peftkit.bench.tables import (
     COLUMN_HELP,
     KEPT_HELP,
     budget_table,
+    command_lines,
     machine_line,
     main_metrics_line,
     references_line,
@@ -105,8 +106,7 @@ def render_page(
     rows, env = report["rows"], report["environment"]
     title = f"peftkit bench results ({', '.join(report['profiles'])} profile)"
     body = [f"<h1>{escape(title)}</h1>", navigation(tasks)]
-    if env.get("command"):
-        body.append(f"<p>Command: <code>{escape(env['command'])}</code></p>")
+    body += [f"<p>{escape(line)}</p>" for line in command_lines(env)]
     body.append(f"<p>{escape(machine_line(env))} Generated {escape(report['generated_at'])}.</p>")
     if report.get("protocol"):
         body += ['<h2 id="protocol">Protocol</h2>', paragraphs(report["protocol"])]

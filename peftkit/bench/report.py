@@ -185,8 +185,17 @@ def environment_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
     """The machine and library versions of the first successful cell (all cells of a grid share one machine)."""
     ok = [c for c in cells if c["status"] == "ok"] or cells
     first = ok[0]
-    keys = ("git_commit", "git_dirty", "cpu_model", "cpu_count", "platform", "command")
-    return {**(first.get("environment") or {}), **{k: first["manifest"].get(k) for k in keys}}
+    keys = ("git_commit", "git_dirty", "cpu_model", "cpu_count", "platform")
+    commands: dict[str, int] = {}  # a grid run in sittings has one command per sitting: each, with its cell count
+    for cell in cells:
+        command = cell["manifest"].get("command")
+        if command:
+            commands[command] = commands.get(command, 0) + 1
+    return {
+        **(first.get("environment") or {}),
+        **{k: first["manifest"].get(k) for k in keys},
+        "commands": [{"command": c, "cells": n} for c, n in commands.items()],
+    }
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

@@ -172,13 +172,22 @@ def machine_line(env: dict[str, Any]) -> str:
     )
 
 
+def command_lines(env: dict[str, Any]) -> list[str]:
+    """The command(s) that made the cells: one line, or one per sitting with its cell count."""
+    commands = env.get("commands") or []
+    if len(commands) == 1:
+        return [f"Command: `{commands[0]['command']}`"]
+    return ["Commands (one per sitting; each cell's manifest names its own):"] + [
+        f"- `{c['command']}` ({c['cells']} cells)" for c in commands
+    ]
+
+
 def to_markdown(
     report: dict[str, Any], tasks: list[str], methods: list[str], plots: dict[str, list[Plot]], out: Path
 ) -> str:
     rows, env = report["rows"], report["environment"]
     lines = [f"# peftkit bench results ({', '.join(report['profiles'])} profile)", ""]
-    if env.get("command"):
-        lines += [f"Command: `{env['command']}`", ""]
+    lines += [*command_lines(env), ""]
     lines += [f"{machine_line(env)} Generated {report['generated_at']}.", ""]
     if report.get("protocol"):
         lines += ["## Protocol", "", report["protocol"], ""]
