@@ -39,8 +39,8 @@ def expected_section(cells: list[dict], profile: str) -> dict[str, object]:
     manifest = cells[0]["manifest"]
     return {
         "metric": metric,
-        "mean": round(statistics.mean(values), 4),
-        "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+        "mean": round(statistics.mean(values), 6),
+        "std": round(statistics.stdev(values), 6) if len(values) > 1 else None,
         "seeds": len(values),
         "train_seconds": round(statistics.mean(c["train_seconds"] for c in cells), 1),
         "peak_memory_mb": round(statistics.mean(c["peak_memory_mb"] for c in cells)),

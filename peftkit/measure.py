@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,38 @@ def model_state_mb(model: nn.Module) -> float:
     for p in model.parameters():
         total += p.numel() * p.element_size() * (4 if p.requires_grad else 1)
     return round(total / (1024 * 1024), 1)
+
+
+BUSY_CORES = 0.25  # a run timed while other processes used this many cores on average was timed on a busy machine
+
+
+class LoadMeter:
+    """How many cores other processes kept busy while this one ran, from /proc/stat and this process's CPU time.
+
+    A timing taken on a shared machine is a speed claim only when this is near zero; the bench records it per cell
+    so that its tables can say which times were measured while the machine was busy. None off Linux.
+    """
+
+    def __init__(self) -> None:
+        self.started, self.system, self.own = time.perf_counter(), _system_busy_seconds(), time.process_time()
+
+    def other_cores(self) -> float | None:
+        system = _system_busy_seconds()
+        if system is None or self.system is None:
+            return None
+        wall = max(time.perf_counter() - self.started, 1e-9)
+        others = (system - self.system) - (time.process_time() - self.own)
+        return round(max(others, 0.0) / wall, 2)
+
+
+def _system_busy_seconds() -> float | None:
+    """CPU seconds all processes spent busy since boot (every state of /proc/stat's first line but idle and iowait)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_model() -> str:

@@ -240,3 +240,25 @@ def test_a_grid_run_in_sittings_names_every_command_with_its_cell_count(new_cell
     assert "- `peftkit bench --profile smoke --tasks toy` (6 cells)" in markdown
     assert "- `peftkit bench --profile smoke` (6 cells)" in markdown and "Command: " not in markdown
     assert "peftkit bench --profile smoke --tasks toy` (6 cells)" in page
+
+
+def test_times_measured_on_a_busy_machine_are_marked(new_cells, tmp_path):
+    for c in new_cells:
+        c["other_cores"] = 1.0 if (c["method"], c["seed"]) == ("lora", 1) else 0.0
+    out = write_cells(tmp_path / "bench", new_cells)
+    build_report(out)
+    markdown = (out / "results.md").read_text()
+    lora = next(line for line in markdown.splitlines() if line.startswith("| lora | 2/2 |"))
+    full = next(line for line in markdown.splitlines() if line.startswith("| full | 2/2 |"))
+    assert "5.0 * | 100.0 * | 1.00 * |" in lora and " * |" not in full
+    assert "(seeds: lora 1 of 2): these times and rates are not speed claims" in markdown
+    assert "lora 1 of 2" in (out / "index.html").read_text()
+
+
+def test_load_meter_sees_another_process_keep_a_core_busy():
+    from peftkit.measure import LoadMeter
+
+    meter = LoadMeter()
+    code = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
+    subprocess.run([sys.executable, "-c", code], check=True)  # this process waits: the child's CPU is not its own
+    assert meter.other_cores() >= 0.5

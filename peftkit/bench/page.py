@@ -21,9 +21,9 @@ from peftkit.bench.tables import (
     command_lines,
     machine_line,
     main_metrics_line,
-    references_line,
     selection_table,
     summary_table,
+    task_notes,
     task_table,
 )
 from peftkit.io import atomic_write_text
@@ -153,9 +153,7 @@ def key_value_table(pairs: dict[str, Any]) -> str:
 def task_block(index: int, task: str, task_rows: list[dict[str, Any]], plots: list[Plot]) -> str:
     """One task: its table, its reference scores, and its plots inline with their captions."""
     parts = [f'<section id="task-{index}">', f"<h2>{escape(task)}</h2>", html_table(*task_table(task_rows))]
-    refs = references_line(task_rows)
-    if refs:
-        parts.append(f"<p>{escape(refs)}</p>")
+    parts += [f"<p>{escape(note)}</p>" for note in task_notes(task_rows)]
     if plots:
         parts += ['<div class="plots">', *(figure(p, f"{task}: {Path(p.path).stem}") for p in plots), "</div>"]
     return "\n".join(parts + ["</section>"])

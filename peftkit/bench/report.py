@@ -22,6 +22,7 @@ from peftkit.bench.selection import read_selection, reported_cells
 from peftkit.bench.tables import METRIC_ORDER, to_markdown
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json, atomic_write_text, read_json
+from peftkit.measure import BUSY_CORES
 
 NUMERIC_COLUMNS = (
     "trainable_params",
@@ -115,6 +116,7 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[column] = None if mean is None else (mean / 2**20 if column == "adapter_mb" else mean)
         rates = [c["majority_rate"] for c in ok if c.get("majority_rate") is not None]  # absent in old cells
         row["majority_rate"] = statistics.fmean(rates) if rates else None
+        row["busy_seeds"] = sum((c.get("other_cores") or 0) >= BUSY_CORES for c in ok)  # absent in old cells: 0
         row["memory_kind"] = ok[0]["memory_kind"] if ok else None
         row["steps"] = ok[0]["steps"] if ok else None
         row["lr"] = ok[0]["manifest"]["config"]["train"]["lr"] if ok else None
@@ -201,7 +203,8 @@ def environment_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
 def to_csv(rows: list[dict[str, Any]]) -> str:
     columns = ["task", "method", "cells", "ok", "seeds", "main_metric"]
     columns += [f"{s}_{m}_{a}" for s in ("validation", "test") for m in METRIC_ORDER for a in ("mean", "std")]
-    columns += [*NUMERIC_COLUMNS, "majority_rate", "memory_kind", "steps", "lr", "errors", *user_metric_columns(rows)]
+    columns += [*NUMERIC_COLUMNS, "busy_seeds", "majority_rate", "memory_kind", "steps", "lr", "errors"]
+    columns += user_metric_columns(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

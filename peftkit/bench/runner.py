@@ -25,7 +25,7 @@ from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json, read_json
 from peftkit.loggers import read_metrics
-from peftkit.measure import machine_manifest
+from peftkit.measure import LoadMeter, machine_manifest
 from peftkit.user_metrics import checked_specs, score_saved_adapter
 
 
@@ -206,8 +206,10 @@ def measure_cell(job: CellJob) -> dict[str, Any]:
     from peftkit.train import train
 
     config = RunConfig.from_dict(job.config)
+    load = LoadMeter()
     s = train(config, run_dir=job.run_dir)
     latency = inference_latency(job, config)
+    other_cores = load.other_cores()
     task_metrics = AdapterMeta.read(job.run_dir / "adapter").task.metrics
     curve = [r for r in read_metrics(job.run_dir / "metrics.jsonl") if "split" in r]  # evaluations as it trained
     kept = {k: v for k, v in s.best.items() if k != "step"}
@@ -249,6 +251,7 @@ def measure_cell(job: CellJob) -> dict[str, Any]:
         "device": s.device,
         "bf16": s.bf16,
         "environment": s.environment,
+        "other_cores": other_cores,  # cores other processes used meanwhile: its times are a speed claim only near 0
         **({"user_metrics": user_metrics} if user_metrics is not None else {}),  # {"validation": {...}, "test": ...}
     }
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from peftkit.bench.plots import Plot, reference_lines
 from peftkit.bench.report_user_metrics import user_metrics_section
+from peftkit.measure import BUSY_CORES
 
 Table = tuple[list[str], list[list[str]]]
 METRIC_ORDER = ("accuracy", "macro_f1", "f1")
@@ -119,14 +120,36 @@ def task_table(task_rows: list[dict[str, Any]]) -> Table:
             format_number(r["adapter_mb"], 2),
             format_number(r["peak_memory_mb"], 0),
             format_number(r["model_state_mb"], 0),
-            format_number(r["train_seconds"]),
-            format_number(r["train_examples_per_s"]),
-            format_number(r["latency_ms_per_example"], 2),
+            *(busy_mark(r, format_number(r[k], d)) for k, d in TIMED_COLUMNS),
             f"{r['lr']:g}" if r["lr"] is not None else "-",
         ]
         for r in task_rows
     ]
     return header, rows
+
+
+TIMED_COLUMNS = (("train_seconds", 1), ("train_examples_per_s", 1), ("latency_ms_per_example", 2))
+
+
+def busy_mark(row: dict[str, Any], text: str) -> str:
+    """A timing measured while other processes used the machine carries a `*` (see `busy_line`)."""
+    return f"{text} *" if row.get("busy_seeds") else text
+
+
+def busy_line(task_rows: list[dict[str, Any]]) -> str | None:
+    """Which rows' times were measured on a busy machine, in words (None when every timed seed ran alone)."""
+    busy = [f"{r['method']} {r['busy_seeds']} of {r['ok']}" for r in task_rows if r.get("busy_seeds")]
+    if not busy:
+        return None
+    return (
+        f"* Timed while other processes kept at least {BUSY_CORES} core busy on average (seeds: {', '.join(busy)}): "
+        "these times and rates are not speed claims; benchmarks/speed.py makes those."
+    )
+
+
+def task_notes(task_rows: list[dict[str, Any]]) -> list[str]:
+    """The lines under a task's table: the scores to beat, and which times a busy machine measured."""
+    return [line for line in (references_line(task_rows), busy_line(task_rows)) if line]
 
 
 def references_line(task_rows: list[dict[str, Any]]) -> str | None:
@@ -215,9 +238,8 @@ def to_markdown(
 def task_section(task: str, task_rows: list[dict[str, Any]], plots: list[Plot], out: Path) -> list[str]:
     """One task's table, its reference scores, then its plots, each with its caption."""
     lines = [f"## {task}", "", *markdown_table(*task_table(task_rows)), ""]
-    refs = references_line(task_rows)
-    if refs:
-        lines += [refs, ""]
+    for note in task_notes(task_rows):
+        lines += [note, ""]
     for p in plots:
         lines += [
             f"![{task}: {Path(p.path).stem}]({Path(p.path).relative_to(out).as_posix()})",
