@@ -58,6 +58,9 @@ def rows_and_config(task: str, method: str, train_rows: int, overrides: list[str
             f"task.max_train_examples={train_rows}",
             "train.epochs=1",
             "train.max_steps=null",
+            "train.max_epochs=null",  # one pass like the Trainer's: no early stopping or dev split (the converged
+            "train.patience=null",  # recipes carry both; they do not change the speed of a step)
+            "task.dev_size=null",
             "train.eval_every=null",
             "train.checkpoint_every=null",
             "train.progress=false",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -136,6 +137,7 @@ def test_train_and_eval_commands_on_a_tiny_model(tiny_model_dir, toy_task_dir, t
             "train.max_steps=3",
             "train.progress=false",
             "task.max_length=32",
+            "task.dev_size=null",  # the recipe carves 1,000 sst2 rows for dev; the toy task has 96
             "--run-dir",
             str(run),
         ]
@@ -156,6 +158,7 @@ def test_resume_from_the_cli_continues_a_run(tiny_model_dir, toy_task_dir, tmp_p
         "train.checkpoint_every=2",
         "train.progress=false",
         "task.max_length=32",
+        "task.dev_size=null",
     ]
     assert main([*args, "--run-dir", str(run)]) == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000002"
@@ -173,3 +176,15 @@ def test_overrides_after_config_file_are_applied(tmp_path, tiny_model_dir, toy_t
     assert main(["train", "--config", str(path), "train.max_steps=3", "--run-dir", str(run)]) == 0
     assert "max_steps: 3" in (run / "config.yaml").read_text()
     assert main(["train", "sst2-lora", "--config", str(path)]) == 2
+
+
+def test_train_line_reports_validation_and_names_the_dev_score_apart(tiny_model_dir, toy_task_dir, tmp_path, capsys):
+    """With a dev split the kept step is chosen on dev; the line must not print that dev score as validation."""
+    run = tmp_path / "run"
+    args = ["train", "sst2-lora", f"task.name={toy_task_dir}", f"model.name_or_path={tiny_model_dir('bert')}"]
+    args += ["train.max_steps=4", "train.eval_every=2", "task.dev_size=0.25", "train.progress=false"]
+    assert main([*args, "task.max_length=32", "--run-dir", str(run)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert f"validation accuracy {summary['validation']['accuracy']:.4f}" in line
+    assert f"; dev accuracy {summary['best']['accuracy']:.4f}" in line and "(kept step" in line

@@ -56,9 +56,14 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0
     best = summary.best
-    metrics = ", ".join(f"{k} {best[k]:.4f}" for k in ("accuracy", "macro_f1", "f1") if k in best)
+
+    def scores(metrics: dict[str, float]) -> str:
+        return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "macro_f1", "f1") if k in metrics)
+
+    # with a dev split, `best` is the dev score that chose the kept step; validation was scored once, after
+    chosen = f"; dev {scores(best)}" if summary.selection_split == "dev" and summary.validation else ""
     print(
-        f"{summary.recipe}: validation {metrics} (step {best['step']}); "
+        f"{summary.recipe}: validation {scores(summary.validation or best)}{chosen} (kept step {best['step']}); "
         f"{summary.trainable_params:,} trainable params ({summary.trainable_pct:.3f}%); "
         f"{summary.train_seconds:.1f}s, {summary.train_examples_per_s:.1f} examples/s; run: {summary.run_dir}"
     )
