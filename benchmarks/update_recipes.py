@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from peftkit.io import atomic_write_text
+
 # overrides that place or label a bench cell rather than define the recipe
 CELL_ONLY = ("train.seed", "train.progress", "train.output_dir", "train.run_name", "train.device", "task.data_dir")
 
@@ -84,7 +86,7 @@ def main() -> None:
             )
             print(f"{task}-{method}: lr {choice['chosen_lr']:g}, expected {body['expected']}")
             if not args.dry_run:
-                path.write_text(text)
+                atomic_write_text(path, text)
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def test_a_grid_run_in_sittings_names_every_command_with_its_cell_count(new_cell
     markdown, page = (out / "results.md").read_text(), (out / "index.html").read_text()
     assert "- `peftkit bench --profile smoke --tasks toy` (6 cells)" in markdown
     assert "- `peftkit bench --profile smoke` (6 cells)" in markdown and "Command: " not in markdown
-    assert "peftkit bench --profile smoke --tasks toy` (6 cells)" in page
+    assert "<li><code>peftkit bench --profile smoke --tasks toy</code> (6 cells)</li>" in page
 
 
 def test_times_measured_on_a_busy_machine_are_marked(new_cells, tmp_path):

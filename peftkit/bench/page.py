@@ -18,7 +18,6 @@ from peftkit.bench.tables import (
     COLUMN_HELP,
     KEPT_HELP,
     budget_table,
-    command_lines,
     machine_line,
     main_metrics_line,
     selection_table,
@@ -106,7 +105,7 @@ def render_page(
     rows, env = report["rows"], report["environment"]
     title = f"peftkit bench results ({', '.join(report['profiles'])} profile)"
     body = [f"<h1>{escape(title)}</h1>", navigation(tasks)]
-    body += [f"<p>{escape(line)}</p>" for line in command_lines(env)]
+    body.append(commands_html(env.get("commands") or []))
     body.append(f"<p>{escape(machine_line(env))} Generated {escape(report['generated_at'])}.</p>")
     if report.get("protocol"):
         body += ['<h2 id="protocol">Protocol</h2>', paragraphs(report["protocol"])]
@@ -148,6 +147,14 @@ def html_table(header: list[str], rows: list[list[Any]], css: str = "sortable") 
 def key_value_table(pairs: dict[str, Any]) -> str:
     body = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>\n" for k, v in pairs.items())
     return f'<table class="kv">\n<tbody>\n{body}</tbody>\n</table>'
+
+
+def commands_html(commands: list[dict[str, Any]]) -> str:
+    """The command(s) that made the cells, as in results.md: one, or a list with each sitting's cell count."""
+    if len(commands) == 1:
+        return f"<p>Command: <code>{escape(commands[0]['command'])}</code></p>"
+    items = "".join(f"<li><code>{escape(c['command'])}</code> ({c['cells']} cells)</li>" for c in commands)
+    return f"<p>Commands (one per sitting; each cell's manifest names its own):</p><ul>{items}</ul>"
 
 
 def task_block(index: int, task: str, task_rows: list[dict[str, Any]], plots: list[Plot]) -> str:
