@@ -16,6 +16,7 @@ from typing import Any
 from peftkit.bench.plots import Plot
 from peftkit.bench.tables import (
     COLUMN_HELP,
+    COMMANDS_HEADING,
     KEPT_HELP,
     budget_table,
     machine_line,
@@ -154,7 +155,7 @@ def commands_html(commands: list[dict[str, Any]]) -> str:
     if len(commands) == 1:
         return f"<p>Command: <code>{escape(commands[0]['command'])}</code></p>"
     items = "".join(f"<li><code>{escape(c['command'])}</code> ({c['cells']} cells)</li>" for c in commands)
-    return f"<p>Commands (one per sitting; each cell's manifest names its own):</p><ul>{items}</ul>"
+    return f"<p>{escape(COMMANDS_HEADING)}</p><ul>{items}</ul>"
 
 
 def task_block(index: int, task: str, task_rows: list[dict[str, Any]], plots: list[Plot]) -> str:

@@ -195,14 +195,15 @@ def machine_line(env: dict[str, Any]) -> str:
     )
 
 
+COMMANDS_HEADING = "Commands (one per sitting; each cell's manifest names its own):"
+
+
 def command_lines(env: dict[str, Any]) -> list[str]:
     """The command(s) that made the cells: one line, or one per sitting with its cell count."""
     commands = env.get("commands") or []
     if len(commands) == 1:
         return [f"Command: `{commands[0]['command']}`"]
-    return ["Commands (one per sitting; each cell's manifest names its own):"] + [
-        f"- `{c['command']}` ({c['cells']} cells)" for c in commands
-    ]
+    return [COMMANDS_HEADING] + [f"- `{c['command']}` ({c['cells']} cells)" for c in commands]
 
 
 def to_markdown(
