@@ -3,7 +3,9 @@
     python benchmarks/profile_step.py before after
     before: the loop as it was: random batches, fp32, the loss computed twice, two .item() host syncs per step
     after:  the loop now: length-bucketed batches, bf16 autocast only where it pays (`peftkit.precision`; fp32 on
-            an AVX2-only CPU), the model's loss once, no per-step sync
+            a CPU without AMX / AVX512-BF16), the model's loss once, no per-step sync, hash dropout masks
+            (`train.dropout_rng: hash`, peftkit/dropout.py)
+    after-torch-dropout: as after, with torch's own dropout masks (`train.dropout_rng: torch`)
     after-bf16: as after, with bf16 autocast forced on
 
 Both draw the same 2,000 training rows; 3 warm-up steps, then 10 profiled steps. Prints the top operators.
@@ -22,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from peftkit.adapters import MethodContext, build_method
 from peftkit.config import ModelConfig, TaskConfig
 from peftkit.data import collate, encode, load_task
+from peftkit.dropout import use_hash_dropout
 from peftkit.modeling import head_modules, load_model, load_tokenizer, resolve_model_path
 
 
@@ -43,6 +46,8 @@ def main(mode: str = "before") -> None:
     split = encode(task.splits["train"], tokenizer, 64)
     model = load_model(model_cfg, 2, tokenizer.pad_token_id)
     model = build_method("lora").apply(model, MethodContext(resolve_model_path("default"), head_modules(model), 100))
+    if mode in ("after", "after-bf16"):
+        use_hash_dropout(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-4)

@@ -108,6 +108,17 @@ class LoadedAdapter:
     def label_names(self) -> list[str]:
         return self.meta.label_names
 
+    def merged(self) -> LoadedAdapter:
+        """The adapter folded into its base where the method allows (LoRA, IA3, ...: no adapter matmuls left, the
+        same logits to ~1e-6), else itself. Takes over `self.model`: merging rewrites the base weights in place."""
+        if self.method.merge_blocker:
+            return self
+        try:
+            model = self.method.merge(self.model)
+        except PeftkitError:  # the generic peft method: this tuner type cannot merge
+            return self
+        return dataclasses.replace(self, model=model.eval())
+
 
 def load(adapter_dir: str | Path, base: str | None = None, allow_base_mismatch: bool = False) -> LoadedAdapter:
     """Load an adapter folder onto its base model (or onto `base`, a model folder or Hub id).

@@ -127,6 +127,8 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast; null = on where it pays (CPU with AMX/AVX512-BF16, bf16 GPUs)
     batching: Literal["bucketed", "random"] = "bucketed"  # bucketed: batches of similar length (less padding)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
+    # CPU dropout masks: hash = a vectorised counter-based hash (peftkit/dropout.py, ~6x cheaper); torch = nn.Dropout
+    dropout_rng: Literal["hash", "torch"] = "hash"
     report_to: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)  # besides metrics.jsonl
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     log_every: Positive = 10

@@ -41,6 +41,8 @@ RESUMABLE_KEYS = frozenset(
         "task.data_dir",
     }
 )
+# keys added after checkpoints were first written, with the value every older checkpoint ran with
+ADDED_KEYS = {"train.dropout_rng": "torch"}
 _STEP = re.compile(r"^step-\d+$")
 
 
@@ -108,6 +110,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 def changed_keys(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
     if saved is None:
         return []
+    saved = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **saved}
     keys = sorted(set(saved) | set(current))
     return [k for k in keys if _canonical(saved.get(k)) != _canonical(current.get(k))]
 

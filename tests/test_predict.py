@@ -94,3 +94,28 @@ def test_predict_bad_input_is_one_clear_error(adapter, tmp_path, capsys, content
     assert message in capsys.readouterr().err
     assert not out.exists()  # atomic: no half-written output
     assert main(["predict", str(adapter), "--input", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_predict_folds_a_mergeable_adapter_in_and_no_merge_keeps_it(adapter, tmp_path, monkeypatch):
+    loaded = load(adapter)
+    merged = loaded.merged()
+    assert not any("lora" in name for name, _ in merged.model.named_modules())
+    assert torch.allclose(
+        logits_of(merged.model, merged.tokenizer, TEXTS),
+        logits_of(load(adapter).model, loaded.tokenizer, TEXTS),
+        atol=1e-5,
+    )
+    folded = []
+    import peftkit.artifacts as artifacts
+
+    original = artifacts.LoadedAdapter.merged
+    monkeypatch.setattr(artifacts.LoadedAdapter, "merged", lambda self: folded.append(1) or original(self))
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "a.jsonl")]) == 0
+    assert (
+        main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "b.jsonl"), "--no-merge"]) == 0
+    )
+    assert folded == [1]
+    check(read_preds(tmp_path / "a.jsonl"), adapter)
+    check(read_preds(tmp_path / "b.jsonl"), adapter)

@@ -19,6 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on where it pays"
     )
+    parser.add_argument(
+        "--merge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold the adapter into the base first where the method allows (faster; default: on)",
+    )
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter)")
     parser.add_argument("--allow-base-mismatch", action="store_true")
 
@@ -35,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         example = Path(args.output) / "preds.jsonl"
         raise PeftkitError(f"--output {args.output} is a directory; name a file (e.g. {example})")
     loaded = load(args.adapter_dir, base=args.base, allow_base_mismatch=args.allow_base_mismatch)
+    if args.merge:
+        loaded = loaded.merged()
     with atomic_output(args.output) as out:
         progress = sys.stderr.isatty() or args.output != "-"
         n = predict_stream(loaded, args.input, out, args.batch_size, args.bf16, progress=progress)
