@@ -262,3 +262,18 @@ def test_load_meter_sees_another_process_keep_a_core_busy():
     code = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
     subprocess.run([sys.executable, "-c", code], check=True)  # this process waits: the child's CPU is not its own
     assert meter.other_cores() >= 0.5
+
+
+def test_a_grid_timed_on_two_machines_says_which_rows_each_timed(new_cells, tmp_path):
+    for c in new_cells:
+        if c["method"] == "full":
+            c["manifest"] = {**c["manifest"], "cpu_model": "Other CPU"}
+    out = write_cells(tmp_path / "bench", new_cells)
+    build_report(out)
+    markdown, page = (out / "results.md").read_text(), (out / "index.html").read_text()
+    assert "Machines: Other CPU (4 cells), Test CPU (8 cells)" in markdown
+    note = "Timed on more than one machine (Other CPU: full; Test CPU: "
+    assert note in markdown and note in page
+    single = write_cells(tmp_path / "one", [c for c in new_cells if c["method"] != "full"])
+    build_report(single)
+    assert "Timed on more than one machine" not in (single / "results.md").read_text()

@@ -117,6 +117,7 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rates = [c["majority_rate"] for c in ok if c.get("majority_rate") is not None]  # absent in old cells
         row["majority_rate"] = statistics.fmean(rates) if rates else None
         row["busy_seeds"] = sum((c.get("other_cores") or 0) >= BUSY_CORES for c in ok)  # absent in old cells: 0
+        row["machines"] = sorted({c["manifest"].get("cpu_model") or "unknown" for c in ok})
         row["memory_kind"] = ok[0]["memory_kind"] if ok else None
         row["steps"] = ok[0]["steps"] if ok else None
         row["lr"] = ok[0]["manifest"]["config"]["train"]["lr"] if ok else None
@@ -184,9 +185,14 @@ def budgets(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def environment_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """The machine and library versions of the first successful cell (all cells of a grid share one machine)."""
+    """The library versions of the first successful cell, and every machine that ran cells (a grid run in sittings
+    may span machines: `machines` counts the cells of each)."""
     ok = [c for c in cells if c["status"] == "ok"] or cells
     first = ok[0]
+    machines: dict[str, int] = {}
+    for cell in ok:
+        machine = cell["manifest"].get("cpu_model") or "unknown"
+        machines[machine] = machines.get(machine, 0) + 1
     keys = ("git_commit", "git_dirty", "cpu_model", "cpu_count", "platform")
     commands: dict[str, int] = {}  # a grid run in sittings has one command per sitting: each, with its cell count
     for cell in cells:
@@ -197,6 +203,7 @@ def environment_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
         **(first.get("environment") or {}),
         **{k: first["manifest"].get(k) for k in keys},
         "commands": [{"command": c, "cells": n} for c, n in commands.items()],
+        "machines": machines,
     }
 
 

@@ -148,8 +148,22 @@ def busy_line(task_rows: list[dict[str, Any]]) -> str | None:
 
 
 def task_notes(task_rows: list[dict[str, Any]]) -> list[str]:
-    """The lines under a task's table: the scores to beat, and which times a busy machine measured."""
-    return [line for line in (references_line(task_rows), busy_line(task_rows)) if line]
+    """The lines under a task's table: the scores to beat, which times a busy machine measured, and on which
+    machines the rows were timed when they were not all timed on one."""
+    lines = (references_line(task_rows), busy_line(task_rows), machines_line(task_rows))
+    return [line for line in lines if line]
+
+
+def machines_line(task_rows: list[dict[str, Any]]) -> str | None:
+    """Which machine timed which rows, in words (None when one machine timed them all)."""
+    by_machine: dict[str, list[str]] = {}
+    for r in task_rows:
+        for machine in r.get("machines") or []:
+            by_machine.setdefault(machine, []).append(r["method"])
+    if len(by_machine) < 2:
+        return None
+    timed = "; ".join(f"{machine}: {', '.join(methods)}" for machine, methods in sorted(by_machine.items()))
+    return f"Timed on more than one machine ({timed}): compare times only between rows of one machine."
 
 
 def references_line(task_rows: list[dict[str, Any]]) -> str | None:
@@ -187,6 +201,14 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def machine_line(env: dict[str, Any]) -> str:
+    machines = env.get("machines") or {}
+    if len(machines) > 1:
+        counted = ", ".join(f"{m} ({n} cells)" for m, n in sorted(machines.items()))
+        return (
+            f"Machines: {counted}, {env.get('cpu_count')} cores each (as the first cell recorded); torch "
+            f"{env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}, peftkit "
+            f"{env.get('peftkit')}; the cells' manifests hold each one's machine and git commit."
+        )
     return (
         f"Machine: {env.get('cpu_model')} ({env.get('cpu_count')} cores, torch threads "
         f"{env.get('torch_threads')}), GPU: {env.get('gpu') or 'none'}; torch {env.get('torch')}, "
