@@ -45,10 +45,13 @@ def _lowbias32(value: int) -> int:
     return value - 2**32 if value >= 2**31 else value
 
 
+CHUNK = 1 << 22  # elements per pass: the cached hashed index never grows past 16 MB, whatever the model
+
+
 def _hashed_index(count: int, device: torch.device) -> torch.Tensor:
     cached = _hashed_indices.get(device)
     if cached is None or cached.numel() < count:
-        size = max(count, 2 * cached.numel() if cached is not None else 0)
+        size = min(CHUNK, max(count, 2 * cached.numel() if cached is not None else 0))
         cached = _hashed_indices[device] = _lowbias32_(torch.arange(size, dtype=torch.int32, device=device))
     return cached[:count]
 
@@ -59,19 +62,25 @@ def scaled_keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, d
     Per element: h = mix(hash(index) ^ hash(seed)), one multiply and one xorshift on the cached hashed index, so two
     seeds give unrelated masks; kept where its low 31 bits are >= p * 2^31. The float comes straight from the bits
     (an arithmetic shift turns the comparison into all-ones or zero, and-ed with the bits of the scale), because
-    bool tensors are slow on the CPU: 10 integer kernels in all, 9 of them in place."""
+    bool tensors are slow on the CPU: 10 integer kernels in all, 9 of them in place. Masks larger than CHUNK
+    are made chunk by chunk, each chunk with its own seed."""
     numel = 1
     for size in shape:
         numel *= size
-    h = _hashed_index(numel, device) ^ _lowbias32(seed)
-    h *= _MUL1
-    h ^= (h >> 16) & 0xFFFF
-    h &= 0x7FFFFFFF
-    h -= round(p * 2**31)
-    h >>= 31  # -1 where dropped (below the threshold), 0 where kept
-    h ^= -1
-    h &= struct.unpack("<i", struct.pack("<f", 1.0 / (1.0 - p)))[0]  # the float32 scale's bit pattern
-    return h.view(torch.float32).view(shape)
+    out = torch.empty(numel, dtype=torch.int32, device=device)
+    threshold = round(p * 2**31)
+    scale_bits = struct.unpack("<i", struct.pack("<f", 1.0 / (1.0 - p)))[0]  # the float32 scale's bit pattern
+    for start in range(0, numel, CHUNK):
+        count = min(CHUNK, numel - start)
+        h = torch.bitwise_xor(_hashed_index(count, device), _lowbias32(seed + start), out=out[start : start + count])
+        h *= _MUL1
+        h ^= (h >> 16) & 0xFFFF
+        h &= 0x7FFFFFFF
+        h -= threshold
+        h >>= 31  # -1 where dropped (below the threshold), 0 where kept
+        h ^= -1
+        h &= scale_bits
+    return out.view(torch.float32).view(shape)
 
 
 class _HashDropout(torch.autograd.Function):

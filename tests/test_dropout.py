@@ -142,3 +142,19 @@ def test_the_loop_uses_hash_masks_by_default_and_torch_on_request(tiny_run_confi
     assert len(calls) == 1
     with pytest.raises(PeftkitError, match="hash"):
         tiny_run_config("lora", dropout_rng="fast")
+
+
+def test_masks_larger_than_a_chunk_are_made_chunk_by_chunk(monkeypatch):
+    import peftkit.dropout as dropout
+
+    whole = dropout.scaled_keep_mask((3000,), 0.3, seed=11, device=torch.device("cpu"))
+    monkeypatch.setattr(dropout, "CHUNK", 1024)
+    monkeypatch.setattr(dropout, "_hashed_indices", {})
+    chunked = dropout.scaled_keep_mask((3000,), 0.3, seed=11, device=torch.device("cpu"))
+    assert dropout._hashed_indices[torch.device("cpu")].numel() == 1024  # the cache stops at one chunk
+    assert torch.equal(whole[:1024], chunked[:1024]) and not torch.equal(whole[1024:2048], chunked[1024:2048])
+    rate = (chunked != 0).float().mean().item()
+    assert abs(rate - 0.7) < 0.05
+    second = (chunked[1024:2048] != 0).float()
+    first = (chunked[:1024] != 0).float()
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1].item()) < 0.1  # chunks are not copies
