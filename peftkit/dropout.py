@@ -4,8 +4,8 @@ Why: torch's CPU `bernoulli_` draws about 7 ns per element on a single thread. A
 (the model's own 0.1 dropouts, LoRA's dropout on its inputs and the attention probabilities) and spent 22% of its
 time there (benchmarks/results/speed.md). Here a mask comes from a hash of (seed, element index) made with a few
 vectorised integer ops on every core: the same Bernoulli(1 - p) keep per element, independent across elements
-(tests/test_dropout.py checks rate, independence and gradients), about 3x cheaper forward and backward (0.36 vs
-1.07 ms for a 352x384 mask); a LoRA step on sst2 got 1.2x faster.
+(tests/test_dropout.py checks rate, independence and gradients) and cheaper: a LoRA step on sst2
+went from 126 to 105 ms (`benchmarks/profile_step.py`, modes after-torch-dropout and after).
 
 Reproducible: each mask's seed is drawn from torch's default generator, so `train.seed` fixes the masks, an exact
 resume restores them (the checkpoint carries the generator state), and gradient checkpointing's recompute, which
