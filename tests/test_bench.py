@@ -254,6 +254,12 @@ def test_learning_rate_grid_chooses_on_dev_then_runs_the_other_seeds(
     rows = json.loads((out / "results.json").read_text())["rows"]
     lora = next(r for r in rows if r["method"] == "lora")
     assert lora["ok"] == 2  # the two seeds at the chosen rate; the grid's other cell is not reported
+    environment = json.loads((out / "results.json").read_text())["environment"]
+    assert sum(environment["machines"].values()) == 3  # ... but its run is counted with its machine and command
+    assert [c["cells"] for c in environment["commands"]] == [3]
+    capsys.readouterr()
+    assert main(["bench", "--report", str(out)]) == 0
+    assert "from 3 cell files (2 at the chosen learning rates)" in capsys.readouterr().out
     # resume: nothing reruns
     capsys.readouterr()
     assert main(argv) == 0

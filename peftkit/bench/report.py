@@ -49,7 +49,8 @@ def build_report(out: str | Path) -> dict[str, Any]:
     """Rebuild results.json, results.csv, results.md, index.html and plots/ from OUT/cells/*.json alone
     (plus OUT/selection.json, the learning-rate selection, where one was written)."""
     out = Path(out)
-    cells = reported_cells(load_cells(out), read_selection(out))  # a grid's cells at the chosen learning rate only
+    every_run = load_cells(out)
+    cells = reported_cells(every_run, read_selection(out))  # a grid's cells at the chosen learning rate only
     rows = aggregate(cells)
     tasks = in_canonical_order({r["task"] for r in rows}, all_tasks())
     methods = in_canonical_order({r["method"] for r in rows}, all_methods())
@@ -58,7 +59,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "profiles": sorted({c["manifest"]["profile"] for c in cells}),
         "protocol": protocol_text(cells, selection),
-        "environment": environment_summary(cells),
+        "environment": environment_summary(every_run),  # commands and machines count every run, grid included
         "budgets": budgets(cells),
         "summary": {m: {t: main_metric_summary(rows, t, m) for t in tasks} for m in methods},
         "selection": selection,
@@ -204,6 +205,7 @@ def environment_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
         **{k: first["manifest"].get(k) for k in keys},
         "commands": [{"command": c, "cells": n} for c, n in commands.items()],
         "machines": machines,
+        "cell_files": len(cells),
     }
 
 

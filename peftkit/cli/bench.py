@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.report:
         report = build_report(args.report)
-        print(f"rebuilt {Path(args.report) / 'results.md'} from {len(report['cells'])} cell files")
+        files, reported = report["environment"]["cell_files"], len(report["cells"])
+        chosen = f" ({reported} at the chosen learning rates)" if reported != files else ""
+        print(f"rebuilt {Path(args.report) / 'results.md'} from {files} cell files{chosen}")
         return 0
     out = Path(args.out or f"benchmarks/results/{args.profile}")
     executor = make_executor(
