@@ -186,8 +186,9 @@ def budgets(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def environment_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """The library versions of the first successful cell, and every machine that ran cells (a grid run in sittings
-    may span machines: `machines` counts the cells of each)."""
+    """The library versions of the first successful cell, and every machine and command that ran cells (a grid run
+    in sittings may span machines: `machines` counts the cells of each). Given every run, the grid's other learning
+    rates included, so `cell_files` is the number of runs on disk."""
     ok = [c for c in cells if c["status"] == "ok"] or cells
     first = ok[0]
     machines: dict[str, int] = {}
