@@ -209,6 +209,7 @@ def combine_adapters(
     import torch
     from peft import PeftModel
 
+    from peftkit.adapters._peft import save_peft
     from peftkit.config import ModelConfig
     from peftkit.modeling import load_model, load_tokenizer
 
@@ -253,7 +254,7 @@ def combine_adapters(
         combination={"how": how, "density": density if how == "ties" else None, "head_from": str(folders[0])},
     )
     with atomic_directory(Path(out), overwrite=overwrite) as tmp, torch.no_grad():
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        save_peft(model, tmp)
         set_peft_base_name(tmp, first.base_model)
         for name in PEFT_FILES:
             default_file_mode(tmp / name)

@@ -122,6 +122,21 @@ def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp
     torch.testing.assert_close(loaded.model(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_peft_save_never_asks_the_hub(method, tiny_model_dir, tmp_path, monkeypatch):
+    """A base named by a Hub id (as every run of the default model is): saving must not reach for the network."""
+    import peft.utils.save_and_load as peft_save
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("save_pretrained asked the Hub")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_network)
+    model = apply_method(tiny_model_dir, method, **TINY_OPTIONS.get(method, {}))
+    model.peft_config["default"].base_model_name_or_path = "someone/a-hub-model"
+    build_method(method, model_options(method, TINY_OPTIONS.get(method, {}))).save(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size > 0
+
+
 def model_options(name, options):
     from peftkit.adapters import get_method_class
 

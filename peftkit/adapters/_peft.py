@@ -28,7 +28,7 @@ class PeftMethod(Method):
         return get_peft_model(model, self.peft_config(ctx))
 
     def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(str(directory), safe_serialization=True)
+        save_peft(model, directory)
 
     def load(self, base: nn.Module, directory: Path, ctx: MethodContext) -> nn.Module:
         from peft import PeftModel
@@ -39,6 +39,13 @@ class PeftMethod(Method):
         if self.merge_blocker:
             return super().merge(model)
         return model.merge_and_unload()
+
+
+def save_peft(model: nn.Module, directory: Path) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors`. peftkit never resizes the vocabulary, so the
+    base embeddings are never saved: peft's "auto" would ask the Hub whether the base's config.json exists,
+    a network call at every save."""
+    model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
 
 
 def seq_cls_kwargs(ctx: MethodContext) -> dict[str, Any]:
