@@ -131,9 +131,10 @@ def test_peft_save_never_asks_the_hub(method, tiny_model_dir, tmp_path, monkeypa
         raise AssertionError("save_pretrained asked the Hub")
 
     monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_network)
-    model = apply_method(tiny_model_dir, method, **TINY_OPTIONS.get(method, {}))
+    options = TINY_OPTIONS.get(method, {})
+    model = apply_method(tiny_model_dir, method, **options)
     model.peft_config["default"].base_model_name_or_path = "someone/a-hub-model"
-    build_method(method, model_options(method, TINY_OPTIONS.get(method, {}))).save(model, tmp_path)
+    build_method(method, model_options(method, options)).save(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").stat().st_size > 0
 
 
