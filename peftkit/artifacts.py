@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.adapters import Method, MethodContext, build_method, get_method_class
+from peftkit.adapters._peft import peft_state_dict
 from peftkit.config import ModelConfig, build_dataclass
 from peftkit.errors import PeftkitError, short_error
 from peftkit.fingerprint import model_fingerprint, short
@@ -235,10 +236,8 @@ def check_files(directory: Path, meta: AdapterMeta) -> None:
 def check_peft_keys(model: nn.Module, directory: Path, adapter_name: str = "default") -> None:
     """Refuse a PEFT weights file that lacks tensors the loaded adapter has parameters for: peft would leave
     them at their initial values (lora_B at zero: the adapter silently does nothing)."""
-    from peft.utils import get_peft_model_state_dict
-
     path = Path(directory) / PEFT_WEIGHTS
-    expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    expected = set(peft_state_dict(model, adapter_name))
     missing = sorted(expected - safetensors_keys(path))
     if missing:
         raise PeftkitError(

@@ -123,12 +123,15 @@ def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
-def test_peft_save_never_asks_the_hub(method, tiny_model_dir, tmp_path, monkeypatch):
-    """A base named by a Hub id (as every run of the default model is): saving must not reach for the network."""
+def test_peft_save_and_key_check_never_ask_the_hub(method, tiny_model_dir, tmp_path, monkeypatch):
+    """A base named by a Hub id (as every run of the default model is): saving an adapter, and checking a saved
+    one's tensors before loading it, must not reach for the network."""
     import peft.utils.save_and_load as peft_save
 
+    from peftkit.artifacts import check_peft_keys
+
     def no_network(*args, **kwargs):
-        raise AssertionError("save_pretrained asked the Hub")
+        raise AssertionError("peft asked the Hub")
 
     monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_network)
     options = TINY_OPTIONS.get(method, {})
@@ -136,6 +139,7 @@ def test_peft_save_never_asks_the_hub(method, tiny_model_dir, tmp_path, monkeypa
     model.peft_config["default"].base_model_name_or_path = "someone/a-hub-model"
     build_method(method, model_options(method, options)).save(model, tmp_path)
     assert (tmp_path / "adapter_model.safetensors").stat().st_size > 0
+    check_peft_keys(model, tmp_path)
 
 
 def model_options(name, options):

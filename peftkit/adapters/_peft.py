@@ -48,6 +48,13 @@ def save_peft(model: nn.Module, directory: Path) -> None:
     model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
 
 
+def peft_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Any]:
+    """The tensors `save_peft` writes for one adapter, without the Hub lookup of peft's "auto" (see above)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+
+
 def seq_cls_kwargs(ctx: MethodContext) -> dict[str, Any]:
     """Arguments every peft config gets: sequence classification, with the head trained and saved."""
     from peft import TaskType

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from torch import nn
 
-from peftkit.adapters._peft import PeftMethod, seq_cls_kwargs
+from peftkit.adapters._peft import PeftMethod, peft_state_dict, seq_cls_kwargs
 from peftkit.adapters.base import MethodContext
 from peftkit.config import Positive, Probability, Range
 from peftkit.errors import PeftkitError
@@ -105,12 +105,8 @@ class LoRA(PeftMethod):
         else:
             model = self._apply_with_data(model, ctx)
         if o.init in CHANGES_BASE:  # the initial A0, B0: save() converts against them to a plain LoRA
-            from peft import get_peft_model_state_dict
-
             self._initial = {
-                k: v.detach().clone()
-                for k, v in get_peft_model_state_dict(model).items()
-                if ".lora_A." in k or ".lora_B." in k
+                k: v.detach().clone() for k, v in peft_state_dict(model).items() if ".lora_A." in k or ".lora_B." in k
             }
         return model
 
