@@ -289,3 +289,27 @@ def test_a_grid_run_in_sittings_keeps_every_pairs_choice(tiny_model_dir, toy_tas
     assert set(chosen) == {"lora", "bitfit"}
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {r["method"]: r["ok"] for r in rows} == {"lora": 2, "bitfit": 2}
+
+
+def test_report_without_a_selection_entry_keeps_the_rate_the_grid_cells_chose():
+    """Cells copied in from another sitting's folder without their selection.json entry: the report reads the
+    choice back from the grid's seed-0 dev scores instead of averaging every grid rate as if it were a seed."""
+    from peftkit.bench.selection import reported_cells
+
+    def cell(method, lr, seed, dev):
+        return {"task": "toy", "method": method, "grid_lr": lr, "seed": seed, "status": "ok",
+                "task_metrics": ["accuracy"], "dev": {"accuracy": dev}}  # fmt: skip
+
+    grid = [cell("lora", 1e-3, 0, 0.70), cell("lora", 3e-3, 0, 0.80), cell("lora", 1e-2, 0, 0.60)]
+    seeds = [cell("lora", 3e-3, 1, 0.50), cell("lora", 3e-3, 2, 0.90)]  # seeds' dev scores never choose
+    tied = [cell("bitfit", 1e-3, 0, 0.75), cell("bitfit", 3e-3, 0, 0.75)]  # a tie goes to the smaller rate
+    kept = reported_cells(grid + seeds + tied, None)
+    assert sorted((c["method"], c["grid_lr"], c["seed"]) for c in kept) == [
+        ("bitfit", 1e-3, 0),
+        ("lora", 3e-3, 0),
+        ("lora", 3e-3, 1),
+        ("lora", 3e-3, 2),
+    ]
+    selection = {"tasks": {"toy": {"lora": {"chosen_lr": 1e-3}}}}  # selection.json, where it names a pair, wins
+    kept = reported_cells(grid + seeds, selection)
+    assert [(c["grid_lr"], c["seed"]) for c in kept] == [(1e-3, 0)]

@@ -100,11 +100,40 @@ def read_selection(out: str | Path) -> dict[str, Any] | None:
     return read_json(path) if path.is_file() else None
 
 
+def choices_in_cells(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The choice `choose` made, read back from the grid's own cell records: {task: {method: {"chosen_lr"}}}.
+
+    For pairs that selection.json does not name (cells copied in from another folder's sitting), so that the
+    report never averages a grid's learning rates as if they were seeds. The grid seed is the one with the most
+    learning rates; ties, as in `choose`, go to the smaller value.
+    """
+    pairs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for cell in cells:
+        if cell.get("grid_lr") is not None:
+            pairs.setdefault((cell["task"], cell["method"]), []).append(cell)
+    tasks: dict[str, dict[str, Any]] = {}
+    for (task, method), pair in pairs.items():
+        rates_at = {
+            seed: {c["grid_lr"] for c in pair if c["seed"] == seed} for seed in sorted({c["seed"] for c in pair})
+        }
+        grid_seed = max(rates_at, key=lambda seed: len(rates_at[seed]))
+        scores = {
+            c["grid_lr"]: c["dev"][c["task_metrics"][0]]
+            for c in pair
+            if c["seed"] == grid_seed and c.get("status") == "ok" and c.get("dev")
+        }
+        if scores:
+            tasks.setdefault(task, {})[method] = {"chosen_lr": max(sorted(scores), key=lambda lr: scores[lr])}
+    return tasks
+
+
 def reported_cells(cells: list[dict[str, Any]], selection: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The cells the tables report: a grid cell only at its (task, method)'s chosen learning rate."""
-    if not selection:
-        return cells
-    chosen = selection.get("tasks", {})
+    """The cells the tables report: a grid cell only at its (task, method)'s chosen learning rate.
+
+    selection.json's choice where it has one, else the one the grid's cells show (`choices_in_cells`)."""
+    chosen = choices_in_cells(cells)
+    for task, methods in ((selection or {}).get("tasks") or {}).items():
+        chosen.setdefault(task, {}).update(methods)
     kept = []
     for cell in cells:
         choice = chosen.get(cell["task"], {}).get(cell["method"])
