@@ -53,13 +53,18 @@ def choose(out: Path, firsts: list[Cell], lr_grid: dict[str, tuple[float, ...]])
             if record.get("status") == "ok" and record.get("dev"):
                 metric = record["task_metrics"][0]
                 scores[repr(lr)] = record["dev"][metric]
-        best = max(scores, key=lambda lr: scores[lr]) if scores else None  # ties: the first (smaller) value
+        best = best_rate(scores)
         tasks.setdefault(first.task_label, {})[first.method] = {
             "chosen_lr": float(best) if best is not None else None,
             "metric": metric,
             "dev": scores,
         }
     return tasks
+
+
+def best_rate(scores: dict[Any, float]) -> Any:
+    """The learning rate with the best dev score (None if none scored); ties: the first listed, the smaller value."""
+    return max(scores, key=lambda lr: scores[lr]) if scores else None
 
 
 def seed_cells(
@@ -119,11 +124,11 @@ def choices_in_cells(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         grid_seed = max(rates_at, key=lambda seed: len(rates_at[seed]))
         scores = {
             c["grid_lr"]: c["dev"][c["task_metrics"][0]]
-            for c in pair
+            for c in sorted(pair, key=lambda c: c["grid_lr"])
             if c["seed"] == grid_seed and c.get("status") == "ok" and c.get("dev")
         }
         if scores:
-            tasks.setdefault(task, {})[method] = {"chosen_lr": max(sorted(scores), key=lambda lr: scores[lr])}
+            tasks.setdefault(task, {})[method] = {"chosen_lr": best_rate(scores)}
     return tasks
 
 
