@@ -7,6 +7,8 @@
             (`train.dropout_rng: hash`, peftkit/dropout.py)
     after-torch-dropout: as after, with torch's own dropout masks (`train.dropout_rng: torch`)
     after-bf16: as after, with bf16 autocast forced on
+    after-cast: as after with bf16, but the frozen linear weights left in fp32 for autocast to recast every step
+                (the loop holds them in bf16 under bf16 autocast: `precision.hold_frozen_linears_in_bf16`)
 
 Both draw the same 2,000 training rows; 3 warm-up steps, then 10 profiled steps. Prints the top operators.
 """
@@ -46,14 +48,16 @@ def main(mode: str = "before") -> None:
     split = encode(task.splits["train"], tokenizer, 64)
     model = load_model(model_cfg, 2, tokenizer.pad_token_id)
     model = build_method("lora").apply(model, MethodContext(resolve_model_path("default"), head_modules(model), 100))
-    if mode in ("after", "after-bf16"):
+    if mode in ("after", "after-bf16", "after-cast"):
         use_hash_dropout(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-4)
-    from peftkit.precision import resolve_bf16
+    from peftkit.precision import hold_frozen_linears_in_bf16, resolve_bf16
 
-    bf16 = mode == "after-bf16" or (mode == "after" and resolve_bf16(None, torch.device("cpu")))
+    bf16 = mode in ("after-bf16", "after-cast") or (mode == "after" and resolve_bf16(None, torch.device("cpu")))
+    if bf16 and mode != "after-cast":
+        hold_frozen_linears_in_bf16(model)
     takes_pad = "pad_token_id" in inspect.signature(collate).parameters
 
     def step(indices):
@@ -76,7 +80,7 @@ def main(mode: str = "before") -> None:
     for indices in plan[:3]:
         step(indices)
     real = padded = 0
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         started = time.perf_counter()
         for indices in plan[3:]:
             r, p = step(indices)
@@ -87,6 +91,14 @@ def main(mode: str = "before") -> None:
         f"real tokens {real / padded:.0%} of {padded} in the batches"
     )
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40))
+    events = prof.key_averages()
+    products = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    product_seconds = sum(e.self_cpu_time_total for e in products) / 1e6
+    share = product_seconds / (sum(e.self_cpu_time_total for e in events) / 1e6)
+    print(
+        f"matrix products (mm, addmm, bmm): {share:.0%} of the operators' self time, at "
+        f"{sum(e.flops for e in products) / product_seconds / 1e9:.0f} GFLOP/s on these shapes"
+    )
 
 
 if __name__ == "__main__":

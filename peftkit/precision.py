@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 @functools.cache
@@ -45,3 +47,31 @@ def resolve_bf16(setting: bool | None, device: torch.device) -> bool:
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast when asked (CPU with AVX512-BF16, or CUDA), otherwise a no-op context."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def hold_frozen_linears_in_bf16(model: nn.Module) -> Callable[[], None]:
+    """Store each frozen `nn.Linear` weight as bf16 for a bf16-autocast run; returns the call that restores fp32.
+
+    Why: autocast keeps its casts only for leaf tensors that require grad, so a frozen weight is cast to bf16 again
+    in every forward pass: for LoRA on MiniLM, 10.6M weights a step and 40% of the step's copy time. The values are
+    the ones autocast would have made (the same round-to-nearest cast), so the numbers do not change. Only for
+    methods whose frozen linear weights enter nothing but the layer's own product (`Method.frozen_linears_in_bf16`);
+    a weight shared with another module (tied embeddings) stays as it is. Costs 2 bytes per held weight (the fp32
+    originals are kept, so the model leaves training exactly as it came); the loop uses it on the CPU.
+    """
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    originals: dict[nn.Linear, torch.Tensor] = {}
+    for module in model.modules():
+        weight = module.weight if type(module) is nn.Linear else None
+        if weight is None or weight.requires_grad or weight.dtype != torch.float32 or uses[id(weight)] > 1:
+            continue
+        originals[module] = weight.data
+        weight.data = weight.data.to(torch.bfloat16)
+
+    def restore() -> None:
+        for module, data in originals.items():
+            module.weight.data = data
+
+    return restore

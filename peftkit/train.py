@@ -48,7 +48,7 @@ from peftkit.modeling import (
     resolve_model_path,
     trained_head_modules,
 )
-from peftkit.precision import autocast, resolve_bf16
+from peftkit.precision import autocast, hold_frozen_linears_in_bf16, resolve_bf16
 from peftkit.resume import ResumePlan, resume_view
 from peftkit.validation import apply_method, check_max_length, check_output_dir
 
@@ -111,6 +111,10 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         model.to(device)
     if tcfg.dropout_rng == "hash" and device.type == "cpu":
         use_hash_dropout(model)  # the same Bernoulli masks, drawn ~6x cheaper than torch's CPU sampler
+    sharded = ranks.world > 1 and ranks.mode == "fsdp"  # FSDP flattens parameters: one dtype per unit
+    # bf16 copies of the frozen linear weights (the fp32 ones kept aside): autocast need not recast them every step
+    held = bf16 and device.type == "cpu" and method.frozen_linears_in_bf16 and not sharded
+    restore_fp32_linears = hold_frozen_linears_in_bf16(model) if held else (lambda: None)
     params = count_parameters(model)
     if params.trainable == 0:
         raise PeftkitError(f"method {method.name!r} left no trainable parameters in this model")
@@ -285,6 +289,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if task.skipped_rows:
         summary.extra["skipped_rows"] = len(task.skipped_rows)
         summary.extra["skipped_rows_first"] = task.skipped_rows[:10]
+    restore_fp32_linears()  # the model leaves train() as it was loaded
     saved = ranks.full_model(
         model,
         lambda: method.apply(  # under FSDP: an unsharded copy with the gathered weights

@@ -26,6 +26,16 @@ def _offline_home(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _auto_precision_is_fp32(monkeypatch):
+    """`train.bf16: null` and predict's default turn bf16 on where the CPU has AMX / AVX512-BF16. The suite's exact
+    comparisons (reloaded adapters, predictions, FSDP against one process) are fp32 ones, so in this process "auto"
+    means fp32 on every machine; tests of bf16 set it explicitly or patch `cpu_has_bf16` back."""
+    import peftkit.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+
+
 def _tiny_config(kind: str, **overrides):
     from transformers import BertConfig, GPT2Config, LlamaConfig
 

@@ -103,7 +103,8 @@ def test_fsdp_full_finetuning_matches_one_process_and_holds_less_per_rank(tiny_m
         )
     ).save_pretrained(model)
     AutoTokenizer.from_pretrained(tiny_model_dir("bert")).save_pretrained(model)
-    config = tiny_run_config("full", max_steps=12, lr=3e-4, head_lr=1e-3, warmup_ratio=0.0)
+    # fp32: the 1e-4 below is fp32's tolerance; on a CPU with AMX / AVX512-BF16, auto would pick bf16 autocast
+    config = tiny_run_config("full", max_steps=12, lr=3e-4, head_lr=1e-3, warmup_ratio=0.0, bf16=False)
     config.model.name_or_path = str(model)
     path = write_config(config, tmp_path / "full.yaml")
     single = one_process(path, tmp_path / "single", "train.batch_size=16")
@@ -132,7 +133,7 @@ def test_fsdp_full_finetuning_matches_one_process_and_holds_less_per_rank(tiny_m
 @pytest.mark.integration
 def test_fsdp_lora_matches_one_process_and_resumes_exactly(tiny_model_dir, tiny_run_config, tmp_path):
     model = tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config = tiny_run_config("lora", method_options={"dropout": 0.0}, max_steps=4, checkpoint_every=2)
+    config = tiny_run_config("lora", method_options={"dropout": 0.0}, max_steps=4, checkpoint_every=2, bf16=False)
     config.model.name_or_path = str(model)
     path = write_config(config, tmp_path / "lora.yaml")
     single = one_process(path, tmp_path / "single", "train.batch_size=16")

@@ -27,6 +27,58 @@ def test_auto_bf16_follows_the_cpu_and_false_forces_fp32(tiny_run_config, tmp_pa
     assert train(tiny_run_config("lora", max_steps=1), run_dir=tmp_path / "plain").bf16 is False
 
 
+def test_held_bf16_linears_are_the_frozen_ones_and_come_back_exactly(tiny_model_dir):
+    from torch import nn
+
+    from peftkit.adapters import MethodContext, build_method
+    from peftkit.config import ModelConfig
+    from peftkit.modeling import load_model
+    from peftkit.precision import hold_frozen_linears_in_bf16
+
+    model = build_method("lora").apply(
+        load_model(ModelConfig(str(tiny_model_dir("bert"))), 2, 0), MethodContext("x", ["classifier"])
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    restore = hold_frozen_linears_in_bf16(model)
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    frozen = {n for n, m in linears.items() if not m.weight.requires_grad}
+    assert frozen and all(linears[n].weight.dtype == torch.bfloat16 for n in frozen)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # LoRA and the head
+    assert all(linears[n].bias.dtype == torch.float32 for n in frozen)
+    restore()
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
+
+
+def test_holding_frozen_linears_in_bf16_gives_the_same_update_as_autocast_alone(
+    tiny_run_config, tiny_model_dir, tmp_path, monkeypatch
+):
+    """The held bf16 weights are exactly autocast's casts: with it and without it, training gives the same adapter."""
+    import peftkit.train as loop
+    from peftkit.adapters.lora import LoRA
+    from peftkit.io import load_tensors
+
+    calls = []
+    hold = loop.hold_frozen_linears_in_bf16
+    monkeypatch.setattr(loop, "hold_frozen_linears_in_bf16", lambda model: calls.append(1) or hold(model))
+    still = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    weights = {}
+    for name, held in (("held", True), ("cast", False)):
+        monkeypatch.setattr(LoRA, "frozen_linears_in_bf16", held)
+        config = tiny_run_config("lora", method_options={"dropout": 0.0}, max_steps=3, bf16=True)
+        config.model.name_or_path = still
+        assert train(config, run_dir=tmp_path / name).bf16 is True
+        weights[name] = load_tensors(tmp_path / name / "adapter" / "adapter_model.safetensors")
+    assert calls == [1], "the loop holds the frozen linears for LoRA, and only when the method allows it"
+    assert weights["held"].keys() == weights["cast"].keys()
+    assert all(torch.allclose(weights["held"][k], weights["cast"][k], atol=1e-6) for k in weights["held"])
+
+
+@pytest.mark.parametrize("method", ["adalora", "ia3", "bitfit", "head", "bottleneck", "prompt", "prefix", "ptuning"])
+def test_methods_that_allow_held_bf16_linears_train_with_them(method, tiny_run_config, tmp_path):
+    summary = train(tiny_run_config(method, max_steps=2, bf16=True), run_dir=tmp_path / "run")
+    assert summary.bf16 is True and summary.steps == 2 and summary.final["accuracy"] >= 0
+
+
 def test_gradient_checkpointing_gives_the_same_update(tiny_run_config, tiny_model_dir, tmp_path):
     from peftkit.io import load_tensors
 

@@ -39,6 +39,7 @@ class AdaLoRA(PeftMethod):
     name = "adalora"
     quantizable = True
     options_class = AdaLoraOptions
+    frozen_linears_in_bf16 = True
     restore_best = False  # pruned ranks change over the run; an earlier snapshot would not match the final pattern
     resume_blocker = "peft keeps its rank allocator's importance scores and rank pattern outside the weights"
 

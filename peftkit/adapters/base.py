@@ -44,6 +44,9 @@ class Method:
     resume_blocker: ClassVar[str | None] = None  # why checkpoints of this method would not resume exactly, if so
     quantizable: ClassVar[bool] = False  # peft has bitsandbytes (8-bit/4-bit) layers for it: model.quantization works
     frozen_body: ClassVar[bool] = False  # trains no body weight (the head probe): `model.pooling: auto` then differs
+    # its frozen nn.Linear weights enter only their layer's product, so a bf16 run may store them in bf16
+    # (`precision.hold_frozen_linears_in_bf16`); False where the method reads base weights itself (DoRA's norms)
+    frozen_linears_in_bf16: ClassVar[bool] = False
 
     @property
     def resumable(self) -> bool:

@@ -18,6 +18,7 @@ class BitFitOptions:
 class BitFit(Method):
     name = "bitfit"
     options_class = BitFitOptions
+    frozen_linears_in_bf16 = True
     merge_blocker = "BitFit changes base biases in place; its folder already holds the full set of trained biases"
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:

@@ -68,6 +68,7 @@ def _add_adapter_output(module: nn.Module, inputs: tuple, output: torch.Tensor) 
 class BottleneckAdapter(Method):
     name = "bottleneck"
     options_class = BottleneckOptions
+    frozen_linears_in_bf16 = True
     merge_blocker = "a bottleneck adapter is a non-linear module (down, activation, up), so no weight update equals it"
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:

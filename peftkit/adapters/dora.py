@@ -16,3 +16,4 @@ class DoRA(LoRA):
     name = "dora"
     options_class = DoraOptions
     use_dora = True
+    frozen_linears_in_bf16 = False  # peft's DoRA reads the base weight itself for its column norms

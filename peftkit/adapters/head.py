@@ -23,6 +23,7 @@ class HeadOptions:
 class HeadOnly(Method):
     name = "head"
     options_class = HeadOptions
+    frozen_linears_in_bf16 = True
     merge_blocker = None  # the trained head sits in the base model itself: merging is saving it whole
     frozen_body = True  # auto pooling: a sentence-transformers model's own pooling, not a pooler on frozen [CLS]
 

@@ -19,6 +19,7 @@ class IA3(PeftMethod):
     name = "ia3"
     quantizable = True
     options_class = IA3Options
+    frozen_linears_in_bf16 = True
 
     def peft_config(self, ctx: MethodContext) -> Any:
         from peft import IA3Config

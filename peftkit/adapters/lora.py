@@ -67,6 +67,7 @@ class LoRA(PeftMethod):
     quantizable = True
     options_class = LoraOptions
     use_dora = False
+    frozen_linears_in_bf16 = True
 
     def peft_config(self, ctx: MethodContext) -> Any:
         from peft import LoraConfig

@@ -68,6 +68,7 @@ def accept_past_key_values(model: nn.Module) -> nn.Module:
 class PrefixTuning(PeftMethod):
     name = "prefix"
     options_class = PrefixOptions
+    frozen_linears_in_bf16 = True
     merge_blocker = "prefix tuning adds key/value prefixes to attention; there are no weight updates to fold in"
     stock_peft_blocker = "on BERT-likes stock peft needs peftkit.adapters.prefix.accept_past_key_values(base) first"
 

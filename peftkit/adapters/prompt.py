@@ -24,6 +24,7 @@ class PromptOptions:
 class PromptTuning(PeftMethod):
     name = "prompt"
     options_class = PromptOptions
+    frozen_linears_in_bf16 = True
     merge_blocker = "prompt tuning adds virtual tokens to the input; there are no weight updates to fold in"
 
     def peft_config(self, ctx: MethodContext) -> Any:

@@ -20,6 +20,7 @@ class PTuningOptions:
 class PTuning(PeftMethod):
     name = "ptuning"
     options_class = PTuningOptions
+    frozen_linears_in_bf16 = True
     merge_blocker = "p-tuning adds virtual tokens to the input; there are no weight updates to fold in"
 
     def peft_config(self, ctx: MethodContext) -> Any:
