@@ -90,8 +90,8 @@ def main(mode: str = "before") -> None:
         f"mode={mode} (bf16 {bf16}): {seconds / 10 * 1000:.0f} ms/step, {320 / seconds:.1f} ex/s, "
         f"real tokens {real / padded:.0%} of {padded} in the batches"
     )
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40))
     events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40))
     products = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
     product_seconds = sum(e.self_cpu_time_total for e in products) / 1e6
     share = product_seconds / (sum(e.self_cpu_time_total for e in events) / 1e6)

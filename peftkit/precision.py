@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,9 +60,7 @@ def hold_frozen_linears_in_bf16(model: nn.Module) -> Callable[[], None]:
     a weight shared with another module (tied embeddings) stays as it is. Costs 2 bytes per held weight (the fp32
     originals are kept, so the model leaves training exactly as it came); the loop uses it on the CPU.
     """
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
+    uses = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
     originals: dict[nn.Linear, torch.Tensor] = {}
     for module in model.modules():
         weight = module.weight if type(module) is nn.Linear else None

@@ -111,9 +111,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         model.to(device)
     if tcfg.dropout_rng == "hash" and device.type == "cpu":
         use_hash_dropout(model)  # the same Bernoulli masks, drawn ~6x cheaper than torch's CPU sampler
-    sharded = ranks.world > 1 and ranks.mode == "fsdp"  # FSDP flattens parameters: one dtype per unit
-    # bf16 copies of the frozen linear weights (the fp32 ones kept aside): autocast need not recast them every step
-    held = bf16 and device.type == "cpu" and method.frozen_linears_in_bf16 and not sharded
+    # bf16 copies of the frozen linear weights (the fp32 ones kept aside): autocast need not recast them every step;
+    # not under FSDP, which flattens parameters into units of one dtype
+    held = bf16 and device.type == "cpu" and method.frozen_linears_in_bf16 and not ranks.sharded
     restore_fp32_linears = hold_frozen_linears_in_bf16(model) if held else (lambda: None)
     params = count_parameters(model)
     if params.trainable == 0:

@@ -27,6 +27,25 @@ def test_auto_bf16_follows_the_cpu_and_false_forces_fp32(tiny_run_config, tmp_pa
     assert train(tiny_run_config("lora", max_steps=1), run_dir=tmp_path / "plain").bf16 is False
 
 
+@pytest.fixture
+def held_by_loop(monkeypatch):
+    """Each call the loop makes to hold_frozen_linears_in_bf16, as the number of linear weights it left in bf16."""
+    from torch import nn
+
+    import peftkit.train as loop
+
+    held = []
+    hold = loop.hold_frozen_linears_in_bf16
+
+    def counting(model):
+        restore = hold(model)
+        held.append(sum(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 for m in model.modules()))
+        return restore
+
+    monkeypatch.setattr(loop, "hold_frozen_linears_in_bf16", counting)
+    return held
+
+
 def test_held_bf16_linears_are_the_frozen_ones_and_come_back_exactly(tiny_model_dir):
     from torch import nn
 
@@ -50,16 +69,12 @@ def test_held_bf16_linears_are_the_frozen_ones_and_come_back_exactly(tiny_model_
 
 
 def test_holding_frozen_linears_in_bf16_gives_the_same_update_as_autocast_alone(
-    tiny_run_config, tiny_model_dir, tmp_path, monkeypatch
+    tiny_run_config, tiny_model_dir, tmp_path, monkeypatch, held_by_loop
 ):
     """The held bf16 weights are exactly autocast's casts: with it and without it, training gives the same adapter."""
-    import peftkit.train as loop
     from peftkit.adapters.lora import LoRA
     from peftkit.io import load_tensors
 
-    calls = []
-    hold = loop.hold_frozen_linears_in_bf16
-    monkeypatch.setattr(loop, "hold_frozen_linears_in_bf16", lambda model: calls.append(1) or hold(model))
     still = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     weights = {}
     for name, held in (("held", True), ("cast", False)):
@@ -68,29 +83,17 @@ def test_holding_frozen_linears_in_bf16_gives_the_same_update_as_autocast_alone(
         config.model.name_or_path = still
         assert train(config, run_dir=tmp_path / name).bf16 is True
         weights[name] = load_tensors(tmp_path / name / "adapter" / "adapter_model.safetensors")
-    assert calls == [1], "the loop holds the frozen linears for LoRA, and only when the method allows it"
+    only_when_allowed = "the loop holds the frozen linears for LoRA, and only when the method allows it"
+    assert len(held_by_loop) == 1 and held_by_loop[0] > 0, only_when_allowed
     assert weights["held"].keys() == weights["cast"].keys()
     assert all(torch.allclose(weights["held"][k], weights["cast"][k], atol=1e-6) for k in weights["held"])
 
 
 @pytest.mark.parametrize("method", ["adalora", "ia3", "bitfit", "head", "bottleneck", "prompt", "prefix", "ptuning"])
-def test_methods_that_allow_held_bf16_linears_train_with_them(method, tiny_run_config, tmp_path, monkeypatch):
-    from torch import nn
-
-    import peftkit.train as loop
-
-    held = []
-    hold = loop.hold_frozen_linears_in_bf16
-
-    def counting(model):
-        restore = hold(model)
-        held.append(sum(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 for m in model.modules()))
-        return restore
-
-    monkeypatch.setattr(loop, "hold_frozen_linears_in_bf16", counting)
+def test_methods_that_allow_held_bf16_linears_train_with_them(method, tiny_run_config, tmp_path, held_by_loop):
     summary = train(tiny_run_config(method, max_steps=2, bf16=True), run_dir=tmp_path / "run")
     assert summary.bf16 is True and summary.steps == 2
-    assert len(held) == 1 and held[0] > 0, "the loop held this method's frozen linear weights in bf16"
+    assert len(held_by_loop) == 1 and held_by_loop[0] > 0, "the loop held this method's frozen linear weights in bf16"
 
 
 def test_gradient_checkpointing_gives_the_same_update(tiny_run_config, tiny_model_dir, tmp_path):
