@@ -88,6 +88,17 @@ def test_cli_errors_are_one_line_exit_2(argv, fragment, capsys):
     assert fragment in err and len(err.splitlines()) == 1 and err.startswith("peftkit: error:")
 
 
+def test_overrides_after_a_flag_are_kept_in_order(capsys):
+    argv = ["train", "sst2-lora", "train.lr=1e-4", "--dry-run", "train.lr=2e-4", "method.r=4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.0002" in printed and "r: 4" in printed
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "sst2-lora", "--dry-run", "--no-such-flag"])
+    assert stopped.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
 def test_cli_error_has_no_traceback_in_a_real_process():
     result = subprocess.run(
         [sys.executable, "-m", "peftkit", "train", "sst2-lorra"], capture_output=True, text=True, timeout=120
