@@ -33,6 +33,7 @@ from peftkit.console import progress_bar
 from peftkit.data import collate, encode, load_task
 from peftkit.distributed import Ranks
 from peftkit.dropout import use_hash_dropout
+from peftkit.embedding_grads import EmbeddingGradBuffers
 from peftkit.errors import PeftkitError
 from peftkit.formats import RunSummary, TaskInfo
 from peftkit.guards import DivergenceGuard
@@ -115,6 +116,10 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     # not under FSDP, which flattens parameters into units of one dtype
     held = bf16 and device.type == "cpu" and method.frozen_linears_in_bf16 and not ranks.sharded
     restore_fp32_linears = hold_frozen_linears_in_bf16(model) if held else (lambda: None)
+    # a trained embedding table gets row gradients added into one buffer, not a fresh zeroed table each step; one
+    # process on the CPU only (DDP and FSDP reduce dense gradients; CUDA's caching allocator has no such cost)
+    one_cpu_process = device.type == "cpu" and ranks.world == 1
+    embedding_grads = EmbeddingGradBuffers.keep(model) if one_cpu_process else EmbeddingGradBuffers()
     params = count_parameters(model)
     if params.trainable == 0:
         raise PeftkitError(f"method {method.name!r} left no trainable parameters in this model")
@@ -181,6 +186,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         method.after_optimizer_step(model, state.step)  # the one method hook (AdaLoRA reallocates its rank budget)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        embedding_grads.zero()
         state.step += 1
         window_steps += 1
 
@@ -290,6 +296,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         summary.extra["skipped_rows"] = len(task.skipped_rows)
         summary.extra["skipped_rows_first"] = task.skipped_rows[:10]
     restore_fp32_linears()  # the model leaves train() as it was loaded
+    embedding_grads.release()
     saved = ranks.full_model(
         model,
         lambda: method.apply(  # under FSDP: an unsharded copy with the gathered weights

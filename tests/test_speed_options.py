@@ -96,6 +96,68 @@ def test_methods_that_allow_held_bf16_linears_train_with_them(method, tiny_run_c
     assert len(held_by_loop) == 1 and held_by_loop[0] > 0, "the loop held this method's frozen linear weights in bf16"
 
 
+def test_embedding_row_gradients_add_into_one_kept_buffer(tiny_model_dir):
+    from peftkit.adapters import MethodContext, build_method
+    from peftkit.config import ModelConfig
+    from peftkit.embedding_grads import EmbeddingGradBuffers
+    from peftkit.modeling import load_model
+
+    model = load_model(ModelConfig(str(tiny_model_dir("bert"))), 2, 0)
+    words, positions = model.bert.embeddings.word_embeddings, model.bert.embeddings.position_embeddings
+    ids = torch.tensor([[101, 7592, 7592, 2088, 102, 0]])
+    model(input_ids=ids).logits.sum().backward()
+    dense = words.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+
+    buffers = EmbeddingGradBuffers.keep(model)
+    assert [module for module, _ in buffers.kept] == [words], "the word table only: positions are too small to gain"
+    assert words.sparse and not positions.sparse
+    buffer = words.weight.grad
+    for _ in range(2):  # the same buffer every step, zeroed between them
+        model(input_ids=ids).logits.sum().backward()
+        assert words.weight.grad is buffer and not buffer.is_sparse
+        assert torch.allclose(buffer, dense, atol=1e-7) and buffer.abs().sum() > 0
+        model.zero_grad(set_to_none=True)
+        buffers.zero()
+        assert words.weight.grad is buffer and not buffer.any()
+    buffers.release()
+    assert not words.sparse and words.weight.grad is None
+
+    lora = build_method("lora").apply(
+        load_model(ModelConfig(str(tiny_model_dir("bert"))), 2, 0), MethodContext("x", ["classifier"])
+    )
+    assert EmbeddingGradBuffers.keep(lora).kept == [], "a frozen table keeps no buffer"
+
+
+def test_embedding_row_gradients_give_the_same_full_fine_tuning(
+    tiny_run_config, tiny_model_dir, tmp_path, monkeypatch
+):
+    import peftkit.train as loop
+    from peftkit.adapters.base import WEIGHTS_FILE
+    from peftkit.embedding_grads import EmbeddingGradBuffers
+    from peftkit.io import load_tensors
+
+    still = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    made, switched, weights = [], [], {}
+    original = EmbeddingGradBuffers.keep
+
+    def keep(model, rows):
+        made.append(original(model) if rows else EmbeddingGradBuffers())
+        switched.append(len(made[-1].kept))
+        return made[-1]
+
+    for name, rows in (("rows", True), ("dense", False)):
+        monkeypatch.setattr(loop.EmbeddingGradBuffers, "keep", lambda model, rows=rows: keep(model, rows))
+        config = tiny_run_config("full", max_steps=3, bf16=False)
+        config.model.name_or_path = still
+        train(config, run_dir=tmp_path / name)
+        weights[name] = load_tensors(tmp_path / name / "adapter" / WEIGHTS_FILE)
+    assert switched == [1, 0], "the loop switched the word table to row gradients"
+    assert made[0].kept == [], "and switched it back when training ended"
+    assert any("word_embeddings" in k for k in weights["rows"]) and weights["rows"].keys() == weights["dense"].keys()
+    assert all(torch.allclose(weights["rows"][k], weights["dense"][k], atol=1e-6) for k in weights["rows"])
+
+
 def test_gradient_checkpointing_gives_the_same_update(tiny_run_config, tiny_model_dir, tmp_path):
     from peftkit.io import load_tensors
 
