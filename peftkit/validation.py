@@ -60,8 +60,10 @@ def iter_rows(
         raise PeftkitError(f"{what} file {path} is a directory, not a JSONL/CSV file")
     if not path.is_file():
         raise PeftkitError(f"{what} file {path} does not exist")
+    # utf-8-sig: the same decoding, minus the byte-order mark spreadsheet programs put in front of the header
+    opened_as = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     try:
-        with path.open(newline="" if path.suffix.lower() == ".csv" else None, encoding=encoding) as f:
+        with path.open(newline="" if path.suffix.lower() == ".csv" else None, encoding=opened_as) as f:
             if path.suffix.lower() == ".csv":
                 yield from _csv_rows(f, str(path), delimiter, bad_rows)
             else:
@@ -230,7 +232,8 @@ def label_index(label: Any, index: dict[str, int], names: list[str], where: str)
         label = int(label)
     if str(label) in index:  # a label name, also when names are numbers ("1".."5") read from the data
         return index[str(label)]
-    if isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit()):
+    numbered = all(name.lstrip("-").isdigit() for name in names)  # names that are numbers: a number is a name
+    if not numbered and (isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit())):
         value = int(label)
         if not 0 <= value < len(names):
             raise BadRow(f"{where}: label {value} is outside 0..{len(names) - 1} ({len(names)} label names)")

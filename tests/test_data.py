@@ -65,6 +65,29 @@ def test_user_jsonl_pairs_and_bad_label(tmp_path):
         load_task(TaskConfig(name=str(path), text_field="txt", label_field="y"))
 
 
+def test_numbers_as_label_names_are_names_never_positions(tmp_path):
+    """Ratings 1..3 in train make the names "1".."3": a 0 in validation is an unknown label, not position 0."""
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    train.write_text("".join(json.dumps({"text": f"review {i}", "label": 1 + i % 3}) + "\n" for i in range(30)))
+    validation.write_text(json.dumps({"text": "a", "label": 3}) + "\n" + json.dumps({"text": "b", "label": 1}) + "\n")
+    task = load_task(TaskConfig(name=str(train), validation_file=str(validation)))
+    assert task.label_names == ["1", "2", "3"] and [r["label"] for r in task.splits["validation"]] == [2, 0]
+    validation.write_text(json.dumps({"text": "zero", "label": 0}) + "\n")
+    with pytest.raises(PeftkitError, match="'0'.*1, 2, 3"):
+        load_task(TaskConfig(name=str(train), validation_file=str(validation)))
+
+
+def test_a_byte_order_mark_is_read_past_and_a_folder_needs_train(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("text,label\n" + "".join(f"t {i},{'ab'[i % 2]}\n" for i in range(20)), encoding="utf-8-sig")
+    assert load_task(TaskConfig(name=str(path))).label_names == ["a", "b"]
+    folder = tmp_path / "only-validation"
+    folder.mkdir()
+    (folder / "validation.jsonl").write_text(json.dumps({"text": "a", "label": 0}) + "\n")
+    with pytest.raises(PeftkitError, match="has no train.jsonl"):
+        load_task(TaskConfig(name=str(folder)))
+
+
 def test_broken_jsonl_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "a", "label": 0}\n{oops\n')

@@ -235,3 +235,5 @@ def test_weighted_merge_combines_two_and_refuses_bad_input(runs, tmp_path, capsy
     assert "one per adapter" in capsys.readouterr().err
     assert main(["combine", str(a), "--weights", "1", "--how", "mean", "--out", str(tmp_path / "x")]) == 2
     assert "linear, ties" in capsys.readouterr().err
+    assert main(["combine", str(a), str(b), "--weights", "nan,0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "finite" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -178,3 +178,8 @@ def test_serve_and_combine_clis_refuse_damaged_folders_in_one_line(runs, lora, t
         capsys, ["combine", str(lora), str(flipped), "--weights", "0.5,0.5", "--out", str(tmp_path / "c")]
     )
     assert "sha256" in err and not (tmp_path / "c").exists()
+
+
+def test_serve_refuses_a_port_out_of_range_before_loading(lora, capsys):
+    err = one_line_exit_2(capsys, ["serve", "--port", "99999", "--adapter", f"x={lora}"])
+    assert "--port must be 0..65535, got 99999" in err

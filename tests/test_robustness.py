@@ -4,6 +4,7 @@ run, falls back past a damaged checkpoint and verifies what it loads."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +240,28 @@ def test_argparse_mistakes_are_one_line(capsys):
         main(["eval"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("peftkit: error:")
+
+
+def test_model_folders_that_cannot_tokenise_are_refused_in_one_line(tmp_path):
+    """A missing local folder, a folder without tokenizer files (every word would be [UNK]) and a tokenizer with
+    nothing to pad with are each a PeftkitError naming the cause, before any training starts."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from peftkit.config import ModelConfig
+    from peftkit.modeling import load_tokenizer, resolve_model_path
+
+    with pytest.raises(PeftkitError, match="model folder /no/such/model does not exist"):
+        load_tokenizer(ModelConfig(name_or_path="/no/such/model"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(Path(resolve_model_path("default")) / "config.json", bare / "config.json")
+    with pytest.raises(PeftkitError, match="lacks its tokenizer files"):
+        load_tokenizer(ModelConfig(name_or_path=str(bare)))
+    unpadded = AutoTokenizer.from_pretrained(resolve_model_path("default"))
+    unpadded.pad_token = None
+    unpadded.save_pretrained(tmp_path / "unpadded")
+    shutil.copy(bare / "config.json", tmp_path / "unpadded" / "config.json")
+    with pytest.raises(PeftkitError, match="no pad token and no eos token"):
+        load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "unpadded")))

@@ -6,6 +6,7 @@ Not to be confused with `peftkit export --merge`, which folds one adapter into i
 from __future__ import annotations
 
 import argparse
+import math
 
 from peftkit.errors import PeftkitError
 
@@ -29,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
         weights = [float(w) for w in args.weights.split(",")]
     except ValueError:
         raise PeftkitError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise PeftkitError(f"--weights must be finite numbers, got {args.weights!r}")
     out, note = combine_adapters(args.adapters, weights, args.how, args.density, args.out)
     print(f"wrote combined LoRA adapter {out} ({args.how}, weights {weights}); {note}")
     return 0

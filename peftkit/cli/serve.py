@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_chars < 1:
         raise PeftkitError("--max-batch and --max-chars must be at least 1")
+    if not 0 <= args.port <= 65535:  # checked before the adapters load, not by the socket after
+        raise PeftkitError(f"--port must be 0..65535, got {args.port}")
     app = create_app(
         args.base,
         parse_adapter_args(args.adapter),
