@@ -33,15 +33,17 @@ def model_fingerprint(model_or_path: Any) -> str | None:
     """sha256 hex of the base weights of a model folder (or a loaded model's source folder); None for a Hub id
     that is not a local folder, or a folder without any weights (nothing to verify against). A folder whose
     weights are only pickle files (pytorch_model.bin) is refused (PeftkitError), never silently unverified."""
-    from peftkit.modeling import require_safetensors, resolve_model_path
+    from peftkit.modeling import is_missing_local_path, require_safetensors, resolve_model_path
 
     if isinstance(model_or_path, (str, os.PathLike)):
         name = str(model_or_path)
     else:  # a loaded transformers model (or a peft wrapper around one): use the folder it came from
         config = getattr(model_or_path, "config", None)
         name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", "")
-    folder = Path(resolve_model_path(name)).expanduser() if name else None
-    if folder is None or not folder.is_dir():
+    if not name or is_missing_local_path(name):  # nothing on disk to fingerprint
+        return None
+    folder = Path(resolve_model_path(name)).expanduser()
+    if not folder.is_dir():
         return None
     require_safetensors(str(folder))  # a pickle-only base is refused here, not silently left unverified
     files = sorted(folder.glob("*.safetensors"))

