@@ -232,8 +232,9 @@ def label_index(label: Any, index: dict[str, int], names: list[str], where: str)
         label = int(label)
     if str(label) in index:  # a label name, also when names are numbers ("1".."5") read from the data
         return index[str(label)]
-    numbered = all(name.lstrip("-").isdigit() for name in names)  # names that are numbers: a number is a name
-    if not numbered and (isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit())):
+    if not all(map(is_number_name, names)) and (
+        isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit())
+    ):
         value = int(label)
         if not 0 <= value < len(names):
             raise BadRow(f"{where}: label {value} is outside 0..{len(names) - 1} ({len(names)} label names)")
@@ -249,7 +250,12 @@ def distinct_labels(rows: list[dict], label_field: str) -> list[str]:
         for r in rows
         if (v := r.get(label_field)) is not None and v != "" and is_label_value(v)
     }
-    return sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    return sorted(values, key=lambda v: (not is_number_name(v), int(v) if is_number_name(v) else 0, v))
+
+
+def is_number_name(name: str) -> bool:
+    """A label name that is an integer ("3", "-1"): numbers read from the data, never positions in the names."""
+    return name.lstrip("-").isdigit()
 
 
 # --------------------------------------------------------------------------------------------- a task's rows
