@@ -125,16 +125,12 @@ def _csv_rows(
         if delimiter != "," and delimiter not in sample.partition("\n")[0]:
             delimiter = ","  # the header line decides: a stray ';' in the texts is not a dialect
     reader = csv.reader(f, delimiter=delimiter)
-    header = next(reader, None)
+    header = _next_cells(reader)
     if header is None:
         return
     if len(set(header)) != len(header):
         raise PeftkitError(f"{name}:1: the CSV header repeats a column name: {header!r}")
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
+    while (cells := _next_cells(reader)) is not None:
         where = f"{name}:{reader.line_num}"
         if not cells:
             continue
@@ -150,6 +146,20 @@ def _csv_rows(
             bad_rows.append(where)
             continue
         yield where, dict(zip(header, cells))  # a short row lacks its last cells: checked as a missing field
+
+
+CSV_FIELD_LIMIT = 2**31 - 1  # the largest a C long holds everywhere; the tokenizer truncates long texts anyway
+
+
+def _next_cells(reader) -> list[str] | None:
+    """The reader's next row (None at the end), with no cap on a cell's size. The csv module's cap (131,072
+    characters by default, JSONL has none) is process-wide state: raised only for this read, then put back, so
+    a library user's own csv reading keeps whatever limit they set."""
+    previous = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        return next(reader, None)
+    finally:
+        csv.field_size_limit(previous)
 
 
 def read_rows(

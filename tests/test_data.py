@@ -122,3 +122,13 @@ def test_numeric_labels_in_jsonl_are_names_like_in_csv(tmp_path):
 
 def test_macro_f1_ignores_classes_absent_from_both_sides():
     assert compute_metrics([0, 1, 2], [0, 1, 2], 77)["macro_f1"] == 1.0
+
+
+def test_csv_cells_longer_than_the_csv_modules_cap_are_read_and_the_cap_is_left_alone(tmp_path):
+    import csv
+
+    path = tmp_path / "long.csv"
+    path.write_text("text,label\n" + "".join(f"{'x' * (200_000 if i == 0 else 5)},{'ab'[i % 2]}\n" for i in range(20)))
+    task = load_task(TaskConfig(name=str(path)))
+    assert max(len(r["text"]) for split in task.splits.values() for r in split) == 200_000
+    assert csv.field_size_limit() == 131_072
