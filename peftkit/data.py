@@ -97,6 +97,8 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     path = Path(cfg.name).expanduser()
     root = data_dir(cfg)
     bad: list[str] | None = [] if cfg.on_bad_row == "skip" else None  # `file:line` of rows skipped
+    if cfg.label_names is not None:  # set, even to [], is a choice to check: never read as 'take the data's'
+        validation.check_label_names(cfg.label_names, "task.label_names")
     if path.suffix.lower() in TASK_FILE_SUFFIXES:
         task = _file_task(cfg, path, seed, bad)
     elif path.is_dir() and any((path / f"{split}.jsonl").exists() for split in ("train", "validation")):
@@ -114,9 +116,14 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
         raise unknown_choice("task (or a .jsonl/.csv path, or a task folder)", cfg.name, BUILTIN_TASKS)
     if cfg.dev_size is not None:  # before subsampling: the same dev rows whatever the seed or train budget
         task.splits["train"], task.splits["dev"] = carve_dev(task.splits["train"], cfg.dev_size, cfg.dev_seed)
+        after = f" after task.dev_size={cfg.dev_size:g} took its dev rows"
+        validation.check_train_classes(task.name, task.splits["train"], task.label_names, after, "lower it")
     rng = random.Random(seed)
     if cfg.max_train_examples and len(task.splits["train"]) > cfg.max_train_examples:
+        rows = len(task.splits["train"])
+        after = f" in its seeded sample of task.max_train_examples={cfg.max_train_examples} of {rows} rows"
         task.splits["train"] = rng.sample(task.splits["train"], cfg.max_train_examples)
+        validation.check_train_classes(task.name, task.splits["train"], task.label_names, after, "raise it")
     for split in ("validation", "test"):
         rows = task.splits.get(split)
         if cfg.max_eval_examples and rows and len(rows) > cfg.max_eval_examples:
@@ -133,9 +140,7 @@ def _folder_task(cfg: TaskConfig, folder: Path, bad: list[str] | None) -> Task:
         raise PeftkitError(f"task folder {folder} has no {' and no '.join(missing)} (a task folder needs both)")
     if pair_field is None and raw["train"] and "text_pair" in raw["train"][0]:
         pair_field = "text_pair"
-    label_names = (
-        cfg.label_names or meta.get("label_names") or validation.distinct_labels(raw["train"], cfg.label_field)
-    )
+    label_names = cfg.label_names if cfg.label_names is not None else meta.get("label_names")  # None: the data's
     builtin = BUILTIN_TASKS.get(folder.name)
     return _normalise(folder.name, raw, cfg, pair_field, label_names, builtin.metrics if builtin else None, bad)
 
@@ -143,15 +148,15 @@ def _folder_task(cfg: TaskConfig, folder: Path, bad: list[str] | None) -> Task:
 def _file_task(cfg: TaskConfig, path: Path, seed: int, bad: list[str] | None) -> Task:
     train = read_rows(path, cfg, bad)
     raw = {"train": train}
+    label_splits: tuple[str, ...] = ("train",)  # where the labels of a task without label names are read
     if cfg.validation_file:
         raw["validation"] = read_rows(Path(cfg.validation_file), cfg, bad)
     else:  # hold out a seeded 10% so the loop can still pick its best step
         rest, held = holdout(train, seed)
-        raw = {"train": rest, "validation": held}
+        raw, label_splits = {"train": rest, "validation": held}, ("train", "validation")  # one file's labels
     if cfg.test_file:
         raw["test"] = read_rows(Path(cfg.test_file), cfg, bad)
-    label_names = cfg.label_names or validation.distinct_labels(train, cfg.label_field)
-    return _normalise(path.stem, raw, cfg, cfg.text_pair_field, label_names, None, bad)
+    return _normalise(path.stem, raw, cfg, cfg.text_pair_field, cfg.label_names, None, bad, label_splits)
 
 
 def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int, bad: list[str] | None) -> Task:
@@ -209,11 +214,12 @@ def _normalise(
     raw: dict[str, list[dict]],
     cfg: TaskConfig,
     pair_field: str | None,
-    label_names: list[str],
+    label_names: list[str] | None,
     metrics: tuple[str, ...] | None,
     bad: list[str] | None,
+    label_splits: tuple[str, ...] = ("train",),
 ) -> Task:
-    splits, label_names = validation.normalise_splits(name, raw, cfg, pair_field, label_names, bad)
+    splits, label_names = validation.normalise_splits(name, raw, cfg, pair_field, label_names, bad, label_splits)
     default_metrics = ("accuracy", "f1") if len(label_names) == 2 else ("accuracy", "macro_f1")
     return Task(name, label_names, pair_field is not None, metrics or default_metrics, splits, list(bad or []))
 

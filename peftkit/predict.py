@@ -18,22 +18,18 @@ from peftkit.data import encode
 from peftkit.errors import PeftkitError
 from peftkit.inference import format_predictions, predict_logits
 from peftkit.io import atomic_open
-from peftkit.validation import check_text, iter_rows
+from peftkit.validation import iter_rows, row_texts
 
 
 def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str | None) -> dict[str, Any]:
-    """Map a user's row onto encode's {'text', 'text_pair'?} shape, accepting the normalised names too."""
+    """Map a user's row onto encode's {'text', 'text_pair'?} shape with training's own text checks, accepting the
+    normalised names when the trained ones are absent."""
 
-    def pick(field: str, fallback: str) -> Any:
-        for name in (field, fallback):
-            if name in row and row[name] is not None:
-                return check_text(row[name], name, where, allow_empty=True)
-        raise PeftkitError(f"{where} has no {field!r} field (fields: {', '.join(map(str, row)) or 'none'})")
+    def present(field: str, fallback: str) -> str:
+        return fallback if field not in row and fallback in row else field
 
-    item = {"text": pick(text_field, "text")}
-    if pair_field:
-        item["text_pair"] = pick(pair_field, "text_pair")
-    return item
+    pair = present(pair_field, "text_pair") if pair_field else None
+    return row_texts(row, where, present(text_field, "text"), pair, allow_empty=True)
 
 
 def predict_rows(

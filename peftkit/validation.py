@@ -182,7 +182,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise PeftkitError(f'{path} must hold a JSON object (e.g. {{"label_names": ["neg", "pos"]}})')
     if "label_names" in meta:
-        check_label_names(meta["label_names"], str(path))
+        check_label_names(meta["label_names"], f"{path}: label_names")
     if not isinstance(meta.get("fields", {}), (dict, list)):
         raise PeftkitError(f"{path}: fields must be a mapping or list, got {meta['fields']!r}")
     return meta
@@ -191,20 +191,21 @@ def read_meta(folder: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- values
 
 
-def check_label_names(names: Any, where: str) -> list[str]:
+def check_label_names(names: Any, what: str) -> list[str]:
+    """`what` names where the list was set (e.g. `task.label_names`, `meta.json: label_names`)."""
     if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
-        raise PeftkitError(f"{where}: label_names must be a list of strings, got {names!r}")
+        raise PeftkitError(f"{what} must be a list of strings, got {names!r}")
     if len(names) < 2:
-        raise PeftkitError(f"{where}: label_names must name at least 2 classes, got {names!r}")
+        raise PeftkitError(f"{what} must name at least 2 classes, got {names!r}")
     if len({str(n) for n in names}) != len(names):
-        raise PeftkitError(f"{where}: label_names has duplicates: {names!r}")
+        raise PeftkitError(f"{what} has duplicates: {names!r}")
     return [str(n) for n in names]
 
 
 def check_text(value: Any, field: str, where: str, allow_empty: bool = False) -> str:
     """A text cell must be a string of valid Unicode, non-empty after strip unless empty texts are allowed."""
     if value is None:
-        raise BadRow(f"{where}: {field!r} is missing or null")
+        raise BadRow(f"{where}: {field!r} is null (a text is required)")
     if not isinstance(value, str):
         raise BadRow(f"{where}: {field!r} must be a string, got {type(value).__name__} {_short(value)}")
     try:
@@ -276,72 +277,101 @@ def normalise_splits(
     raw: dict[str, list[dict]],
     cfg,
     pair_field: str | None,
-    label_names: Any,
+    label_names: list | None,
     bad_rows: list[str] | None = None,
+    label_splits: tuple[str, ...] = ("train",),
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Rows of every split as {'text', 'text_pair'?, 'label'?}, checked; returns (splits, label names).
 
-    `bad_rows` (a list, with `task.on_bad_row: skip`) collects the location of every dropped row.
+    `label_names` None: the sorted distinct labels of the rows kept in `label_splits`, read after the row checks
+    so that a row dropped by `task.on_bad_row: skip` never adds a class. `bad_rows` (a list, with skip) collects
+    the location of every dropped row.
     """
-    if isinstance(label_names, list) and len(label_names) < 2:
-        shown = ", ".join(map(str, label_names)) or "none"
-        raise PeftkitError(
-            f"task {name} has {len(label_names)} class ({shown}); a "
-            "classifier needs at least 2 classes (check the train labels or task.label_names)"
-        )
-    label_names = check_label_names(label_names, f"task {name}")
-    index = {n: i for i, n in enumerate(label_names)}
-    splits: dict[str, list[dict[str, Any]]] = {}
-    for split, rows in raw.items():
-        out = []
-        for number, row in enumerate(rows, 1):
-            where = getattr(row, "where", "") or f"{name}/{split} row {number}"
-            try:
-                item = _normalise_row(row, where, split, cfg, pair_field, index, label_names)
-            except BadRow:
-                if bad_rows is None:
-                    raise
-                bad_rows.append(where)
-                continue
-            out.append(item)
-        splits[split] = out
     for split in ("train", "validation"):
         if split in raw and not raw[split]:
             raise PeftkitError(f"task {name}: the {split} split has no rows (is the file empty?)")
-        if split in splits and not splits[split]:
+    if label_names is not None:
+        label_names = check_label_names(label_names, f"task {name}: label_names")
+    located = {
+        split: [(getattr(row, "where", "") or f"{name}/{split} row {n}", row) for n, row in enumerate(rows, 1)]
+        for split, rows in raw.items()
+    }
+    checked = {
+        split: _kept(pairs, lambda where, row, split=split: _checked_row(row, where, split, cfg, pair_field), bad_rows)
+        for split, pairs in located.items()
+    }
+    if label_names is None:
+        label_names = distinct_labels([item for s in label_splits for _, item in checked.get(s, [])], "label")
+    index = {n: i for i, n in enumerate(label_names)}
+
+    def labelled(where: str, item: dict[str, Any]) -> dict[str, Any]:
+        return {**item, "label": label_index(item["label"], index, label_names, where)} if "label" in item else item
+
+    kept = {split: _kept(pairs, labelled, bad_rows) for split, pairs in checked.items()}
+    for split in ("train", "validation"):
+        if split in kept and not kept[split]:
             raise PeftkitError(f"task {name}: every row of the {split} split was invalid and skipped")
-    test = splits.get("test")
-    if test and 0 < sum("label" in r for r in test) < len(test):
-        first = next(getattr(r, "where", "") for r, item in zip(raw["test"], test) if "label" not in item)
-        raise PeftkitError(f"task {name}: some test rows have a label and some do not (first without: {first or '?'})")
-    classes = {r["label"] for r in splits["train"]}
-    if len(classes) < 2:
-        shown = ", ".join(label_names[c] for c in sorted(classes))
-        raise PeftkitError(
-            f"task {name}: the train split has {len(classes)} distinct label ({shown}); "
-            "a classifier needs at least 2 classes"
-        )
+    test = kept.get("test")
+    if test and 0 < sum("label" in item for _, item in test) < len(test):
+        first = next(where for where, item in test if "label" not in item)
+        raise PeftkitError(f"task {name}: some test rows have a label and some do not (first without: {first})")
+    splits = {split: [item for _, item in pairs] for split, pairs in kept.items()}
+    check_train_classes(name, splits["train"], label_names)
     return splits, label_names
 
 
-def _normalise_row(
-    row: dict, where: str, split: str, cfg, pair_field: str | None, index: dict[str, int], label_names: list[str]
-) -> dict[str, Any]:
-    for kind, field in (("text", cfg.text_field), ("text_pair", pair_field)):
+def check_train_classes(
+    name: str, train: list[dict[str, Any]], label_names: list[str], after: str = "", fix: str = ""
+) -> None:
+    """Training on one class learns nothing yet finishes like a run that did: refuse it, naming the class, the
+    setting that left train with it (`after`) and what to change (`fix`)."""
+    classes = sorted({r["label"] for r in train})
+    if len(classes) < 2:
+        shown = ", ".join(label_names[c] for c in classes)
+        raise PeftkitError(
+            f"task {name}: the train split has {len(classes)} class ({shown}){after}; "
+            f"a classifier needs at least 2 classes{f' ({fix})' if fix else ''}"
+        )
+
+
+def _kept(pairs: list[tuple[str, Any]], check, bad_rows: list[str] | None) -> list[tuple[str, Any]]:
+    """(where, check(where, value)) for each pair; a BadRow stops the run or, given a `bad_rows` list, is
+    recorded there and the row dropped."""
+    kept = []
+    for where, value in pairs:
+        try:
+            kept.append((where, check(where, value)))
+        except BadRow:
+            if bad_rows is None:
+                raise
+            bad_rows.append(where)
+    return kept
+
+
+def row_texts(row: dict, where: str, text_field: str, pair_field: str | None, allow_empty: bool) -> dict[str, str]:
+    """A row's {'text', 'text_pair'?}: the same checks for training rows and for rows to predict."""
+    for kind, field in (("text", text_field), ("text_pair", pair_field)):
         if field and field not in row:
             raise BadRow(
                 f"{where}: the {kind} field (task.{kind}_field) {field!r} is missing; "
                 f"fields: {', '.join(map(str, row)) or 'none'}"
             )
-    item = {"text": check_text(row[cfg.text_field], cfg.text_field, where, cfg.allow_empty_text)}
+    item = {"text": check_text(row[text_field], text_field, where, allow_empty)}
     if pair_field:
-        item["text_pair"] = check_text(row[pair_field], pair_field, where, cfg.allow_empty_text)
+        item["text_pair"] = check_text(row[pair_field], pair_field, where, allow_empty)
+    return item
+
+
+def _checked_row(row: dict, where: str, split: str, cfg, pair_field: str | None) -> dict[str, Any]:
+    """The row's texts and its label as written (mapped to an index once the label names are known)."""
+    item: dict[str, Any] = row_texts(row, where, cfg.text_field, pair_field, cfg.allow_empty_text)
     label = row.get(cfg.label_field)
     if label is None or (isinstance(label, str) and not label.strip()):
         if split in ("train", "validation"):
-            raise BadRow(f"{where}: no {cfg.label_field!r} value (every {split} row needs a label)")
+            fields = "" if cfg.label_field in row else f"; fields: {', '.join(map(str, row)) or 'none'}"
+            raise BadRow(f"{where}: no {cfg.label_field!r} value (every {split} row needs a label){fields}")
     else:
-        item["label"] = label_index(label, index, label_names, where)
+        item["label"] = label
     return item
 
 

@@ -124,6 +124,28 @@ def test_macro_f1_ignores_classes_absent_from_both_sides():
     assert compute_metrics([0, 1, 2], [0, 1, 2], 77)["macro_f1"] == 1.0
 
 
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_skipped_rows_label_never_becomes_a_class(tmp_path):
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(20)] + [{"text": None, "label": "phantom"}]
+    task = load_task(TaskConfig(name=str(write_jsonl(tmp_path / "rows.jsonl", rows)), on_bad_row="skip"))
+    assert task.label_names == ["a", "b"] and task.skipped_rows == [f"{tmp_path / 'rows.jsonl'}:21"]
+
+
+def test_a_missing_label_field_or_an_empty_file_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"t{i}", "y": i % 2} for i in range(20)])
+    with pytest.raises(PeftkitError, match=r"rows.jsonl:\d+: no 'label' value .*; fields: text, y"):
+        load_task(TaskConfig(name=str(path)))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(PeftkitError, match="the train split has no rows"):
+        load_task(TaskConfig(name=str(tmp_path / "empty.jsonl")))
+    with pytest.raises(PeftkitError, match="the validation split has no rows"):
+        load_task(TaskConfig(name=str(path), label_field="y", validation_file=str(tmp_path / "empty.jsonl")))
+
+
 def test_csv_cells_longer_than_the_csv_modules_cap_are_read_and_the_cap_is_left_alone(tmp_path):
     import csv
 
@@ -132,3 +154,20 @@ def test_csv_cells_longer_than_the_csv_modules_cap_are_read_and_the_cap_is_left_
     task = load_task(TaskConfig(name=str(path)))
     assert max(len(r["text"]) for split in task.splits.values() for r in split) == 200_000
     assert csv.field_size_limit() == 131_072
+
+
+def test_an_empty_label_names_list_is_an_error_not_unset(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(20)])
+    with pytest.raises(PeftkitError, match=r"task.label_names must name at least 2 classes, got \[\]"):
+        load_task(TaskConfig(name=str(path), label_names=[]))
+
+
+def test_a_single_class_left_by_subsampling_is_refused_naming_the_setting(tmp_path):
+    """Sorted by label, 50 'a' then 10 'b': a seeded sample of 3 rows (or the train left beside a big dev split)
+    can hold only 'a'; training on it would 'succeed' and learn nothing."""
+    rows = [{"text": f"t{i}", "label": "a" if i < 50 else "b"} for i in range(60)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(PeftkitError, match=r"1 class \(a\) in its seeded sample of task.max_train_examples=3"):
+        load_task(TaskConfig(name=str(path), max_train_examples=3))
+    with pytest.raises(PeftkitError, match=r"1 class \(a\) after task.dev_size=0.99"):
+        load_task(TaskConfig(name=str(path), dev_size=0.99))

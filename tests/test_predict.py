@@ -84,7 +84,11 @@ def test_predict_streams_instead_of_reading_everything(adapter, monkeypatch, tmp
 
 @pytest.mark.parametrize(
     "content,message",
-    [('{"text": "ok"}\n{oops\n', "in.jsonl:2 is not valid JSON"), ('{"sentence": "x"}\n', "no 'text' field")],
+    [
+        ('{"text": "ok"}\n{oops\n', "in.jsonl:2 is not valid JSON"),
+        ('{"sentence": "x"}\n', "in.jsonl:1: the text field (task.text_field) 'text' is missing; fields: sentence"),
+        ('{"text": "ok"}\n{"text": null, "id": 2}\n', "in.jsonl:2: 'text' is null"),  # null, not 'no such field'
+    ],
 )
 def test_predict_bad_input_is_one_clear_error(adapter, tmp_path, capsys, content, message):
     src = tmp_path / "in.jsonl"

@@ -75,7 +75,7 @@ def test_non_finite_weights_are_never_written_as_an_adapter(tiny_run_config, tmp
 
 def test_bad_texts_and_labels_name_file_and_line(tmp_path):
     cases = [
-        ({"text": None, "label": 0}, "'text' is missing or null"),
+        ({"text": None, "label": 0}, "'text' is null"),
         ({"text": {"a": 1}, "label": 0}, "'text' must be a string, got dict"),
         ({"text": "  ", "label": 0}, "'text' is empty"),
         ('{"text": "\\ud800 x", "label": 0}', "lone surrogate"),
