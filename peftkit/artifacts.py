@@ -2,7 +2,8 @@
 
 Every folder has `peftkit.json` (method, options, base model, task labels and input fields). Weights are in
 PEFT's own layout (`adapter_config.json` + `adapter_model.safetensors`, head included) for methods peft has, so
-stock `peft.PeftModel.from_pretrained(base, folder)` loads them; otherwise in `peftkit_weights.safetensors`.
+stock `peft.PeftModel.from_pretrained(base, folder)` loads them (an exported card says where that needs more:
+`export.stock_peft_blocker`); otherwise in `peftkit_weights.safetensors`.
 Only safetensors and JSON are read: no pickle, no code from the folder. Since format 1.2, `peftkit.json` records
 the sha256 of the weights file; every loader verifies it, and checks that the tensors the adapter needs are there.
 """

@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from peftkit.adapters import get_method_class
 from peftkit.adapters.base import WEIGHTS_FILE
 from peftkit.artifacts import check_files, load, set_peft_base_name, verify_base, weights_hashes
@@ -24,6 +26,7 @@ from peftkit.fingerprint import model_fingerprint, short
 from peftkit.formats import ADAPTER_META_FILE, SUMMARY_FILE, AdapterMeta
 from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, default_file_mode, read_json
 from peftkit.modeling import portable_model_name
+from peftkit.pooling import is_stock
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 COMBINE_HOWS = ("linear", "ties", "cat")
@@ -50,8 +53,8 @@ def export_adapter(run_dir: str | Path, out: str | Path, overwrite: bool = False
     check_files(source, meta)
     summary = _read_summary(source.parent)
     actual = model_fingerprint(meta.base_model)  # also refuses a local base folder with pickle-only weights
-    if actual is not None:  # the base is here: load the adapter once, so missing tensors are caught too
-        load(source, allow_base_mismatch=True)
+    # the base is here: load the adapter once, so missing tensors are caught too
+    loaded = load(source, allow_base_mismatch=True) if actual is not None else None
     meta.base_fingerprint = meta.base_fingerprint or actual
     meta.base_model = portable_model_name(meta.base_model)
     for key in ("trainable_params", "total_params", "trainable_pct"):
@@ -67,7 +70,8 @@ def export_adapter(run_dir: str | Path, out: str | Path, overwrite: bool = False
         meta.adapter_bytes = sum((tmp / n).stat().st_size for n in names)
         meta.weights_sha256 = weights_hashes(tmp, meta.peft_format)
         meta.write(tmp)
-        atomic_write_text(tmp / "README.md", model_card(meta))
+        blocker = stock_peft_blocker(meta, loaded.model if loaded else None)
+        atomic_write_text(tmp / "README.md", model_card(meta, blocker))
     return Path(out)
 
 
@@ -85,6 +89,13 @@ def export_merged(
         )
     loaded = load(source, allow_base_mismatch=allow_base_mismatch)
     merged = loaded.method.merge(loaded.model)
+    if not is_stock(merged):
+        raise PeftkitError(
+            f"cannot merge: this run pools with {meta.pooling!r} (model.pooling), which {type(merged).__name__} "
+            "does not compute, so stock transformers would load the merged folder and pool differently; export the "
+            "adapter folder instead (without --merge: peftkit.load, predict and serve apply its pooling), or train "
+            "with model.pooling: pooler"
+        )
     names = loaded.label_names
     base = portable_model_name(meta.base_model)
     merged.config.id2label = dict(enumerate(names))
@@ -106,8 +117,23 @@ def export_merged(
     return Path(out)
 
 
-def model_card(meta: AdapterMeta) -> str:
-    """The README.md of an exported adapter: what it is, how good, how big, how to load it."""
+def stock_peft_blocker(meta: AdapterMeta, model: nn.Module | None) -> str | None:
+    """Why stock `PeftModel.from_pretrained` on the stock base class would not reproduce this adapter, or None: the
+    method's own reason (prefix tuning), or a pooling peftkit computes itself (peft would load it and pool the stock
+    way). Without the model (its base is not here) only `pooler` counts as stock: a card must not promise a load."""
+    reasons = [get_method_class(meta.method).stock_peft_blocker]
+    if not (is_stock(model) if model is not None else meta.pooling == "pooler"):
+        reasons.append(
+            f"it pools with {meta.pooling!r} (peftkit's model.pooling), which the stock classification class does "
+            "not compute: pool the body's hidden states that way and apply the classifier yourself (peftkit's "
+            "README, Pooling)"
+        )
+    return "; ".join(r for r in reasons if r) or None
+
+
+def model_card(meta: AdapterMeta, stock_blocker: str | None) -> str:
+    """The README.md of an exported adapter: what it is, how good, how big, how to load it. `stock_blocker`
+    (`stock_peft_blocker`): why stock peft would not reproduce it; then the card shows no stock-peft snippet."""
     task = meta.task
     rows = []
     for split, values in (meta.metrics or {}).items():
@@ -152,7 +178,9 @@ def model_card(meta: AdapterMeta) -> str:
         "peftkit serve --base " + meta.base_model + " --adapter name=THIS_FOLDER",
         "```",
     ]
-    if meta.peft_format:
+    if meta.peft_format and stock_blocker:
+        lines += ["", "## Load with stock peft", "", f"Not as is: {stock_blocker}."]
+    elif meta.peft_format:
         lines += [
             "",
             "## Load with stock peft",
@@ -261,7 +289,7 @@ def combine_adapters(
         meta.adapter_bytes = sum((tmp / n).stat().st_size for n in PEFT_FILES)
         meta.weights_sha256 = weights_hashes(tmp, True)
         meta.write(tmp)
-        atomic_write_text(tmp / "README.md", model_card(meta))
+        atomic_write_text(tmp / "README.md", model_card(meta, stock_peft_blocker(meta, model)))
     return Path(out), f"task head: taken from {folders[0]} (peft cannot average classification heads)"
 
 

@@ -15,7 +15,8 @@ export get it by passing `model.pooling` through. BERT-likes: the pooler is swap
 module. Models without a pooler (decoders, RoBERTa-style heads): the pooled vector is broadcast to every position of
 the body's output, so whichever position the head reads, it reads the pooled vector. The attention mask reaches the
 `Pooling` module through a forward pre-hook on the body. A stock transformers class can express `pooler` (and the
-head's own selection, e.g. `last` for decoders); the others are recorded in `peftkit.json` and applied on load.
+head's own selection, e.g. `last` for decoders); the others are recorded in `peftkit.json` and applied on load, and
+`export --merge` refuses them (`is_stock`): plain transformers would load that folder with its own pooler.
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ def pooling_modules(model: nn.Module) -> list[str]:
     return [prefix]
 
 
-def is_stock(mode: str, model: nn.Module) -> bool:
-    """True when a stock transformers classification class computes this pooling by itself."""
-    return mode in ("pooler", native_pooling(model))
+def is_stock(model: nn.Module) -> bool:
+    """True when the stock transformers class computes `model`'s pooling by itself (also inside a peft wrapper):
+    peftkit added no `Pooling` module. Only then does the saved full model reload in plain transformers as is."""
+    return not any(isinstance(m, Pooling) for m in model.modules())

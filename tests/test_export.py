@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_runs import TinyRuns, logits_of
+from tiny_runs import TINY_OPTIONS, TinyRuns, logits_of
 
+from peftkit.adapters import available_methods, get_method_class
 from peftkit.artifacts import load
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
@@ -19,7 +20,8 @@ from peftkit.formats import AdapterMeta
 
 ALL_METHODS = ["full", "bitfit", "bottleneck", "lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
 PEFT_METHODS = ["lora", "dora", "adalora", "ia3", "prompt", "ptuning"]
-MERGEABLE = ["lora", "dora", "adalora", "ia3"]
+PEFT_FORMAT = [m for m in available_methods() if get_method_class(m).uses_peft]  # "peft": its default type, LORA
+MERGEABLE = [m for m in available_methods() if get_method_class(m).merge_blocker is None]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,31 +83,79 @@ def test_export_round_trip_identical_predictions(method, runs, tmp_path):
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
 
 
-@pytest.mark.parametrize("method", PEFT_METHODS)
-def test_stock_peft_loads_export_with_identical_logits(method, runs, tmp_path):
+@pytest.mark.parametrize("method", PEFT_FORMAT)
+def test_card_offers_stock_peft_only_where_it_loads_with_identical_logits(method, runs, tmp_path):
     from peft import PeftModel
 
-    run = runs.run(method)
+    run = runs.run(method, **TINY_OPTIONS.get(method, {}))
     out = export_adapter(run, tmp_path / "export")
+    card = (out / "README.md").read_text()
+    blocker = get_method_class(method).stock_peft_blocker
+    if blocker:  # prefix: tests/test_export.py::test_prefix_card_says_what_stock_peft_needs
+        assert f"Not as is: {blocker}" in card and "PeftModel" not in card
+        return
+    assert "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')" in card
     ours = load(out)
     stock = PeftModel.from_pretrained(base_model(runs.model_dir), str(out)).eval()
     assert torch.equal(logits_of(stock, ours.tokenizer), logits_of(ours.model, ours.tokenizer))
 
 
+def test_prefix_card_says_what_stock_peft_needs(runs, tmp_path):
+    from peft import PeftModel
+
+    from peftkit.adapters.prefix import accept_past_key_values
+
+    out = export_adapter(runs.run("prefix"), tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert "accept_past_key_values(base) first" in card and "PeftModel.from_pretrained" not in card
+    ours = load(out)
+    with pytest.raises(ValueError, match="past key values"):  # what the card used to offer fails at the forward
+        logits_of(PeftModel.from_pretrained(base_model(runs.model_dir), str(out)), ours.tokenizer)
+    stock = PeftModel.from_pretrained(accept_past_key_values(base_model(runs.model_dir)), str(out)).eval()
+    assert torch.equal(logits_of(stock, ours.tokenizer), logits_of(ours.model, ours.tokenizer))
+
+
 @pytest.mark.parametrize("method", MERGEABLE)
 def test_merged_export_matches_adapter_via_plain_transformers(method, runs, tmp_path):
+    """Every method that merges, from the registry: ln_tuning saved peft's modules_to_save wrapper keys."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    run = runs.run(method)
+    run = runs.run(method, **TINY_OPTIONS.get(method, {}))
     adapted = load(run / "adapter")
     expected = logits_of(adapted.model, adapted.tokenizer)
     out = export_merged(run, tmp_path / "merged")
-    plain = AutoModelForSequenceClassification.from_pretrained(str(out))
+    plain, info = AutoModelForSequenceClassification.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert plain.config.id2label == {0: "negative", 1: "positive"}
-    assert not any("lora" in n or "ia3" in n for n, _ in plain.named_parameters())
     got = logits_of(plain, AutoTokenizer.from_pretrained(str(out)))
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
+
+
+@pytest.mark.parametrize("pooling", ["pooler", "cls", "mean", "last"])
+@pytest.mark.parametrize("method", ["head", "lora"])
+def test_merge_and_card_offer_stock_loads_only_for_a_pooling_stock_classes_compute(
+    method, pooling, runs, tmp_path, capsys
+):
+    """BERT's class computes only its pooler: any other pooling's merge is refused (transformers would load it with
+    an untrained pooler) and its card offers no stock-peft load."""
+    from transformers import AutoModelForSequenceClassification
+
+    run = runs.run(method, pooling=pooling)
+    card = (export_adapter(run, tmp_path / "adapter") / "README.md").read_text()
+    code = main(["export", str(run), "--out", str(tmp_path / "merged"), "--merge"])
+    err = capsys.readouterr().err
+    if pooling == "pooler":
+        assert code == 0 and ("PeftModel.from_pretrained(base" in card) == (method == "lora")
+        adapted = load(run / "adapter")
+        plain = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"))
+        got, expected = logits_of(plain, adapted.tokenizer), logits_of(adapted.model, adapted.tokenizer)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        return
+    assert code == 2 and not (tmp_path / "merged").exists()
+    assert f"pools with {pooling!r}" in err and "without --merge" in err and "model.pooling: pooler" in err
+    assert "PeftModel.from_pretrained" not in card
+    assert (f"Not as is: it pools with {pooling!r}" in card) == (method == "lora")  # head: peftkit weights only
 
 
 @pytest.mark.parametrize(

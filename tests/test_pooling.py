@@ -178,18 +178,18 @@ def test_stock_peft_loads_pooler_adapters_and_three_lines_apply_mean(tiny_model_
             torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_export_merge_of_mean_pooling_records_and_reapplies_it(tiny_model_dir, tmp_path):
-    from peftkit.export import export_merged
-
+def test_full_model_saved_with_mean_pooling_records_and_reapplies_it(tiny_model_dir, tmp_path):
+    """save_pretrained writes the pooling into config.json (older `export --merge` folders are such models; it now
+    refuses them, tests/test_export.py); `model.pooling: auto` pools that way again."""
     path = tiny_model_dir("bert")
     model, method, batch, heads, _ = _trained(path, "lora", "mean")
-    _save(model, method, path, tmp_path / "run" / "adapter", heads)
-    out = export_merged(tmp_path / "run", tmp_path / "merged")
-    assert json.loads((out / "config.json").read_text())["peftkit_pooling"] == "mean"
-    assert json.loads((out / "peftkit_merged.json").read_text())["pooling"] == "mean"
-    merged = load_model(ModelConfig(name_or_path=str(out)), len(LABELS), 0).eval()  # auto: config.json's pooling
     with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+        expected = model(**batch).logits
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["peftkit_pooling"] == "mean"
+    merged = load_model(ModelConfig(name_or_path=str(tmp_path / "merged")), len(LABELS), 0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pooling", ["pooler", "mean"])

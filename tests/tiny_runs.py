@@ -18,19 +18,21 @@ class TinyRuns:
         self.root, self.model_dir, self.task_dir = root, model_dir, task_dir
         self.cache: dict[tuple, Path] = {}
 
-    def run(self, method: str = "lora", seed: int = 0, task: Path | None = None, **options) -> Path:
-        """Train `method` for a few steps and return the RUN folder (adapter in RUN/adapter)."""
+    def run(
+        self, method: str = "lora", seed: int = 0, task: Path | None = None, pooling: str = "auto", **options
+    ) -> Path:
+        """Train `method` (with `model.pooling`) for a few steps and return the RUN folder (adapter in RUN/adapter)."""
         from peftkit.config import RunConfig
         from peftkit.train import train
 
-        key = (method, seed, str(task), tuple(sorted(options.items())))
+        key = (method, seed, str(task), pooling, tuple(sorted(options.items())))
         if key not in self.cache:
             opts = {**(ADALORA_TINY if method == "adalora" else {}), **options}
             config = RunConfig.from_dict(
                 {
                     "recipe": f"toy-{method}",
                     "task": {"name": str(task or self.task_dir), "max_length": 32},
-                    "model": {"name_or_path": str(self.model_dir)},
+                    "model": {"name_or_path": str(self.model_dir), "pooling": pooling},
                     "method": {"name": method, **opts},
                     "train": {
                         "max_steps": 4,

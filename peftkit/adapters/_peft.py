@@ -16,7 +16,6 @@ class PeftMethod(Method):
 
     uses_peft = True
     merge_blocker = None
-    stock_peft_blocker: ClassVar[str | None] = None  # why stock PeftModel.from_pretrained cannot load it as is, if so
 
     def peft_config(self, ctx: MethodContext) -> Any:
         """Return the peft config (LoraConfig, IA3Config, ...) for this run."""
@@ -38,7 +37,22 @@ class PeftMethod(Method):
     def merge(self, model: nn.Module) -> nn.Module:
         if self.merge_blocker:
             return super().merge(model)
-        return model.merge_and_unload()
+        return merge_and_unload(model)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """peft's `merge_and_unload`, then the task head's `modules_to_save` wrappers replaced by the trained copy, as
+    peft's own BaseTuner does. LN-tuning's unload (peft 0.21) skips them: `save_pretrained` then wrote
+    `classifier.modules_to_save.default.*` keys, and stock transformers loaded a random classifier."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    model = model.merge_and_unload()
+    while wrapped := next((n for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)), None):
+        parent, _, child = wrapped.rpartition(".")
+        wrapper = model.get_submodule(wrapped)
+        unwrapped = wrapper.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+        setattr(model.get_submodule(parent), child, unwrapped)
+    return model
 
 
 def save_peft(model: nn.Module, directory: Path) -> None:

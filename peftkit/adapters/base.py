@@ -42,6 +42,8 @@ class Method:
     merge_blocker: ClassVar[str | None] = "this method adds modules that cannot be folded into the base weights"
     restore_best: ClassVar[bool] = True  # whether the loop may roll back to the best evaluation at the end
     resume_blocker: ClassVar[str | None] = None  # why checkpoints of this method would not resume exactly, if so
+    # why stock `PeftModel.from_pretrained` cannot load its PEFT-format folder as is, if so: the model card says it
+    stock_peft_blocker: ClassVar[str | None] = None
     quantizable: ClassVar[bool] = False  # peft has bitsandbytes (8-bit/4-bit) layers for it: model.quantization works
     frozen_body: ClassVar[bool] = False  # trains no body weight (the head probe): `model.pooling: auto` then differs
     # its frozen nn.Linear weights enter only their layer's product, so a bf16 run may store them in bf16

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.adapters._peft import PeftMethod, seq_cls_kwargs
+from peftkit.adapters._peft import PeftMethod, merge_and_unload, seq_cls_kwargs
 from peftkit.adapters.base import MethodContext
 from peftkit.errors import PeftkitError, unknown_choice
 
@@ -133,7 +133,7 @@ class GenericPeft(PeftMethod):
 
     def merge(self, model: nn.Module) -> nn.Module:
         try:
-            return model.merge_and_unload()
+            return merge_and_unload(model)
         except (AttributeError, NotImplementedError, ValueError) as e:
             raise PeftkitError(
                 f"peft type {self.options.peft_type} cannot be merged: {str(e).splitlines()[0]}"
