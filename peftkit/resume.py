@@ -122,6 +122,28 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, default=str, sort_keys=True)
 
 
+def refuse_to_replace_a_run(run_dir: Path) -> None:
+    """A run folder named explicitly (`--run-dir`) is never trained over when it holds a finished run (its adapter
+    and metrics would be replaced) or resumable checkpoints (a later --resume would mix them with the new run's)."""
+    from peftkit.formats import SUMMARY_FILE
+
+    if (run_dir / SUMMARY_FILE).is_file():
+        raise PeftkitError(
+            f"{run_dir} already holds a finished run ({SUMMARY_FILE}); choose another --run-dir, "
+            "or remove that folder to train there again"
+        )
+    if any(is_checkpoint(p) for p in (run_dir / "checkpoints").glob("step-*")):
+        raise PeftkitError(
+            f"{run_dir} holds an unfinished run with checkpoints; continue it with --resume {run_dir}, "
+            "or choose another --run-dir, or remove that folder to start over"
+        )
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A completed checkpoint folder (`step-0000002`); an interrupted write leaves a dotted temp folder instead."""
+    return path.is_dir() and bool(_STEP.match(path.name))
+
+
 def clean_stale(run_dir: Path) -> list[Path]:
     """Remove what a killed run leaves: temp checkpoint folders and temp files beside the run's files."""
     removed = []
@@ -145,7 +167,7 @@ class ResumePlan:
         self.run_dir, self.folder = Path(run_dir), Path(run_dir) / "checkpoints"
         stale = clean_stale(self.run_dir)
         complete = (
-            sorted((p for p in self.folder.iterdir() if p.is_dir() and _STEP.match(p.name)), reverse=True)
+            sorted((p for p in self.folder.iterdir() if is_checkpoint(p)), reverse=True)
             if self.folder.is_dir()
             else []
         )

@@ -50,7 +50,7 @@ from peftkit.modeling import (
     trained_head_modules,
 )
 from peftkit.precision import autocast, hold_frozen_linears_in_bf16, resolve_bf16
-from peftkit.resume import ResumePlan, resume_view
+from peftkit.resume import ResumePlan, refuse_to_replace_a_run, resume_view
 from peftkit.validation import apply_method, check_max_length, check_output_dir
 
 __all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
@@ -68,6 +68,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     bf16 = resolve_bf16(tcfg.bf16, device)  # null (the default): on where it pays
     ranks.init_process_group(device)
     check_output_dir(tcfg.output_dir, run_dir)
+    if run_dir and not resume:
+        refuse_to_replace_a_run(Path(run_dir))
     run_dir = Path(resume) if resume else ranks.agree(Path(run_dir) if run_dir else new_run_dir(config))
     plan = ResumePlan(run_dir, config) if resume else None  # refuses a changed config before loading anything
 

@@ -199,3 +199,18 @@ def test_train_line_reports_validation_and_names_the_dev_score_apart(tiny_model_
     summary = json.loads((run / "summary.json").read_text())
     assert f"validation accuracy {summary['validation']['accuracy']:.4f}" in line
     assert f"; dev accuracy {summary['best']['accuracy']:.4f}" in line and "(kept step" in line
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_run_dir_holding_a_run_is_never_trained_over(finished, tiny_model_dir, toy_task_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000002").mkdir(parents=True)  # a run that can resume
+    if finished:
+        (run / "summary.json").write_text("{}")
+    args = ["train", "sst2-lora", f"task.name={toy_task_dir}", f"model.name_or_path={tiny_model_dir('bert')}"]
+    args += ["train.max_steps=1", "train.progress=false", "task.dev_size=null", "--run-dir", str(run)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert ("already holds a finished run" if finished else f"continue it with --resume {run}") in err
+    assert str(run) in err and "another --run-dir" in err
+    assert not (run / "config.yaml").exists() and not (run / "adapter").exists()  # nothing written over it
