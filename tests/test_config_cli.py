@@ -99,6 +99,22 @@ def test_overrides_after_a_flag_are_kept_in_order(capsys):
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag (see peftkit --help)"),
+        (
+            ["combine", "a", "--out", "b"],
+            "the following arguments are required: --weights (see peftkit combine --help)",
+        ),
+    ],
+)
+def test_usage_errors_say_peftkit_error_once(argv, line, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and capsys.readouterr().err == f"peftkit: error: {line}\n"
+
+
 def test_cli_error_has_no_traceback_in_a_real_process():
     result = subprocess.run(
         [sys.executable, "-m", "peftkit", "train", "sst2-lorra"], capture_output=True, text=True, timeout=120

@@ -19,11 +19,16 @@ from peftkit.errors import PeftkitError
 VERBS = ("recipes", "methods", "train", "eval", "bench", "export", "combine", "predict", "serve")
 
 
+def error_line(message: str) -> str:
+    """The one form every user mistake is printed in, usage mistakes included."""
+    return f"peftkit: error: {message}"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (like every other peftkit error) and exit 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"peftkit: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, error_line(f"{message} (see {self.prog} --help)") + "\n")  # prog: `peftkit VERB`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except PeftkitError as e:
-        print(f"peftkit: error: {e}", file=sys.stderr)
+        print(error_line(str(e)), file=sys.stderr)
         return 2
     except BrokenPipeError:  # `peftkit recipes | head`: the reader left; nothing to report
         sys.stderr.close()
