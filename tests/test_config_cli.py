@@ -115,6 +115,14 @@ def test_usage_errors_say_peftkit_error_once(argv, line, capsys):
     assert stopped.value.code == 2 and capsys.readouterr().err == f"peftkit: error: {line}\n"
 
 
+def test_a_value_starting_with_a_minus_sign_is_a_value():
+    from peftkit.cli import build_parser
+
+    args = build_parser().parse_args(["combine", "a", "b", "--weights", "-1,0.5", "--out", "ab"])
+    assert args.weights == "-1,0.5" and args.adapters == ["a", "b"]
+    assert build_parser().parse_args(["combine", "a", "--weights", "-.5", "--out", "ab"]).weights == "-.5"
+
+
 def test_cli_error_has_no_traceback_in_a_real_process():
     result = subprocess.run(
         [sys.executable, "-m", "peftkit", "train", "sst2-lorra"], capture_output=True, text=True, timeout=120

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from peftkit.console import quiet_libraries
@@ -25,7 +26,12 @@ def error_line(message: str) -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (like every other peftkit error) and exit 2."""
+    """argparse, but a usage mistake is one line (like every other peftkit error) and exit 2, and a value that starts
+    like a negative number is a value (`--weights -1,0.5`), as in Python 3.13's argparse."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")  # 3.11's only takes one plain number such as -1
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, error_line(f"{message} (see {self.prog} --help)") + "\n")  # prog: `peftkit VERB`
