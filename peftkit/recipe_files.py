@@ -15,6 +15,27 @@ from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError, unknown_choice
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key written twice in one YAML mapping; its message names the key and its line."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (plain YAML loading keeps the last silently,
+    so `lr` set twice would quietly train with the second)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges on purpose; a mapping key is refused by SafeLoader itself
+            key = self.construct_object(key_node)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise DuplicateKeyError(None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides (values parsed as YAML) to a raw config mapping."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
@@ -26,7 +47,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if section not in ("task", "model", "method", "train"):
             raise unknown_choice("config section", section, ["task", "model", "method", "train"])
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
+        except DuplicateKeyError as e:
+            raise PeftkitError(f"override {item!r}: {e.problem}") from None
         except yaml.YAMLError:
             value = raw
         data.setdefault(section, {})
@@ -66,7 +89,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise PeftkitError(f"config file {path} is a directory, not a YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise PeftkitError(f"config file {path} does not exist") from None
     except UnicodeDecodeError:

@@ -73,6 +73,18 @@ def test_user_config_file(tmp_path):
     assert config.method.name == "ia3" and config.train.max_steps == 10 and config.recipe == "mine"
 
 
+def test_a_key_written_twice_is_refused_naming_it_and_its_line(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("task: {name: sst2}\nmethod:\n  name: lora\n  r: 4\n  r: 8\n")
+    with pytest.raises(PeftkitError, match=rf"{path} is not valid YAML: duplicate key 'r' \(line 5\)"):
+        load_config(config_file=str(path))
+    path.write_text("task: {name: sst2}\nmethod: {name: lora}\ntrain: {lr: 1}\ntrain: {seed: 1}\n")
+    with pytest.raises(PeftkitError, match=r"duplicate key 'train' \(line 4\)"):
+        load_config(config_file=str(path))
+    with pytest.raises(PeftkitError, match="override 'method.target_modules={a: 1, a: 2}': duplicate key 'a'"):
+        load_config(recipe="sst2-lora", overrides=["method.target_modules={a: 1, a: 2}"])
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
