@@ -6,6 +6,7 @@ and the checks on every value, are in config.py.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides (values parsed as YAML) to a raw config mapping."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    recipe_method = method_name(data)
+    given: set[str] = set()  # method keys set by the overrides
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
@@ -55,6 +58,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         data.setdefault(section, {})
         data[section] = dict(data[section] or {})
         data[section][name] = value
+        if section == "method":
+            given.add(name)
+    return drop_other_methods_options(data, recipe_method, given)
+
+
+def method_name(data: dict[str, Any]) -> str | None:
+    """The canonical method name of a raw config mapping (an old name such as `adapter` read as its current one)."""
+    from peftkit.adapters import METHOD_ALIASES
+
+    name = data["method"].get("name") if isinstance(data.get("method"), dict) else None
+    return METHOD_ALIASES.get(name, name) if isinstance(name, str) else name
+
+
+def drop_other_methods_options(data: dict[str, Any], recipe_method: str | None, given: set[str]) -> dict[str, Any]:
+    """After `method.name=X` over a recipe of another method, the recipe's method options belong to that method:
+    they are dropped, and X starts from its defaults plus the options given with it. An option given that X does
+    not have is still refused by the config's checks, never passed on or ignored. (load_config says what went.)"""
+    if "name" in given and recipe_method is not None and method_name(data) != recipe_method:
+        data["method"] = {k: v for k, v in data["method"].items() if k == "name" or k in given}
     return data
 
 
@@ -144,8 +166,17 @@ def load_config(recipe: str | None = None, config_file: str | None = None, overr
         data, name = read_recipe(path), path.stem
     else:
         raise PeftkitError("name a recipe (peftkit recipes lists them) or pass --config FILE.yaml")
-    data = apply_overrides(data, list(overrides))
+    resolved = apply_overrides(data, list(overrides))
     if not isinstance(name, str):
         raise PeftkitError(f"the config's recipe name must be a string, got {name!r}")
-    data["recipe"] = name
-    return RunConfig.from_dict(data)
+    resolved["recipe"] = name
+    config = RunConfig.from_dict(resolved)
+    dropped = [k for k in data.get("method") or {} if k not in resolved["method"]]  # only a method switch drops
+    if dropped:  # said once the config is valid, so a refused one stays a single line
+        new = config.method.name
+        print(
+            f"peftkit: note: method.name={new} drops the recipe's {method_name(data)} options ({', '.join(dropped)}); "
+            f"{new} starts from its own defaults plus any method.KEY=VALUE given",
+            file=sys.stderr,
+        )
+    return config

@@ -60,6 +60,20 @@ def test_bad_overrides_name_the_problem(overrides, message):
         load_config(recipe="sst2-lora", overrides=overrides)
 
 
+def test_overriding_the_method_drops_the_recipes_options_of_the_old_one(capsys):
+    config = load_config(recipe="sst2-lora", overrides=["method.target_modules=[query]", "method.name=ia3"])
+    assert config.method.name == "ia3" and config.method.options.target_modules == ["query"]  # given: kept
+    assert config.method.options.feedforward_modules is None  # ia3's own default
+    note = capsys.readouterr().err
+    assert note.startswith("peftkit: note: method.name=ia3 drops the recipe's lora options (r, alpha, dropout)")
+    with pytest.raises(PeftkitError, match=r"unknown key in method \(ia3\) 'r'"):  # given, but not ia3's
+        load_config(recipe="sst2-lora", overrides=["method.name=ia3", "method.r=4"])
+    assert capsys.readouterr().err == ""  # a refused config is its one error line only
+    same = load_config(recipe="sst2-lora", overrides=["method.name=lora"])  # the same method: options stay
+    assert same.method.options.target_modules == ["query", "value"]
+    assert capsys.readouterr().err == ""
+
+
 def test_apply_overrides_does_not_mutate_the_recipe():
     data = {"train": {"lr": 1.0}}
     apply_overrides(data, ["train.lr=2"])
