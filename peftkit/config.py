@@ -207,11 +207,7 @@ class RunConfig:
             if key not in sections:
                 raise unknown_choice("config section", key, sections)
         for section in ("task", "model", "method", "train", "expected"):
-            if data.get(section) is not None and not isinstance(data[section], dict):
-                raise PeftkitError(
-                    f"config section {section} must be a mapping of keys, got {data[section]!r} "
-                    f"(e.g. {section}: {{name: ...}})"
-                )
+            check_section(section, data.get(section))
         method_data = dict(data.get("method") or {})
         name = method_data.pop("name", None)
         if not name or not isinstance(name, str):
@@ -226,6 +222,14 @@ class RunConfig:
             train=build_dataclass(TrainConfig, data.get("train") or {}, "train"),
             recipe=_recipe_name(data.get("recipe")),
             expected=build_dataclass(Expected, data["expected"], "expected") if data.get("expected") else None,
+        )
+
+
+def check_section(section: str, value: Any) -> None:
+    """A config section is a mapping of keys (or absent)."""
+    if value is not None and not isinstance(value, dict):
+        raise PeftkitError(
+            f"config section {section} must be a mapping of keys, got {value!r} (e.g. {section}: {{name: ...}})"
         )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.config import RunConfig
+from peftkit.config import RunConfig, check_section
 from peftkit.errors import PeftkitError, unknown_choice
 
 
@@ -55,8 +55,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise PeftkitError(f"override {item!r}: {e.problem}") from None
         except yaml.YAMLError:
             value = raw
-        data.setdefault(section, {})
-        data[section] = dict(data[section] or {})
+        check_section(section, data.get(section))
+        data[section] = dict(data.get(section) or {})
         data[section][name] = value
         if section == "method":
             given.add(name)

@@ -87,6 +87,13 @@ def test_user_config_file(tmp_path):
     assert config.method.name == "ia3" and config.train.max_steps == 10 and config.recipe == "mine"
 
 
+def test_an_override_into_a_section_that_is_not_a_mapping_is_one_line(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("task: {name: sst2}\nmethod: lora\n")
+    with pytest.raises(PeftkitError, match="config section method must be a mapping of keys, got 'lora'"):
+        load_config(config_file=str(path), overrides=["method.r=4"])
+
+
 def test_a_key_written_twice_is_refused_naming_it_and_its_line(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("task: {name: sst2}\nmethod:\n  name: lora\n  r: 4\n  r: 8\n")
