@@ -164,6 +164,15 @@ def test_report_of_an_empty_folder_is_a_user_error(tmp_path, capsys):
     assert "no cell results" in capsys.readouterr().err
 
 
+def test_report_of_an_incomplete_cell_file_names_it_and_the_missing_keys(tmp_path, capsys):
+    (tmp_path / "cells").mkdir()
+    cell = tmp_path / "cells" / "t__lora__seed0.json"
+    cell.write_text(json.dumps({"cell": "t__lora__seed0", "method": "lora", "seed": 0, "status": "failed"}))
+    assert main(["bench", "--report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"peftkit: error: cell file {cell} lacks task, manifest, error; remove it to run the cell again\n"
+
+
 def test_aggregate_means_stds_and_pareto(tmp_path):
     def cell(seed: int, accuracy: float, params: int) -> dict:
         return {

@@ -14,6 +14,7 @@ from typing import Any
 from peftkit.bench.profiles import Profile, canonical_method
 from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError, unknown_choice
+from peftkit.io import read_json
 from peftkit.recipe_files import apply_overrides, list_recipes, load_config
 
 
@@ -79,6 +80,43 @@ def cell_path(out: str | Path, cell: Cell) -> Path:
             if legacy.exists():
                 return legacy
     return path
+
+
+# what the report reads from a cell file: from every one, then from an ok one or a failed one
+CELL_KEYS = ("cell", "task", "method", "seed", "status", "manifest", "manifest.profile")
+OK_CELL_KEYS = (
+    "task_metrics",
+    "validation",
+    "steps",
+    "memory_kind",
+    "train_examples",
+    "validation_examples",
+    "device",
+    "manifest.config",
+)
+FAILED_CELL_KEYS = ("error",)
+
+
+def read_cell(path: str | Path) -> dict[str, Any]:
+    """A cell file, checked to hold what the report reads: one that lacks a key is a one-line error naming the file
+    and the keys, as one that is not JSON is (the runner writes cells whole, so either is damage from outside)."""
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise PeftkitError(f"cell file {path} is not a JSON object; remove it to run the cell again")
+    wanted = (*CELL_KEYS, *(OK_CELL_KEYS if record.get("status") == "ok" else FAILED_CELL_KEYS))
+    missing = [key for key in wanted if not _has(record, key)]
+    if missing:
+        raise PeftkitError(f"cell file {path} lacks {', '.join(missing)}; remove it to run the cell again")
+    return record
+
+
+def _has(record: dict[str, Any], key: str) -> bool:
+    """`key` or `section.key` is in the record; a dotted key counts as there when its section is missing (the
+    section is what gets named)."""
+    section, _, inner = key.partition(".")
+    if not inner or section not in record:
+        return section in record or bool(inner)
+    return isinstance(record[section], dict) and inner in record[section]
 
 
 def _old_names(method: str) -> list[str]:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peftkit.bench.grid import read_cell
 from peftkit.bench.page import write_page
 from peftkit.bench.plots import draw_plots
 from peftkit.bench.profiles import all_methods, all_tasks, canonical_method
@@ -42,7 +43,7 @@ def load_cells(out: str | Path) -> list[dict[str, Any]]:
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not files:
         raise PeftkitError(f"no cell results in {folder}; run `peftkit bench --out {out}` first")
-    return [read_json(f) for f in files]
+    return [read_cell(f) for f in files]
 
 
 def build_report(out: str | Path) -> dict[str, Any]:

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.bench.executors import Executor, LocalExecutor
-from peftkit.bench.grid import Cell, CellJob, cell_job, cell_path, plan_cells, validate_choices
+from peftkit.bench.grid import Cell, CellJob, cell_job, cell_path, plan_cells, read_cell, validate_choices
 from peftkit.bench.profiles import Profile, load_profile
 from peftkit.bench.report import build_report
 from peftkit.bench.selection import choose, grid_cells, seed_cells, write_selection
 from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError
-from peftkit.io import atomic_write_json, read_json
+from peftkit.io import atomic_write_json
 from peftkit.loggers import read_metrics
 from peftkit.measure import LoadMeter, machine_manifest
 from peftkit.user_metrics import checked_specs, score_saved_adapter
@@ -117,7 +117,7 @@ def run_bench(
         cells += later
     bar.close()
     build_report(out)
-    counts["failed"] = sum(read_json(cell_path(out, c))["status"] != "ok" for c in cells)  # this grid, any run
+    counts["failed"] = sum(read_cell(cell_path(out, c))["status"] != "ok" for c in cells)  # this grid, any run
     return counts
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peftkit.bench.grid import Cell, cell_path
+from peftkit.bench.grid import Cell, cell_path, read_cell
 from peftkit.io import atomic_write_json, read_json
 
 SELECTION_FILE = "selection.json"
@@ -49,7 +49,7 @@ def choose(out: Path, firsts: list[Cell], lr_grid: dict[str, tuple[float, ...]])
         scores: dict[str, float] = {}
         metric = None
         for lr in lr_grid[first.method]:
-            record = read_json(cell_path(out, Cell(first.task, first.method, first.seed, lr)))
+            record = read_cell(cell_path(out, Cell(first.task, first.method, first.seed, lr)))
             if record.get("status") == "ok" and record.get("dev"):
                 metric = record["task_metrics"][0]
                 scores[repr(lr)] = record["dev"][metric]
