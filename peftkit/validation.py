@@ -400,12 +400,13 @@ def check_output_dir(output_dir: str | Path, run_dir: str | Path | None = None) 
 
 
 def apply_method(method, model, ctx):
-    """`method.apply`, with a library's ValueError (peft: target modules not found, bad bias) as one line."""
+    """`method.apply`, with a library's ValueError (peft: target modules not found, bad bias) or TypeError (peft: a
+    layer type the tuner cannot adapt, e.g. GPT-2's Conv1D under BOFT) as one line."""
     from peftkit.errors import short_error
 
     try:
         return method.apply(model, ctx)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         targets = getattr(method.options, "target_modules", None)
         named = f" (target_modules={targets})" if targets is not None else ""
         raise PeftkitError(

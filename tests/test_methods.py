@@ -15,6 +15,7 @@ from peftkit.data import encode, load_task
 from peftkit.errors import PeftkitError
 from peftkit.modeling import count_parameters, head_modules, load_model
 from peftkit.train import train
+from peftkit.validation import apply_method as apply_clearly
 
 H, L, FF, LABELS = 32, 2, 64, 2  # the tiny BERT of conftest
 HEAD = H * LABELS + LABELS
@@ -25,7 +26,8 @@ def apply_method(tiny_model_dir, name, kind="bert", **options):
 
     model = load_model(ModelConfig(str(tiny_model_dir(kind))), LABELS, pad_token_id=0)
     method = build_method(name, get_method_class(name).options_class(**options))
-    return method.apply(model, MethodContext(str(tiny_model_dir(kind)), head_modules(model), total_steps=10))
+    ctx = MethodContext(str(tiny_model_dir(kind)), head_modules(model), total_steps=10)
+    return apply_clearly(method, model, ctx)  # as the loop does: a library's refusal in one line
 
 
 def trainable_names(model):
@@ -87,13 +89,23 @@ def test_full_trains_everything(tiny_model_dir):
     assert count_parameters(model).trainable == count_parameters(model).total
 
 
-def apply_or_skip(tiny_model_dir, method, **options):
-    """Apply a registered method to the tiny BERT; a method that cannot run there must say why in one line."""
+def apply_or_skip(tiny_model_dir, method, kind="bert", **options):
+    """Apply a registered method to a tiny model; a method that cannot run there must say why in one line."""
     try:
-        return apply_method(tiny_model_dir, method, **options)
+        return apply_method(tiny_model_dir, method, kind, **options)
     except PeftkitError as e:
         assert "\n" not in str(e) and len(str(e)) > 20
-        pytest.skip(f"{method} does not apply to a BERT classifier: {e}")
+        pytest.skip(f"{method} does not apply to a {kind} classifier: {e}")
+
+
+def move_trainable(model):
+    """Stand-in for training: move every trainable weight, the head included."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model.eval()
 
 
 @pytest.mark.parametrize("method", available_methods())  # the registry: a new method is tested without edits here
@@ -102,13 +114,7 @@ def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp
     from peftkit.formats import TaskInfo
 
     options = TINY_OPTIONS.get(method, {})
-    model = apply_or_skip(tiny_model_dir, method, **options)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # stand-in for training: move every trainable weight, the head included
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    model.eval()
+    model = move_trainable(apply_or_skip(tiny_model_dir, method, **options))
     x = torch.randint(1000, 2000, (3, 7))
     expected = model(input_ids=x).logits
     save_adapter(
@@ -213,6 +219,40 @@ def test_adapter_starts_as_identity(tiny_model_dir):
     before = base(input_ids=x).logits
     adapted = build_method("adapter").apply(base, MethodContext("x", ["classifier"]))
     assert torch.equal(before, adapted(input_ids=x).logits)
+
+
+@pytest.mark.parametrize(
+    "method, targets, named",
+    [
+        ("lora", ["query", "value"], "['query', 'value']"),
+        ("adalora", ["query", "value"], "['query', 'value']"),
+        ("vera", ["c_attn", "value"], "['value']"),  # a name that does match does not hide the one that does not
+        ("ln_tuning", ["LayerNorm"], "['LayerNorm']"),
+    ],
+)
+def test_target_modules_a_decoder_lacks_are_named_with_the_ones_it_has(tiny_model_dir, method, targets, named):
+    """The recipes' BERT names on GPT-2: one line naming what matched nothing, GPT-2's own names and the fix."""
+    with pytest.raises(PeftkitError) as e:
+        apply_method(tiny_model_dir, method, "gpt2", target_modules=targets, **TINY_OPTIONS.get(method, {}))
+    message = str(e.value)
+    assert "\n" not in message and f"target_modules {named} match no module" in message
+    if method == "ln_tuning":
+        assert "norm modules are named ln_1, ln_2, ln_f" in message and "all-linear" not in message
+    else:
+        assert "linear modules are named c_attn, c_proj, c_fc" in message and "score" not in message
+        assert "method.target_modules=all-linear" in message
+
+
+@pytest.mark.parametrize("method", ["adalora", "vera", "loha"])
+def test_all_linear_targets_every_linear_layer_for_every_method(tiny_model_dir, method):
+    model = apply_method(tiny_model_dir, method, target_modules=["all-linear"], **TINY_OPTIONS.get(method, {}))
+    adapted = {n.rsplit(".", 1)[-1] for n in model.peft_config["default"].target_modules}
+    assert adapted == {"query", "key", "value", "dense"}, adapted  # every linear layer but the classifier
+
+
+def test_a_layer_type_the_tuner_cannot_adapt_is_one_line(tiny_model_dir):
+    with pytest.raises(PeftkitError, match=r"'boft' could not be applied .*TypeError: Target module Conv1D"):
+        apply_method(tiny_model_dir, "boft", "gpt2", target_modules=["all-linear"])  # GPT-2's layers are Conv1D
 
 
 def test_prefix_on_decoders_is_a_clear_error_not_a_forward_crash(tiny_model_dir):

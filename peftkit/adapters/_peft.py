@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from peftkit.adapters.base import Method, MethodContext
+from peftkit.errors import PeftkitError
 
 
 class PeftMethod(Method):
@@ -16,15 +17,22 @@ class PeftMethod(Method):
 
     uses_peft = True
     merge_blocker = None
+    targets_norms: ClassVar[bool] = False  # its target_modules name norm layers (LN-tuning), not linear ones
 
     def peft_config(self, ctx: MethodContext) -> Any:
         """Return the peft config (LoraConfig, IA3Config, ...) for this run."""
         raise NotImplementedError
 
+    def checked_config(self, model: nn.Module, ctx: MethodContext) -> Any:
+        """`peft_config(ctx)` with its target_modules resolved against `model` (`resolve_target_modules`)."""
+        config = self.peft_config(ctx)
+        resolve_target_modules(config, model, self.name, ctx.head_modules, self.targets_norms)
+        return config
+
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(ctx))
+        return get_peft_model(model, self.checked_config(model, ctx))
 
     def save(self, model: nn.Module, directory: Path) -> None:
         save_peft(model, directory)
@@ -53,6 +61,49 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         unwrapped = wrapper.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
         setattr(model.get_submodule(parent), child, unwrapped)
     return model
+
+
+def resolve_target_modules(
+    config: Any, model: nn.Module, method: str, head_modules: list[str], norms: bool = False
+) -> None:
+    """Make `config.target_modules` what the user meant, for every peft-backed method alike.
+
+    `method.target_modules=all-linear` arrives as ['all-linear']: peft knows only the plain string. A listed name
+    that matches no module (peft's rule: the module's dotted name, or its last parts) is a one-line error naming
+    it and the names this model does have, e.g. the recipes' BERT `query, value` on GPT-2 (`c_attn`): peft would
+    otherwise adapt the names that do match and drop the rest silently, or fail in a message that names neither."""
+    targets = getattr(config, "target_modules", None)
+    if targets is None or isinstance(targets, str):
+        return
+    if set(targets) == {"all-linear"}:
+        config.target_modules = "all-linear"
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
+    if not unmatched:
+        return
+    kind = "norm" if norms else "linear"
+    examples = adaptable_modules(model, head_modules, norms)
+    leaves = list(dict.fromkeys(name.rpartition(".")[2] for name in examples))
+    listing = f"{', '.join(leaves[:8])} (e.g. {examples[0]})" if examples else "none"
+    fix = "method.target_modules to" if norms else "method.target_modules=all-linear, or to"
+    raise PeftkitError(
+        f"method {method!r} could not be applied to {type(model).__name__}: target_modules {unmatched} match no "
+        f"module of it; its {kind} modules are named {listing}. Set {fix} some of those names"
+    )
+
+
+def adaptable_modules(model: nn.Module, head_modules: list[str], norms: bool = False) -> list[str]:
+    """Dotted names of the model's linear layers (nn.Linear, GPT-2's Conv1D), or norm layers, outside the head."""
+    from transformers.pytorch_utils import Conv1D
+
+    def wanted(module: nn.Module) -> bool:
+        return type(module).__name__.endswith("Norm") if norms else isinstance(module, (nn.Linear, Conv1D))
+
+    def in_head(name: str) -> bool:
+        return any(name == h or name.startswith(f"{h}.") for h in head_modules)
+
+    return [name for name, module in model.named_modules() if wanted(module) and not in_head(name)]
 
 
 def save_peft(model: nn.Module, directory: Path) -> None:

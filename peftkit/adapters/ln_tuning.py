@@ -17,3 +17,4 @@ class LNTuning(OptionsAsPeftConfig):
     name = "ln_tuning"
     options_class = LnTuningOptions
     peft_config_name = "LNTuningConfig"
+    targets_norms = True

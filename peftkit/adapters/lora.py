@@ -73,9 +73,6 @@ class LoRA(PeftMethod):
         from peft import LoraConfig
 
         o = self.options
-        targets = o.target_modules
-        if targets in (["all-linear"], "all-linear"):
-            targets = "all-linear"
         init: Any = {"default": True}.get(o.init, o.init)
         extra: dict[str, Any] = {}
         if o.init == "eva":
@@ -90,7 +87,7 @@ class LoRA(PeftMethod):
             r=o.r,
             lora_alpha=o.alpha,
             lora_dropout=o.dropout,
-            target_modules=targets,
+            target_modules=o.target_modules,
             bias=o.bias,
             use_dora=self.use_dora,
             init_lora_weights=init,
@@ -122,7 +119,7 @@ class LoRA(PeftMethod):
                 "peftkit train (which passes them), not on a bare model"
             )
         batches = [{k: v for k, v in b.items() if k != "labels"} for b in ctx.calibration(o.calibration_batches)]
-        config = self.peft_config(ctx)
+        config = self.checked_config(model, ctx)
         if o.init == "eva":
             from peft import initialize_lora_eva_weights
 

@@ -101,6 +101,10 @@ class GenericPeft(PeftMethod):
     options_class = PeftOptions
     merge_blocker = None  # depends on the type: merge() reports peft's answer
 
+    @property
+    def targets_norms(self) -> bool:  # type: ignore[override]
+        return self.options.peft_type == "LN_TUNING"
+
     def peft_config(self, ctx: MethodContext) -> Any:
         o = self.options
         options_class = peft_options_class(o.peft_type)
