@@ -17,6 +17,9 @@ the body's output, so whichever position the head reads, it reads the pooled vec
 `Pooling` module through a forward pre-hook on the body. A stock transformers class can express `pooler` (and the
 head's own selection, e.g. `last` for decoders); the others are recorded in `peftkit.json` and applied on load, and
 `export --merge` refuses them (`is_stock`): plain transformers would load that folder with its own pooler.
+Virtual tokens: prompt and p-tuning feed `inputs_embeds`, where a decoder head cannot find the padding, so under
+them `last` is the mask-based `Pooling` too (`select_last_by_mask`); prefix tuning's mask also covers the key/value
+prefix, which `Pooling` skips.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class Pooling(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         mask = self.mask
+        if mask is not None and mask.shape[0] == hidden.shape[0] and mask.shape[1] > hidden.shape[1]:
+            mask = mask[:, -hidden.shape[1] :]  # prefix tuning: the mask also covers the key/value prefix in front
         if mask is None or tuple(mask.shape) != tuple(hidden.shape[:2]):
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         if self.mode == "cls":
@@ -154,17 +159,33 @@ def apply_pooling(model: nn.Module, mode: str) -> nn.Module:
         if current == mode:
             return model
     if mode not in (native, "pooler"):
-        pool = Pooling(mode)
-        if has_pooler(model):
-            body.pooler = pool  # BERT-likes: the body calls its pooler on the token states
-            object.__setattr__(body, "peftkit_pool", pool)
-        else:
-            body.peftkit_pool = pool
-            body.register_forward_hook(_broadcast_pooled, with_kwargs=True)
-        body.register_forward_pre_hook(_capture_mask, with_kwargs=True)
+        _install_pool(model, mode)
     body.peftkit_pooling = mode
     model.config.peftkit_pooling = mode  # written into config.json by save_pretrained (merged exports)
     return model
+
+
+def _install_pool(model: nn.Module, mode: str) -> None:
+    body = _body(model)
+    pool = Pooling(mode)
+    if has_pooler(model):
+        body.pooler = pool  # BERT-likes: the body calls its pooler on the token states
+        object.__setattr__(body, "peftkit_pool", pool)
+    else:
+        body.peftkit_pool = pool
+        body.register_forward_hook(_broadcast_pooled, with_kwargs=True)
+    body.register_forward_pre_hook(_capture_mask, with_kwargs=True)
+
+
+def select_last_by_mask(model: nn.Module) -> None:
+    """Make a head that picks the last token by itself pick it by the attention mask, for methods that prepend
+    virtual tokens (prompt, p-tuning). They feed `inputs_embeds`, in which transformers' decoder heads cannot find
+    padding: they read the last position, a pad for the shorter rows of a right-padded batch, so a row's logits
+    would depend on its batch. The mask, which peft extends over the virtual tokens, finds the real last token."""
+    body = _body(model)
+    mode = getattr(body, "peftkit_pooling", None) or native_pooling(model)
+    if mode == "last" and getattr(body, "peftkit_pool", None) is None:
+        _install_pool(model, mode)
 
 
 def pooling_of(model: nn.Module) -> str:

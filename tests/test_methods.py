@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_runs import ADALORA_TINY, TINY_OPTIONS
+from tiny_runs import ADALORA_TINY, TEXTS, TINY_OPTIONS
 
 from peftkit.adapters import MethodContext, available_methods, build_method
 from peftkit.artifacts import load
@@ -126,6 +126,45 @@ def test_save_load_round_trip_gives_identical_logits(method, tiny_model_dir, tmp
     )
     loaded = load(tmp_path / "a")
     torch.testing.assert_close(loaded.model(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+VIRTUAL_TOKENS_THROUGH_PEFT = ("peft", {"peft_type": "P_TUNING", "options": {"num_virtual_tokens": 4}})
+DECODER_NORMS = {"gpt2": ["ln_1", "ln_2"], "llama": ["input_layernorm", "post_attention_layernorm"]}
+
+
+def on(kind, method, options):
+    """A method's options for a `kind` model: on decoders, BERT-named default targets become theirs."""
+    from peftkit.adapters import get_method_class
+
+    if kind == "bert" or not getattr(get_method_class(method).options_class(), "target_modules", None):
+        return options
+    return {"target_modules": DECODER_NORMS[kind] if method == "ln_tuning" else ["all-linear"], **options}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize(
+    "method, options", [*((m, TINY_OPTIONS.get(m, {})) for m in available_methods()), VIRTUAL_TOKENS_THROUGH_PEFT]
+)
+def test_a_rows_logits_do_not_depend_on_its_batch(method, options, kind, tiny_model_dir):
+    """Virtual tokens (prompt, ptuning) reach a decoder as inputs_embeds, in which its head finds no padding: it
+    read the last position, a pad for the shorter rows of a right-padded batch. Eval, predict and the training
+    loss must read each row's own last token, whatever rows share its batch."""
+    from peftkit.data import collate
+    from peftkit.inference import predict_logits
+    from peftkit.modeling import load_tokenizer
+
+    model = move_trainable(apply_or_skip(tiny_model_dir, method, kind, **on(kind, method, options)))
+    tokenizer = load_tokenizer(ModelConfig(str(tiny_model_dir(kind))))
+    split = encode([{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)], tokenizer, 32)
+    alone = predict_logits(model, split, 1, torch.device("cpu"))
+    batched = predict_logits(model, split, len(TEXTS), torch.device("cpu"))
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    rows = list(range(len(TEXTS)))
+    with torch.no_grad():  # the loss the loop trains on (AdaLoRA's regulariser included) reads the same tokens
+        out = model(**collate(split, rows))
+        losses_alone = [model(**collate(split, [i])).loss for i in rows]
+    torch.testing.assert_close(out.logits, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, torch.stack(losses_alone).mean(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])

@@ -105,6 +105,25 @@ def test_decoder_poolings_train_and_reload(tiny_model_dir, tmp_path, kind, pooli
         torch.testing.assert_close(load(tmp_path / "adapter").model(**batch).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kind,method_name,pooling",
+    [("gpt2", "prompt", "auto"), ("llama", "ptuning", "auto"), ("gpt2", "prompt", "mean")]
+    + [("bert", "prefix", "mean"), ("bert", "prefix", "last"), ("bert", "ptuning", "last")],
+)
+def test_virtual_tokens_pool_each_rows_own_tokens(tiny_model_dir, tmp_path, kind, method_name, pooling):
+    """Prompt/p-tuning feed decoders inputs_embeds (their head cannot find the padding there); prefix tuning hands
+    the body a mask longer than its tokens (it covers the key/value prefix): either way a row was pooled from
+    pads when batched with longer rows. Its logits must not depend on its batch, before and after reloading."""
+    path = tiny_model_dir(kind)
+    model, method, batch, heads, _ = _trained(path, method_name, pooling)
+    _save(model, method, path, tmp_path / "adapter", heads)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
+    for scored in (model, load(tmp_path / "adapter").model):
+        with torch.no_grad():
+            alone = torch.cat([scored(**tokenizer([text], return_tensors="pt")).logits for text in TEXTS])
+            torch.testing.assert_close(scored(**batch).logits, alone, atol=1e-5, rtol=1e-5)
+
+
 def _sentence_transformers_copy(src, dst, mode_key="pooling_mode_mean_tokens"):
     shutil.copytree(src, dst)
     (dst / "modules.json").write_text(

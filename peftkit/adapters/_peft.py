@@ -10,6 +10,7 @@ from torch import nn
 
 from peftkit.adapters.base import Method, MethodContext
 from peftkit.errors import PeftkitError
+from peftkit.pooling import select_last_by_mask
 
 
 class PeftMethod(Method):
@@ -32,7 +33,7 @@ class PeftMethod(Method):
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self.checked_config(model, ctx))
+        return pool_virtual_tokens(get_peft_model(model, self.checked_config(model, ctx)))
 
     def save(self, model: nn.Module, directory: Path) -> None:
         save_peft(model, directory)
@@ -40,7 +41,7 @@ class PeftMethod(Method):
     def load(self, base: nn.Module, directory: Path, ctx: MethodContext) -> nn.Module:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+        return pool_virtual_tokens(PeftModel.from_pretrained(base, str(directory), is_trainable=False))
 
     def merge(self, model: nn.Module) -> nn.Module:
         if self.merge_blocker:
@@ -104,6 +105,14 @@ def adaptable_modules(model: nn.Module, head_modules: list[str], norms: bool = F
         return any(name == h or name.startswith(f"{h}.") for h in head_modules)
 
     return [name for name, module in model.named_modules() if wanted(module) and not in_head(name)]
+
+
+def pool_virtual_tokens(model: nn.Module) -> nn.Module:
+    """Under peft's prompt learning (prompt, p-tuning, prefix: virtual tokens in front of the input), pool the last
+    token by the attention mask, not by the decoder head's own search of input_ids (`pooling.select_last_by_mask`)."""
+    if model.active_peft_config.is_prompt_learning:
+        select_last_by_mask(model.get_base_model())
+    return model
 
 
 def save_peft(model: nn.Module, directory: Path) -> None:
