@@ -124,9 +124,10 @@ def stock_peft_blocker(meta: AdapterMeta, model: nn.Module | None) -> str | None
     reasons = [get_method_class(meta.method).stock_peft_blocker]
     if not (is_stock(model) if model is not None else meta.pooling == "pooler"):
         reasons.append(
-            f"it pools with {meta.pooling!r} (peftkit's model.pooling), which the stock classification class does "
-            "not compute: pool the body's hidden states that way and apply the classifier yourself (peftkit's "
-            "README, Pooling)"
+            f"it pools with {meta.pooling!r} (peftkit's model.pooling) by the attention mask, which the stock "
+            "classification class does not do here (under prompt or p-tuning a decoder head reads the last "
+            "position, a pad in a padded batch): pool the body's hidden states that way and apply the classifier "
+            "yourself (peftkit's README, Pooling)"
         )
     return "; ".join(r for r in reasons if r) or None
 

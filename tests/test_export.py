@@ -115,6 +115,14 @@ def test_prefix_card_says_what_stock_peft_needs(runs, tmp_path):
     assert torch.equal(logits_of(stock, ours.tokenizer), logits_of(ours.model, ours.tokenizer))
 
 
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_decoder_prompt_card_offers_no_stock_load(method, tmp_path, tiny_model_dir, toy_task_dir):
+    """Stock GPT-2 under prompt tuning pools the last position (a pad in a padded batch): no stock-peft promise."""
+    runs = TinyRuns(tmp_path, tiny_model_dir("gpt2"), toy_task_dir)
+    card = (export_adapter(runs.run(method), tmp_path / "export") / "README.md").read_text()
+    assert "Not as is: it pools with 'last'" in card and "PeftModel.from_pretrained" not in card
+
+
 @pytest.mark.parametrize("method", MERGEABLE)
 def test_merged_export_matches_adapter_via_plain_transformers(method, runs, tmp_path):
     """Every method that merges, from the registry: ln_tuning saved peft's modules_to_save wrapper keys."""
