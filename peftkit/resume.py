@@ -1,4 +1,5 @@
-"""What makes `--resume` safe: a checkpoint records which run it belongs to and what its files hold.
+"""Run folders: what a new run may write into (`check_output_dir`, `refuse_to_replace_a_run`), and what makes
+`--resume` safe: a checkpoint records which run it belongs to and what its files hold.
 
 Every checkpoint gets a `manifest.json`, written last inside its temp folder (so a complete checkpoint always has
 one): the sha256 of each of its files and the resolved config minus the keys a resume may change. On `--resume`:
@@ -120,6 +121,16 @@ def _canonical(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = float(value)
     return json.dumps(value, default=str, sort_keys=True)
+
+
+def check_output_dir(output_dir: str | Path, run_dir: str | Path | None = None) -> None:
+    """The run folder's parent must be a folder (or not exist yet), never a file such as /etc/passwd."""
+    for path in (Path(output_dir), *([Path(run_dir)] if run_dir else [])):
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise PeftkitError(f"cannot write a run under {path}: {probe} is a file, not a folder")
 
 
 def refuse_to_replace_a_run(run_dir: Path) -> None:

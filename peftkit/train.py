@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.functional import cross_entropy
 
-from peftkit.adapters import MethodContext, build_method
+from peftkit.adapters import MethodContext, apply_method, build_method
 from peftkit.adapters.base import is_head_parameter, trainable_state
 from peftkit.artifacts import save_adapter
 from peftkit.batching import BatchOrder, first_batches
@@ -50,8 +50,8 @@ from peftkit.modeling import (
     trained_head_modules,
 )
 from peftkit.precision import autocast, hold_frozen_linears_in_bf16, resolve_bf16
-from peftkit.resume import ResumePlan, refuse_to_replace_a_run, resume_view
-from peftkit.validation import apply_method, check_max_length, check_output_dir
+from peftkit.resume import ResumePlan, check_output_dir, refuse_to_replace_a_run, resume_view
+from peftkit.validation import check_max_length
 
 __all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
 

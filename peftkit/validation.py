@@ -387,28 +387,3 @@ def check_max_length(max_length: int, model, tokenizer) -> None:
             f"task.max_length={max_length} exceeds the model's {min(limits)} positions; "
             f"set task.max_length={min(limits)} or less"
         )
-
-
-def check_output_dir(output_dir: str | Path, run_dir: str | Path | None = None) -> None:
-    """The run folder's parent must be a folder (or not exist yet), never a file such as /etc/passwd."""
-    for path in (Path(output_dir), *([Path(run_dir)] if run_dir else [])):
-        probe = path
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if probe.exists() and not probe.is_dir():
-            raise PeftkitError(f"cannot write a run under {path}: {probe} is a file, not a folder")
-
-
-def apply_method(method, model, ctx):
-    """`method.apply`, with a library's ValueError (peft: target modules not found, bad bias) or TypeError (peft: a
-    layer type the tuner cannot adapt, e.g. GPT-2's Conv1D under BOFT) as one line."""
-    from peftkit.errors import short_error
-
-    try:
-        return method.apply(model, ctx)
-    except (ValueError, KeyError, TypeError) as e:
-        targets = getattr(method.options, "target_modules", None)
-        named = f" (target_modules={targets})" if targets is not None else ""
-        raise PeftkitError(
-            f"method {method.name!r} could not be applied to this model{named}: {short_error(e)}"
-        ) from None

@@ -9,13 +9,13 @@ import torch
 from tiny_runs import ADALORA_TINY, TEXTS, TINY_OPTIONS
 
 from peftkit.adapters import MethodContext, available_methods, build_method
+from peftkit.adapters import apply_method as apply_clearly
 from peftkit.artifacts import load
 from peftkit.config import ModelConfig
 from peftkit.data import encode, load_task
 from peftkit.errors import PeftkitError
 from peftkit.modeling import count_parameters, head_modules, load_model
 from peftkit.train import train
-from peftkit.validation import apply_method as apply_clearly
 
 H, L, FF, LABELS = 32, 2, 64, 2  # the tiny BERT of conftest
 HEAD = H * LABELS + LABELS

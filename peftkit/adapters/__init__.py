@@ -13,7 +13,7 @@ import importlib
 from importlib.metadata import entry_points
 
 from peftkit.adapters.base import Method, MethodContext
-from peftkit.errors import PeftkitError, unknown_choice
+from peftkit.errors import PeftkitError, short_error, unknown_choice
 
 ENTRY_POINT_GROUP = "peftkit.methods"
 
@@ -79,10 +79,24 @@ def build_method(name: str, options=None) -> Method:
     return get_method_class(name)(options)
 
 
+def apply_method(method, model, ctx):
+    """`method.apply`, with a library's ValueError (peft: target modules not found, bad bias) or TypeError (peft: a
+    layer type the tuner cannot adapt, e.g. GPT-2's Conv1D under BOFT) as one line."""
+    try:
+        return method.apply(model, ctx)
+    except (ValueError, KeyError, TypeError) as e:
+        targets = getattr(method.options, "target_modules", None)
+        named = f" (target_modules={targets})" if targets is not None else ""
+        raise PeftkitError(
+            f"method {method.name!r} could not be applied to this model{named}: {short_error(e)}"
+        ) from None
+
+
 __all__ = [
     "METHOD_ALIASES",
     "Method",
     "MethodContext",
+    "apply_method",
     "available_methods",
     "build_method",
     "get_method_class",
