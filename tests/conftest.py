@@ -74,6 +74,25 @@ def _tiny_config(kind: str, **overrides):
             bos_token_id=101,
             eos_token_id=102,
         )
+    if kind == "electra-small-embed":  # embeddings narrower than the hidden size, as in real ELECTRA-small / ALBERT
+        from transformers import ElectraConfig
+
+        return ElectraConfig(
+            vocab_size=vocab,
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **overrides,
+        )
+    if kind == "distilbert-names":  # its config.json says dim / n_layers / n_heads
+        from transformers import DistilBertConfig
+
+        return DistilBertConfig(
+            vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128, **overrides
+        )
     raise ValueError(kind)
 
 

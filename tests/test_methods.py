@@ -328,3 +328,31 @@ def test_third_party_method_registers_through_entry_point(tmp_path, monkeypatch,
     assert "headonly" in available_methods()
     model = apply_method(tiny_model_dir, "headonly")
     assert count_parameters(model).trainable == HEAD
+
+
+@pytest.mark.parametrize("kind", ["electra-small-embed", "distilbert-names"])
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_virtual_tokens_take_the_input_embedding_width(tiny_model_dir, kind, method):
+    """peft sized them by hidden_size (32 on ELECTRA, whose embeddings are 16 wide: a shape error in the forward)
+    and found no hidden_size at all in DistilBERT's config.json (dim, n_layers, n_heads)."""
+    model = apply_method(tiny_model_dir, method, kind, num_virtual_tokens=4)
+    assert model.peft_config["default"].token_dim == model.get_input_embeddings().embedding_dim
+    assert model(input_ids=torch.randint(1000, 2000, (2, 5))).logits.shape == (2, LABELS)
+
+
+def test_ia3_all_linear_scales_the_inputs_of_the_down_projections(tiny_model_dir):
+    """peft has no IA3 feed-forward table for ELECTRA ("Please specify `feedforward_modules`"): the layers that
+    narrow (FFN out, 64 -> 32) scale their input, as peft's tables do for BERT, GPT-2 and Llama."""
+    model = apply_method(tiny_model_dir, "ia3", "electra-small-embed", target_modules=["all-linear"])
+    feedforward = {n for n, m in model.named_modules() if getattr(m, "is_feedforward", False)}
+    assert feedforward == {f"base_model.model.electra.encoder.layer.{i}.output.dense" for i in range(L)}
+
+
+@pytest.mark.parametrize("method", ["adalora", "ia3"])
+def test_no_default_target_modules_names_the_models_own(tiny_model_dir, method):
+    """Where peft has no default targets for the architecture, one line with its linear layers and the fix."""
+    with pytest.raises(PeftkitError) as e:
+        apply_method(tiny_model_dir, method, "electra-small-embed", **TINY_OPTIONS.get(method, {}))
+    message = str(e.value)
+    assert "\n" not in message and "no default target_modules for model type 'electra'" in message
+    assert "query, key, value, dense" in message and "method.target_modules=all-linear" in message

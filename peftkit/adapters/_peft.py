@@ -25,9 +25,11 @@ class PeftMethod(Method):
         raise NotImplementedError
 
     def checked_config(self, model: nn.Module, ctx: MethodContext) -> Any:
-        """`peft_config(ctx)` with its target_modules resolved against `model` (`resolve_target_modules`)."""
+        """`peft_config(ctx)` resolved against `model`: its target_modules (`resolve_target_modules`), or the
+        widths and counts of its virtual tokens (`size_virtual_tokens`)."""
         config = self.peft_config(ctx)
         resolve_target_modules(config, model, self.name, ctx.head_modules, self.targets_norms)
+        size_virtual_tokens(config, model)
         return config
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
@@ -72,26 +74,102 @@ def resolve_target_modules(
     `method.target_modules=all-linear` arrives as ['all-linear']: peft knows only the plain string. A listed name
     that matches no module (peft's rule: the module's dotted name, or its last parts) is a one-line error naming
     it and the names this model does have, e.g. the recipes' BERT `query, value` on GPT-2 (`c_attn`): peft would
-    otherwise adapt the names that do match and drop the rest silently, or fail in a message that names neither."""
-    targets = getattr(config, "target_modules", None)
-    if targets is None or isinstance(targets, str):
+    otherwise adapt the names that do match and drop the rest silently, or fail in a message that names neither.
+    No target_modules where peft has no default for the architecture (ALBERT, MPNet, ...) is the same kind of line,
+    not peft's bare "Please specify `target_modules`"."""
+    if not hasattr(config, "target_modules"):  # prompt learning: virtual tokens, no target layers
         return
-    if set(targets) == {"all-linear"}:
-        config.target_modules = "all-linear"
+    targets = config.target_modules
+    if targets is None:
+        if not getattr(config, "target_parameters", None) and not peft_has_default_targets(config, model):
+            raise PeftkitError(
+                f"method {method!r} could not be applied to {type(model).__name__}: peft has no default "
+                f"target_modules for model type {model.config.model_type!r}; "
+                + name_the_modules(model, head_modules, norms)
+            )
+        return
+    if not isinstance(targets, str) and set(targets) == {"all-linear"}:
+        config.target_modules = targets = "all-linear"
+    if targets == "all-linear":
+        choose_feedforward_modules(config, model, adaptable_modules(model, head_modules))
+    if isinstance(targets, str):  # all-linear, or a regular expression (method peft)
         return
     names = [name for name, _ in model.named_modules() if name]
-    unmatched = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
-    if not unmatched:
-        return
+    unmatched = sorted(t for t in targets if not any(names_module(t, n) for n in names))
+    if unmatched:
+        raise PeftkitError(
+            f"method {method!r} could not be applied to {type(model).__name__}: target_modules {unmatched} match no "
+            f"module of it; " + name_the_modules(model, head_modules, norms)
+        )
+    targeted = [n for n in adaptable_modules(model, head_modules) if any(names_module(t, n) for t in targets)]
+    choose_feedforward_modules(config, model, targeted)
+
+
+def names_module(target: str, name: str) -> bool:
+    """peft's rule for a target_modules entry: the module's dotted name, or its last parts."""
+    return name == target or name.endswith(f".{target}")
+
+
+def name_the_modules(model: nn.Module, head_modules: list[str], norms: bool) -> str:
+    """The end of a target_modules error: the model's own linear (or norm) module names and how to set them."""
     kind = "norm" if norms else "linear"
     examples = adaptable_modules(model, head_modules, norms)
     leaves = list(dict.fromkeys(name.rpartition(".")[2] for name in examples))
     listing = f"{', '.join(leaves[:8])} (e.g. {examples[0]})" if examples else "none"
     fix = "method.target_modules to" if norms else "method.target_modules=all-linear, or to"
-    raise PeftkitError(
-        f"method {method!r} could not be applied to {type(model).__name__}: target_modules {unmatched} match no "
-        f"module of it; its {kind} modules are named {listing}. Set {fix} some of those names"
-    )
+    return f"its {kind} modules are named {listing}. Set {fix} some of those names"
+
+
+# peft tuners that choose their own targets where their table has none (OSF: all-linear; SHADOW: every block)
+OWN_DEFAULT_TARGETS = ("OSF", "SHADOW")
+
+
+def peft_has_default_targets(config: Any, model: nn.Module) -> bool:
+    """Whether peft fills target_modules=None for this model type: its tuner's table (e.g. LoRA's has ELECTRA,
+    AdaLoRA's does not). A tuner without a table, or with a fallback of its own, is left to peft (True)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import constants
+
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if peft_type in OWN_DEFAULT_TARGETS:
+        return True
+    table = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type), "target_module_mapping", None)
+    table = table or getattr(constants, f"TRANSFORMERS_MODELS_TO_{peft_type}_TARGET_MODULES_MAPPING", None)
+    return table is None or getattr(model.config, "model_type", None) in table
+
+
+def choose_feedforward_modules(config: Any, model: nn.Module, targeted: list[str]) -> None:
+    """IA3 scales a feed-forward layer's input, every other layer's output. Where peft has no feed-forward table
+    for the architecture and none is given, the feed-forward layers are the targeted linear layers that narrow
+    (in_features > out_features: the FFN's down projection, as in the IA3 paper and peft's own tables)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+
+    if not hasattr(config, "feedforward_modules") or config.feedforward_modules is not None:
+        return
+    if getattr(model.config, "model_type", None) in FEEDFORWARD:
+        return
+    config.feedforward_modules = [name for name in targeted if narrows(model.get_submodule(name))]
+
+
+def narrows(layer: nn.Module) -> bool:
+    """A linear layer (nn.Linear, or GPT-2's Conv1D: nx inputs, nf outputs) with more inputs than outputs."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features > layer.out_features
+    return layer.nx > layer.nf
+
+
+def size_virtual_tokens(config: Any, model: nn.Module) -> None:
+    """peft makes prompt / p-tuning virtual tokens `hidden_size` wide, but they are concatenated with the input
+    embeddings, narrower on ALBERT and ELECTRA (`embedding_size`); and it reads layer and head counts by their
+    usual config.json keys only (DistilBERT's are n_layers, n_heads, dim). Both are taken from the model itself."""
+    if not getattr(config, "is_prompt_learning", False):
+        return
+    if str(getattr(config.peft_type, "value", config.peft_type)) in ("PROMPT_TUNING", "P_TUNING"):
+        if config.token_dim is None:
+            config.token_dim = model.get_input_embeddings().embedding_dim
+    for field, key in (("num_layers", "num_hidden_layers"), ("num_attention_heads", "num_attention_heads")):
+        if getattr(config, field) is None and isinstance(getattr(model.config, key, None), int):
+            setattr(config, field, getattr(model.config, key))
 
 
 def adaptable_modules(model: nn.Module, head_modules: list[str], norms: bool = False) -> list[str]:
