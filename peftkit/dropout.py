@@ -155,13 +155,34 @@ def math_attention(module, query, key, value, attention_mask, dropout: float, sc
 HASH_SDPA = "peftkit_hash_sdpa"
 
 
+def attention_keeps_torch_dropout(model: nn.Module) -> list[str]:
+    """The sdpa model classes inside `model` whose attention `use_hash_dropout` leaves alone (torch's dropout).
+
+    Their own code branches on the attention implementation's name instead of calling transformers' attention
+    interface: Falcon runs SDPA only while `_attn_implementation == "sdpa"`, else an eager path that adds the
+    boolean padding mask to the scores (so pads are attended and a row's logits depend on its batch). transformers
+    marks the classes that route attention and masks through its interface with `_supports_attention_backend`."""
+    from transformers import PreTrainedModel
+
+    return sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if isinstance(m, PreTrainedModel)
+            and getattr(m.config, "_attn_implementation", None) == "sdpa"
+            and not type(m)._supports_attention_backend
+        }
+    )
+
+
 def use_hash_dropout(model: nn.Module) -> int:
     """Make every nn.Dropout of `model`, and its sdpa attention, draw hash masks; returns how many modules switched.
 
     For the model a training run builds and throws away: dropout modules hold no state, so a class swap keeps hooks
     and references intact, and the attention setting is a config field transformers never saves with a model.
-    An eager-attention model keeps its own attention path (its other dropouts still switch)."""
-    from transformers import AttentionInterface
+    An eager-attention model keeps its own attention path (its other dropouts still switch), and so does a model
+    whose code checks the implementation's name (`attention_keeps_torch_dropout`)."""
+    from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(HASH_SDPA, hash_sdpa_attention)
@@ -169,8 +190,9 @@ def use_hash_dropout(model: nn.Module) -> int:
     switched = [m for m in model.modules() if type(m) is nn.Dropout]
     for m in switched:
         m.__class__ = HashDropout
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
-    for config in configs.values():
-        if getattr(config, "_attn_implementation", None) == "sdpa":
+    owners = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    unsupported = {id(m.config) for m in owners if not type(m)._supports_attention_backend}  # a shared config too
+    for config in {id(m.config): m.config for m in owners}.values():
+        if getattr(config, "_attn_implementation", None) == "sdpa" and id(config) not in unsupported:
             config._attn_implementation = HASH_SDPA
     return len(switched)

@@ -32,7 +32,7 @@ from peftkit.config import RunConfig, TrainConfig
 from peftkit.console import progress_bar
 from peftkit.data import collate, encode, load_task
 from peftkit.distributed import Ranks
-from peftkit.dropout import use_hash_dropout
+from peftkit.dropout import attention_keeps_torch_dropout, use_hash_dropout
 from peftkit.embedding_grads import EmbeddingGradBuffers
 from peftkit.errors import PeftkitError
 from peftkit.formats import RunSummary, TaskInfo
@@ -112,8 +112,10 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     model = apply_method(method, model, context)
     if not config.model.quantization:
         model.to(device)
+    torch_attention = []  # model classes whose attention keeps torch's dropout (reported in the summary)
     if tcfg.dropout_rng == "hash" and device.type == "cpu":
         use_hash_dropout(model)  # the same Bernoulli masks, drawn ~6x cheaper than torch's CPU sampler
+        torch_attention = attention_keeps_torch_dropout(model)
     # bf16 copies of the frozen linear weights (the fp32 ones kept aside): autocast need not recast them every step;
     # not under FSDP, which flattens parameters into units of one dtype
     held = bf16 and device.type == "cpu" and method.frozen_linears_in_bf16 and not ranks.sharded
@@ -294,6 +296,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         environment=environment(),
         run_dir=str(run_dir),
     )
+    if torch_attention:  # its code checks the attention implementation's name: hash masks would break its masking
+        summary.extra["attention_dropout_rng"] = f"torch ({', '.join(torch_attention)} keeps its own sdpa path)"
     if task.skipped_rows:
         summary.extra["skipped_rows"] = len(task.skipped_rows)
         summary.extra["skipped_rows_first"] = task.skipped_rows[:10]

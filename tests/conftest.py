@@ -93,12 +93,25 @@ def _tiny_config(kind: str, **overrides):
         return DistilBertConfig(
             vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128, **overrides
         )
+    if kind == "falcon":  # its attention branches on `_attn_implementation == "sdpa"` (test_dropout.py)
+        from transformers import FalconConfig
+
+        return FalconConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+            **overrides,
+        )
     raise ValueError(kind)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """Factory: tiny_model_dir('bert'|'gpt2'|'llama', **config_overrides) -> a saved base-model folder + tokenizer."""
+    """Factory: tiny_model_dir(kind, **config_overrides) -> a saved base-model folder + tokenizer (_tiny_config)."""
     cache: dict[str, Path] = {}
 
     def make(kind: str = "bert", **overrides) -> Path:

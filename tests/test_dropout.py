@@ -100,6 +100,29 @@ def test_the_attention_path_equals_sdpa_with_padding(kind, monkeypatch):
     assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits, reference, atol=1e-5)
 
 
+def test_a_model_that_checks_the_attention_name_keeps_its_sdpa_path(tiny_model_dir, tiny_run_config, tmp_path):
+    """Falcon runs SDPA only under the name "sdpa" (else an eager path that attends to the pads): its attention
+    keeps torch's dropout, so eval logits and a row's independence from its batch survive, and the summary says so."""
+    from peftkit.config import ModelConfig
+    from peftkit.data import encode
+    from peftkit.inference import predict_logits
+    from peftkit.modeling import load_model, load_tokenizer
+    from peftkit.train import train
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir("falcon")))
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, 2, tokenizer.pad_token_id).eval()
+    split = encode([{"text": t} for t in ("good", "a dull , lifeless and far too long film")], tokenizer, 32)
+    cpu = torch.device("cpu")
+    batched = predict_logits(model, split, 8, cpu, False)
+    use_hash_dropout(model)
+    assert torch.allclose(predict_logits(model, split, 8, cpu, False), batched, atol=1e-6)
+    assert torch.allclose(predict_logits(model, split, 1, cpu, False), batched, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"
+    summary = train(tiny_run_config("lora", kind="falcon", max_steps=1), run_dir=tmp_path / "run")
+    assert "FalconForSequenceClassification" in summary.extra["attention_dropout_rng"]
+
+
 def test_switched_model_trains_reproducibly_and_evaluates_unchanged():
     model = _tiny("bert")
     ids = torch.randint(1, 100, (4, 8), generator=torch.Generator().manual_seed(1))
