@@ -25,7 +25,7 @@ from peftkit.errors import PeftkitError, short_error
 from peftkit.fingerprint import model_fingerprint, short
 from peftkit.formats import ADAPTER_META_FILE, SUMMARY_FILE, AdapterMeta
 from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, default_file_mode, read_json
-from peftkit.modeling import portable_model_name
+from peftkit.modeling import head_pad_token_id, portable_model_name
 from peftkit.pooling import is_stock
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -71,7 +71,8 @@ def export_adapter(run_dir: str | Path, out: str | Path, overwrite: bool = False
         meta.weights_sha256 = weights_hashes(tmp, meta.peft_format)
         meta.write(tmp)
         blocker = stock_peft_blocker(meta, loaded.model if loaded else None)
-        atomic_write_text(tmp / "README.md", model_card(meta, blocker))
+        pad_id = head_pad_token_id(loaded.model) if loaded else None
+        atomic_write_text(tmp / "README.md", model_card(meta, blocker, pad_id))
     return Path(out)
 
 
@@ -132,9 +133,10 @@ def stock_peft_blocker(meta: AdapterMeta, model: nn.Module | None) -> str | None
     return "; ".join(r for r in reasons if r) or None
 
 
-def model_card(meta: AdapterMeta, stock_blocker: str | None) -> str:
+def model_card(meta: AdapterMeta, stock_blocker: str | None, pad_token_id: int | None = None) -> str:
     """The README.md of an exported adapter: what it is, how good, how big, how to load it. `stock_blocker`
-    (`stock_peft_blocker`): why stock peft would not reproduce it; then the card shows no stock-peft snippet."""
+    (`stock_peft_blocker`): why stock peft would not reproduce it; then the card shows no stock-peft snippet.
+    `pad_token_id` (`head_pad_token_id`): the id the stock snippet passes, as the head finds the last token by it."""
     task = meta.task
     rows = []
     for split, values in (meta.metrics or {}).items():
@@ -179,6 +181,7 @@ def model_card(meta: AdapterMeta, stock_blocker: str | None) -> str:
         "peftkit serve --base " + meta.base_model + " --adapter name=THIS_FOLDER",
         "```",
     ]
+    pad = "" if pad_token_id is None else f", pad_token_id={pad_token_id}"  # the id the batches are padded with
     if meta.peft_format and stock_blocker:
         lines += ["", "## Load with stock peft", "", f"Not as is: {stock_blocker}."]
     elif meta.peft_format:
@@ -190,7 +193,7 @@ def model_card(meta: AdapterMeta, stock_blocker: str | None) -> str:
             "from transformers import AutoModelForSequenceClassification",
             "from peft import PeftModel",
             f"base = AutoModelForSequenceClassification.from_pretrained({meta.base_model!r}, "
-            f"num_labels={len(task.label_names)})",
+            f"num_labels={len(task.label_names)}{pad})",
             "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()",
             "```",
         ]
@@ -290,7 +293,8 @@ def combine_adapters(
         meta.adapter_bytes = sum((tmp / n).stat().st_size for n in PEFT_FILES)
         meta.weights_sha256 = weights_hashes(tmp, True)
         meta.write(tmp)
-        atomic_write_text(tmp / "README.md", model_card(meta, stock_peft_blocker(meta, model)))
+        card = model_card(meta, stock_peft_blocker(meta, model), head_pad_token_id(model))
+        atomic_write_text(tmp / "README.md", card)
     return Path(out), f"task head: taken from {folders[0]} (peft cannot average classification heads)"
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from peftkit.config import ModelConfig
 from peftkit.errors import PeftkitError
-from peftkit.pooling import apply_pooling, pooling_modules, resolve_pooling
+from peftkit.pooling import apply_pooling, native_pooling, pooling_modules, resolve_pooling
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 HEAD_MODULE_NAMES = ("classifier", "score")  # BERT-likes use `classifier`, decoders `score`
@@ -113,8 +113,7 @@ def load_model(
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise PeftkitError(f"cannot load model {cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id
+    align_pad_token_id(model, pad_token_id)
     apply_pooling(model, resolve_pooling(cfg.pooling, path, model, frozen_body))
     if cfg.quantization:
         from peft import prepare_model_for_kbit_training
@@ -124,6 +123,25 @@ def load_model(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_weights_trainable(model)
     return model
+
+
+def align_pad_token_id(model: nn.Module, pad_token_id: int | None) -> None:
+    """Make the config's pad id the one the batches are padded with, where that is what the head reads.
+
+    A decoder head (`score`: GPT-2, Llama, ...) reads each row's last token that is not `config.pad_token_id`; a
+    Llama-2-style folder declares pad id 0 while its tokenizer has no pad (peftkit pads with eos), so the head would
+    never find a pad and read the last position, a pad for the shorter rows: a row's logits would depend on its
+    batch. That head is the only reader at forward time (the body fixed its embedding's padding_idx when built,
+    which shapes only gradients), and save_pretrained writes the aligned id, so a merged export loads right in stock
+    transformers. Other models keep a declared id: RoBERTa-likes count positions from it."""
+    if model.config.pad_token_id is None or (pad_token_id is not None and native_pooling(model) == "last"):
+        model.config.pad_token_id = pad_token_id
+
+
+def head_pad_token_id(model: nn.Module) -> int | None:
+    """The pad id a decoder head finds each row's last token by (`align_pad_token_id`), else None: a stock load
+    must be given it, since the base folder may declare another (export cards)."""
+    return model.config.pad_token_id if native_pooling(model) == "last" else None
 
 
 # bitsandbytes matches these against module names as prefixes, regexes or suffixes: `.*pooler` keeps

@@ -139,6 +139,27 @@ def _sentence_transformers_copy(src, dst, mode_key="pooling_mode_mean_tokens"):
     return dst
 
 
+def test_decoder_head_looks_for_the_pad_the_batches_carry(tiny_model_dir, tmp_path):
+    """A Llama-2-style folder declares pad id 0 but its tokenizer has none (peftkit pads with eos): the head must
+    look for eos, else it reads a pad for the shorter rows; save_pretrained (a merged export) records that id."""
+    from peftkit.modeling import head_pad_token_id
+
+    folder = tmp_path / "llama-2-style"
+    shutil.copytree(tiny_model_dir("llama"), folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": None, "eos_token": "[SEP]"}))
+    cfg = ModelConfig(name_or_path=str(folder))
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, len(LABELS), tokenizer.pad_token_id).eval()
+    with torch.no_grad():
+        together = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+        alone = torch.cat([model(**tokenizer([text], return_tensors="pt")).logits for text in TEXTS])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["pad_token_id"] == head_pad_token_id(model) == tokenizer.pad_token_id != 0
+
+
 def test_auto_reads_the_base_folder(tiny_model_dir, tmp_path, monkeypatch):
     import peftkit.pooling as pooling
     from peftkit.pooling import pooling_of
