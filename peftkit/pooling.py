@@ -11,12 +11,13 @@
   [CLS] states reads features the body never trained for (benchmarks/results/pooling.md: 8 points on sst2).
 
 The pooling lives inside the model `modeling.load_model` returns, so training, `peftkit.load`, predict, serve and
-export get it by passing `model.pooling` through. BERT-likes: the pooler is swapped for a parameter-free `Pooling`
-module. Models without a pooler (decoders, RoBERTa-style heads): the pooled vector is broadcast to every position of
-the body's output, so whichever position the head reads, it reads the pooled vector. The attention mask reaches the
-`Pooling` module through a forward pre-hook on the body. A stock transformers class can express `pooler` (and the
-head's own selection, e.g. `last` for decoders); the others are recorded in `peftkit.json` and applied on load, and
-`export --merge` refuses them (`is_stock`): plain transformers would load that folder with its own pooler.
+export get it by passing `model.pooling` through. BERT-likes: the pooler gives way to an identity and the body's
+`pooler_output` becomes the parameter-free `Pooling` of its token states (a forward hook: bodies differ in what they
+hand their pooler). Models without a pooler (decoders, RoBERTa-style heads): the pooled vector is broadcast to every
+position of the body's output, so whichever position the head reads, it reads the pooled vector. The attention mask
+reaches the `Pooling` module through a forward pre-hook on the body. A stock transformers class can express `pooler`
+(and the head's own selection, e.g. `last` for decoders); the others are recorded in `peftkit.json` and applied on
+load, and `export --merge` refuses them (`is_stock`): plain transformers would load that folder with its own pooler.
 Virtual tokens: prompt and p-tuning feed `inputs_embeds`, where a decoder head cannot find the padding, so under
 them `last` is the mask-based `Pooling` too (`select_last_by_mask`); prefix tuning's mask also covers the key/value
 prefix, which `Pooling` skips.
@@ -145,6 +146,14 @@ def _broadcast_pooled(body: nn.Module, args: tuple, kwargs: dict, output):
     return output
 
 
+def _replace_pooler_output(body: nn.Module, args: tuple, kwargs: dict, output):
+    pooled = body.peftkit_pool(output[0])
+    if isinstance(output, tuple):
+        return (output[0], pooled, *output[2:])
+    output["pooler_output"] = pooled
+    return output
+
+
 def apply_pooling(model: nn.Module, mode: str) -> nn.Module:
     """Make `model` (a stock *ForSequenceClassification) pool with `mode`. Idempotent for the same mode."""
     body = _body(model)
@@ -167,12 +176,13 @@ def apply_pooling(model: nn.Module, mode: str) -> nn.Module:
 
 def _install_pool(model: nn.Module, mode: str) -> None:
     body = _body(model)
-    pool = Pooling(mode)
-    if has_pooler(model):
-        body.pooler = pool  # BERT-likes: the body calls its pooler on the token states
-        object.__setattr__(body, "peftkit_pool", pool)
+    pooler = has_pooler(model)
+    body.peftkit_pool = Pooling(mode)
+    if pooler:  # BERT-likes: the head reads pooler_output, pooled here from the body's token states, because what
+        # the body hands its pooler varies (ALBERT: the [CLS] slice, then a tanh outside the pooler)
+        body.pooler = nn.Identity()
+        body.register_forward_hook(_replace_pooler_output, with_kwargs=True)
     else:
-        body.peftkit_pool = pool
         body.register_forward_hook(_broadcast_pooled, with_kwargs=True)
     body.register_forward_pre_hook(_capture_mask, with_kwargs=True)
 

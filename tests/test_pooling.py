@@ -94,6 +94,23 @@ def test_poolings_differ_and_mean_ignores_padding(tiny_model_dir):
     assert len({tuple(v.tolist()) for v in logits.values()}) == 4
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
+def test_pooling_of_a_body_that_hands_its_pooler_a_slice(tiny_model_dir, pooling):
+    """ALBERT's body calls its pooler on the [CLS] slice (2-D) and applies a tanh outside it: the classifier still
+    reads `pooling` over every token state, not a shape error (or, were batch == hidden size, garbage)."""
+    from peftkit.pooling import Pooling
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir("albert")), pooling=pooling)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, 3, tokenizer.pad_token_id).eval()
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    pool = Pooling(pooling)
+    pool.mask = batch["attention_mask"]
+    with torch.no_grad():
+        expected = model.classifier(pool(model.albert(**batch).last_hidden_state))
+        torch.testing.assert_close(model(**batch).logits, expected)
+
+
 @pytest.mark.parametrize("kind,pooling", [("gpt2", "mean"), ("gpt2", "last"), ("llama", "cls")])
 def test_decoder_poolings_train_and_reload(tiny_model_dir, tmp_path, kind, pooling):
     path = tiny_model_dir(kind)
