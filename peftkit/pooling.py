@@ -90,10 +90,15 @@ def has_pooler(model: nn.Module) -> bool:
 
 
 def native_pooling(model: nn.Module) -> str:
-    """What the stock classification class does: its pooler, else the last token (decoders' `score`), else [CLS]."""
+    """What the stock classification class does: its pooler, else the last token (decoders' `score`), else what
+    its config's `classifier_pooling` says (ModernBERT's head mean-pools by it, as the released base does), else
+    [CLS]. Another explicit pooling than this one gets a `Pooling` module (`apply_pooling`)."""
     if has_pooler(model):
         return "pooler"
-    return "last" if isinstance(getattr(model, "score", None), nn.Module) else "cls"
+    if isinstance(getattr(model, "score", None), nn.Module):
+        return "last"
+    declared = getattr(model.config, "classifier_pooling", None)
+    return declared if declared in ("cls", "mean", "last") else "cls"
 
 
 def sentence_transformers_pooling(model_path: str | Path) -> str | None:

@@ -78,10 +78,6 @@ def _tiny_config(kind: str, **overrides):
         from transformers import ElectraConfig
 
         return ElectraConfig(
-    if kind == "albert":  # its body calls the pooler on the [CLS] slice, then a tanh outside it (test_pooling.py)
-        from transformers import AlbertConfig
-
-        return AlbertConfig(
             vocab_size=vocab,
             embedding_size=16,
             hidden_size=32,
@@ -96,6 +92,32 @@ def _tiny_config(kind: str, **overrides):
 
         return DistilBertConfig(
             vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128, **overrides
+        )
+    if kind == "albert":  # its body calls the pooler on the [CLS] slice, then a tanh outside it (test_pooling.py)
+        from transformers import AlbertConfig
+
+        return AlbertConfig(
+            vocab_size=vocab,
+            embedding_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **overrides,
+        )
+    if kind == "modernbert":  # its head pools by config.classifier_pooling (test_pooling.py)
+        from transformers import ModernBertConfig
+
+        return ModernBertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            **overrides,
         )
     if kind == "falcon":  # its attention branches on `_attn_implementation == "sdpa"` (test_dropout.py)
         from transformers import FalconConfig

@@ -111,6 +111,26 @@ def test_pooling_of_a_body_that_hands_its_pooler_a_slice(tiny_model_dir, pooling
         torch.testing.assert_close(model(**batch).logits, expected)
 
 
+@pytest.mark.parametrize("pooling", ["auto", "cls", "mean"])
+def test_a_head_pooling_by_its_config_is_recorded_and_an_explicit_pooling_wins(tiny_model_dir, pooling):
+    """ModernBERT's head pools as config.classifier_pooling says (the released base: mean): `auto` records that,
+    and an explicit `cls` is what the classifier reads, not the head's mean."""
+    from peftkit.pooling import Pooling, pooling_of
+
+    path = tiny_model_dir("modernbert", classifier_pooling="mean")
+    cfg = ModelConfig(name_or_path=str(path), pooling=pooling)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, 3, tokenizer.pad_token_id).eval()
+    mode = "mean" if pooling == "auto" else pooling
+    assert pooling_of(model) == mode
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    pool = Pooling(mode)
+    pool.mask = batch["attention_mask"]
+    with torch.no_grad():
+        pooled = pool(model.model(**batch).last_hidden_state)  # (a pooling peftkit applies is broadcast there)
+        torch.testing.assert_close(model(**batch).logits, model.classifier(model.head(pooled)))
+
+
 @pytest.mark.parametrize("kind,pooling", [("gpt2", "mean"), ("gpt2", "last"), ("llama", "cls")])
 def test_decoder_poolings_train_and_reload(tiny_model_dir, tmp_path, kind, pooling):
     path = tiny_model_dir(kind)
