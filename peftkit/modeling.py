@@ -15,7 +15,9 @@ from peftkit.errors import PeftkitError
 from peftkit.pooling import apply_pooling, native_pooling, pooling_modules, resolve_pooling
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-HEAD_MODULE_NAMES = ("classifier", "score")  # BERT-likes use `classifier`, decoders `score`
+# The classifier names peft's SEQ_CLS model adds to modules_to_save itself, so it wraps them whole; also what
+# quantization must name before a model exists. head_modules() finds the whole head by rule.
+HEAD_MODULE_NAMES = ("classifier", "score")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -208,17 +210,39 @@ def keep_4bit_weights_trainable(model: nn.Module) -> None:
 
 
 def head_modules(model: nn.Module) -> list[str]:
-    """Top-level names of the task head of a *ForSequenceClassification model."""
-    names = [n for n in HEAD_MODULE_NAMES if isinstance(getattr(model, n, None), nn.Module)]
-    if not names:
-        raise PeftkitError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_MODULE_NAMES)}")
+    """Top-level names of the task head of a *ForSequenceClassification model: every child outside the body
+    (`base_model_prefix`) that holds parameters. A rule, not a list of names: DistilBERT's `pre_classifier`,
+    DeBERTa-v2's `pooler` and ModernBERT's `head` sit beside the classifier, and a head layer missing here is
+    neither trained nor saved, so it would come back random on every load."""
+    body = getattr(model, model.base_model_prefix, None)
+    names = [n for n, m in model.named_children() if m is not body and any(True for _ in m.parameters())]
+    if body is None or not names:
+        raise PeftkitError(f"{type(model).__name__} has no classification head beside its body to train")
     return names
 
 
 def trained_head_modules(model: nn.Module) -> list[str]:
-    """What trains and ships with the head for every method: the classifier plus whatever sits between the body and
-    it (BERT's pooler under `pooling: pooler`), as dotted module names (peft's `modules_to_save` matches suffixes)."""
-    return [*head_modules(model), *pooling_modules(model)]
+    """What trains and ships with the head for every method: the head modules plus whatever of the body sits between
+    it and them (BERT's pooler under `pooling: pooler`), as dotted module names (peft's `modules_to_save` matches
+    suffixes). A module made of Linear layers only (BERT's pooler, DeBERTa-v2's) is listed as those layers, so that
+    peft wraps plain Linear layers, which mix adapters in one batch (serve); not the classifier, which peft's SEQ_CLS
+    model wraps whole in any case (RoBERTa's: dense, out_proj)."""
+    return [part for name in [*head_modules(model), *pooling_modules(model)] for part in linear_parts(model, name)]
+
+
+def linear_parts(model: nn.Module, name: str) -> list[str]:
+    """`name`'s parameter-holding children when they are all nn.Linear and it has no parameters of its own, else
+    `[name]`: `bert.pooler` -> `bert.pooler.dense`; a classifier (HEAD_MODULE_NAMES) stays whole."""
+    module = model.get_submodule(name)
+    children = [n for n, m in module.named_children() if any(True for _ in m.parameters())]
+    if (
+        name not in HEAD_MODULE_NAMES
+        and children
+        and not any(True for _ in module.parameters(recurse=False))
+        and all(isinstance(module.get_submodule(n), nn.Linear) for n in children)
+    ):
+        return [f"{name}.{n}" for n in children]
+    return [name]
 
 
 @dataclass

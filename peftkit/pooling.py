@@ -213,22 +213,12 @@ def pooling_of(model: nn.Module) -> str:
 
 
 def pooling_modules(model: nn.Module) -> list[str]:
-    """Dotted names of the trainable modules between the body and the classifier: BERT's pooler when it is used.
-
-    Its parameter-holding children when they are all Linear (BERT: `bert.pooler.dense`), so that peft's
-    modules_to_save wraps plain Linear layers: those mix adapters in one batch (serve) and merge (IA3)."""
+    """Dotted names of the trainable modules between the body and the classifier: BERT's pooler when it is used
+    (`modeling.trained_head_modules` lists it by its Linear layers)."""
     body = _body(model)
     if getattr(body, "peftkit_pooling", "pooler") != "pooler" or not has_pooler(model):
         return []
-    prefix = f"{model.base_model_prefix}.pooler"
-    children = [(n, m) for n, m in body.pooler.named_children() if any(True for _ in m.parameters())]
-    if (
-        children
-        and not any(True for _ in body.pooler.parameters(recurse=False))
-        and all(isinstance(m, nn.Linear) for _, m in children)
-    ):
-        return [f"{prefix}.{n}" for n, _ in children]
-    return [prefix]
+    return [f"{model.base_model_prefix}.pooler"]
 
 
 def is_stock(model: nn.Module) -> bool:

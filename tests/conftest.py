@@ -37,7 +37,7 @@ def _auto_precision_is_fp32(monkeypatch):
 
 
 def _tiny_config(kind: str, **overrides):
-    from transformers import BertConfig, GPT2Config, LlamaConfig
+    from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig
 
     vocab = 30522  # the MiniLM tokenizer's vocabulary
     if kind == "bert":
@@ -87,7 +87,7 @@ def _tiny_config(kind: str, **overrides):
             max_position_embeddings=128,
             **overrides,
         )
-    if kind == "distilbert-names":  # its config.json says dim / n_layers / n_heads
+    if kind == "distilbert":  # config.json says dim / n_layers / n_heads; head: pre_classifier + classifier
         from transformers import DistilBertConfig
 
         return DistilBertConfig(
@@ -106,7 +106,7 @@ def _tiny_config(kind: str, **overrides):
             max_position_embeddings=128,
             **overrides,
         )
-    if kind == "modernbert":  # its head pools by config.classifier_pooling (test_pooling.py)
+    if kind == "modernbert":  # its head (dense + norm) pools by config.classifier_pooling (test_pooling.py)
         from transformers import ModernBertConfig
 
         return ModernBertConfig(
@@ -132,6 +132,11 @@ def _tiny_config(kind: str, **overrides):
             eos_token_id=102,
             **overrides,
         )
+    encoder = {"vocab_size": vocab, "num_hidden_layers": 2, "num_attention_heads": 2, "pad_token_id": 0, **overrides}
+    if kind == "deberta-v2":  # head: pooler (ContextPooler) + classifier
+        return AutoConfig.for_model(kind, hidden_size=32, intermediate_size=64, type_vocab_size=0, **encoder)
+    if kind == "roberta":  # head: classifier (dense + out_proj)
+        return AutoConfig.for_model(kind, hidden_size=32, intermediate_size=64, max_position_embeddings=130, **encoder)
     raise ValueError(kind)
 
 

@@ -52,18 +52,19 @@ class PeftMethod(Method):
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """peft's `merge_and_unload`, then the task head's `modules_to_save` wrappers replaced by the trained copy, as
-    peft's own BaseTuner does. LN-tuning's unload (peft 0.21) skips them: `save_pretrained` then wrote
+    """The task head's `modules_to_save` wrappers replaced by their trained copy, as peft's own BaseTuner does, and
+    then peft's `merge_and_unload`. First, because most tuners' unload (IA3, BOFT, OFT, VeRA, ...) reads `.weight`
+    off each module it replaces, which a wrapper of a composite head (ModernBERT's dense + norm) passes to a module
+    that has none; and because LN-tuning's unload (peft 0.21) skips them: `save_pretrained` then wrote
     `classifier.modules_to_save.default.*` keys, and stock transformers loaded a random classifier."""
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    model = model.merge_and_unload()
     while wrapped := next((n for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)), None):
         parent, _, child = wrapped.rpartition(".")
         wrapper = model.get_submodule(wrapped)
         unwrapped = wrapper.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
         setattr(model.get_submodule(parent), child, unwrapped)
-    return model
+    return model.merge_and_unload()
 
 
 def resolve_target_modules(
