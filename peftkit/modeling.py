@@ -109,7 +109,7 @@ def load_model(
     require_safetensors(path)
     kwargs = {"num_labels": num_labels, "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}
     if cfg.quantization:
-        kwargs.update(quantization_kwargs(cfg.quantization))
+        kwargs.update(quantization_kwargs(cfg.quantization, full_precision_modules(path, **kwargs)))
     torch.manual_seed(seed)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
@@ -146,12 +146,23 @@ def head_pad_token_id(model: nn.Module) -> int | None:
     return model.config.pad_token_id if native_pooling(model) == "last" else None
 
 
-# bitsandbytes matches these against module names as prefixes, regexes or suffixes: `.*pooler` keeps
-# `bert.pooler.dense` (which a plain "pooler" does not match) in full precision with the head.
-QUANTIZATION_SKIP_MODULES = [*HEAD_MODULE_NAMES, r".*pooler"]
+def full_precision_modules(path: str, **kwargs) -> list[str]:
+    """What a quantized base keeps in full precision: the head (`head_modules`, found on a weightless copy of the
+    model built on the meta device, since bitsandbytes needs the names before loading) and any pooler (`.*pooler`
+    keeps `bert.pooler.dense`, which bitsandbytes' prefix/suffix match of "pooler" would miss)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(
+        path, num_labels=kwargs["num_labels"], trust_remote_code=kwargs["trust_remote_code"]
+    )
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(
+            config, trust_remote_code=kwargs["trust_remote_code"]
+        )
+    return [*head_modules(skeleton), r".*pooler"]
 
 
-def quantization_kwargs(kind: str) -> dict:
+def quantization_kwargs(kind: str, skip: list[str]) -> dict:
     """bitsandbytes settings for QLoRA-style training, on CUDA or on CPU. The head and pooler stay full precision.
 
     CPU: bitsandbytes >= 0.49 has CPU kernels for LLM.int8 and NF4 (checked on an AVX2 x86-64 CPU without
@@ -166,7 +177,6 @@ def quantization_kwargs(kind: str) -> dict:
     from transformers import BitsAndBytesConfig
 
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # once per layer per batch
-    skip = list(QUANTIZATION_SKIP_MODULES)  # the new head has no checkpoint weights to quantise
     cuda = torch.cuda.is_available()
     if kind == "8bit":
         bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)

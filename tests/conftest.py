@@ -90,9 +90,8 @@ def _tiny_config(kind: str, **overrides):
     if kind == "distilbert":  # config.json says dim / n_layers / n_heads; head: pre_classifier + classifier
         from transformers import DistilBertConfig
 
-        return DistilBertConfig(
-            vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128, **overrides
-        )
+        sizes = {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "max_position_embeddings": 128}
+        return DistilBertConfig(vocab_size=vocab, **{**sizes, **overrides})
     if kind == "albert":  # its body calls the pooler on the [CLS] slice, then a tanh outside it (test_pooling.py)
         from transformers import AlbertConfig
 
@@ -109,15 +108,9 @@ def _tiny_config(kind: str, **overrides):
     if kind == "modernbert":  # its head (dense + norm) pools by config.classifier_pooling (test_pooling.py)
         from transformers import ModernBertConfig
 
+        sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
         return ModernBertConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            pad_token_id=0,
-            **overrides,
+            vocab_size=vocab, max_position_embeddings=128, pad_token_id=0, **{**sizes, **overrides}
         )
     if kind == "falcon":  # its attention branches on `_attn_implementation == "sdpa"` (test_dropout.py)
         from transformers import FalconConfig

@@ -148,3 +148,12 @@ def test_unknown_quantization_is_a_clear_error():
 
     with pytest.raises(PeftkitError, match="Valid: 4bit, 8bit"):
         load_config(recipe="sst2-lora", overrides=["model.quantization=3bit"])
+
+
+def test_every_head_layer_stays_full_precision(tiny_model_dir):
+    """ModernBERT's `head` (dense + norm) is head beside the classifier: found by the rule (head_modules), not by
+    name, so it is not quantized (bitsandbytes would have turned head.dense into an int8 layer)."""
+    folder = tiny_model_dir("modernbert", hidden_size=64, intermediate_size=128)
+    model = load_model(ModelConfig(str(folder), quantization="8bit"), 2, pad_token_id=0)
+    assert type(model.head.dense) is torch.nn.Linear and type(model.classifier) is torch.nn.Linear
+    assert type(model.model.layers[0].mlp.Wi) is not torch.nn.Linear  # the body is quantized
