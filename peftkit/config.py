@@ -108,9 +108,11 @@ class TrainConfig:
     """The shared loop's settings; the same for every method."""
 
     seed: Annotated[int, Range(ge=0, lt=2**32)] = 0
-    epochs: Annotated[float, Range(gt=0, le=10_000)] = 1.0
+    epochs: Annotated[float, Range(gt=0, le=10_000)] = 1.0  # the budget without early stopping
     # early stopping: stop after `patience` evaluations without improvement (the best is kept); the schedule then
     # spans `max_epochs` (the ceiling) instead of `epochs`. Evaluates every epoch unless eval_every says otherwise.
+    # Without `patience`, `max_epochs` has no meaning (a recipe's is dropped by train.patience=null) and `epochs`
+    # is the budget; under it, an `epochs` other than the default is refused (it would be ignored).
     patience: Positive | None = None
     max_epochs: Annotated[float, Range(gt=0, le=10_000)] | None = None
     max_steps: Positive | None = None  # optimizer steps; overrides epochs when set
@@ -141,6 +143,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.run_name is not None:
             check_plain_name(self.run_name, "train.run_name")
+        if self.patience is not None and self.max_epochs is not None and self.epochs != 1.0:
+            raise PeftkitError(
+                f"train.epochs={self.epochs:g} would be ignored: under early stopping (train.patience) the budget is "
+                f"train.max_epochs={self.max_epochs:g}; set train.max_epochs={self.epochs:g} instead, or "
+                "train.patience=null to train exactly train.epochs"
+            )
+
+    def budget_epochs(self) -> float:
+        """The epochs the schedule spans (train.max_steps, when set, overrides it): max_epochs is early stopping's
+        ceiling, so it counts only with train.patience; otherwise epochs is the budget, as in HF's Trainer."""
+        return self.max_epochs if self.patience is not None and self.max_epochs is not None else self.epochs
 
 
 def check_plain_name(name: str, where: str) -> str:

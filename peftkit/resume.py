@@ -25,12 +25,14 @@ from peftkit.errors import PeftkitError, short_error
 
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
-# keys a resume may change: the step budget, logging, evaluation and checkpoint cadence, where things are written
+# keys a resume may change: the step budget (max_steps, epochs, max_epochs alike), logging, evaluation and
+# checkpoint cadence, where things are written
 RESUMABLE_KEYS = frozenset(
     {
         "recipe",
         "train.max_steps",
         "train.epochs",
+        "train.max_epochs",
         "train.log_every",
         "train.eval_every",
         "train.eval_batch_size",
@@ -111,7 +113,9 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 def changed_keys(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
     if saved is None:
         return []
+    # a key made resumable later is still in older checkpoints' views: it is no longer compared
     saved = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **saved}
+    saved = {k: v for k, v in saved.items() if k not in RESUMABLE_KEYS}
     keys = sorted(set(saved) | set(current))
     return [k for k in keys if _canonical(saved.get(k)) != _canonical(current.get(k))]
 

@@ -89,7 +89,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     lengths = splits["train"].lengths()
     order = BatchOrder(len(splits["train"]), tcfg.batch_size, tcfg.seed, ranks, lengths, tcfg.batching)
     steps_per_epoch = max(1, math.ceil(order.batches_per_epoch / tcfg.grad_accum_steps))
-    epochs = tcfg.max_epochs if tcfg.max_epochs is not None else tcfg.epochs
+    epochs = tcfg.budget_epochs()
     total_steps = tcfg.max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     eval_every = tcfg.eval_every or (steps_per_epoch if tcfg.patience else None)  # early stopping: every epoch
 

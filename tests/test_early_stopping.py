@@ -40,6 +40,17 @@ def test_max_epochs_is_the_schedule_and_patience_evaluates_every_epoch(tiny_run_
     assert [e["step"] for e in evaluations(tmp_path / "run")] == [12, 24]
 
 
+def test_without_patience_epochs_is_the_budget_and_max_epochs_drops_out(tiny_run_config, tmp_path):
+    # a recipe's max_epochs with train.patience=null: early stopping's ceiling is gone, train.epochs counts
+    config = tiny_run_config("lora", max_steps=None, epochs=1, max_epochs=3, patience=None)
+    assert train(config, run_dir=tmp_path / "run").steps == 12
+
+
+def test_epochs_under_early_stopping_is_refused_not_ignored(tiny_run_config):
+    with pytest.raises(PeftkitError, match="set train.max_epochs=2 instead"):
+        tiny_run_config("lora", max_steps=None, epochs=2, max_epochs=3, patience=2)
+
+
 def test_evaluations_record_examples_seen_and_train_seconds(tiny_run_config, tmp_path):
     train(tiny_run_config("lora", max_steps=4, eval_every=2), run_dir=tmp_path / "run")
     evals = evaluations(tmp_path / "run")

@@ -197,6 +197,11 @@ def test_resume_with_a_changed_config_names_the_changed_keys(crashed_run, tiny_r
     assert (run / "config.yaml").read_text() == before, "config.yaml must not claim values that were not used"
 
 
+def test_resume_may_change_every_budget_setting_alike(crashed_run, tiny_run_config):
+    run, steps = crashed_run  # train.max_epochs, like train.epochs and train.max_steps, is the step budget
+    assert train(tiny_run_config("lora", **steps, epochs=2, max_epochs=5), resume=run).steps == 8
+
+
 def test_a_damaged_latest_checkpoint_falls_back_and_stays_bitwise(crashed_run, tiny_run_config, tmp_path, capsys):
     run, steps = crashed_run
     train(tiny_run_config("lora", **steps), run_dir=tmp_path / "straight")
