@@ -4,6 +4,7 @@
 Every checkpoint gets a `manifest.json`, written last inside its temp folder (so a complete checkpoint always has
 one): the sha256 of each of its files and the resolved config minus the keys a resume may change. On `--resume`:
 
+- a finished run (summary.json) is refused: there is nothing left to train;
 - stale temp folders and files left by a kill (`.step-*.tmp`, `.*.tmp`) are removed;
 - the newest complete checkpoint whose files match their hashes is used; a damaged one (flipped bytes, a missing
   key, a truncated RNG file) is skipped for the previous complete one, and stderr says so;
@@ -179,7 +180,14 @@ class ResumePlan:
     """The complete checkpoints of a run that passed their integrity check, newest first, and what was skipped."""
 
     def __init__(self, run_dir: Path, config):
+        from peftkit.formats import SUMMARY_FILE
+
         self.run_dir, self.folder = Path(run_dir), Path(run_dir) / "checkpoints"
+        if (self.run_dir / SUMMARY_FILE).is_file():  # its checkpoints predate the end: resuming would train it again
+            raise PeftkitError(
+                f"{self.run_dir} is a finished run ({SUMMARY_FILE}); there is nothing to resume: its adapter is in "
+                f"{self.run_dir / 'adapter'}; to train longer, start a new run with a larger budget"
+            )
         stale = clean_stale(self.run_dir)
         complete = (
             sorted((p for p in self.folder.iterdir() if is_checkpoint(p)), reverse=True)

@@ -164,7 +164,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     started = window_start = time.perf_counter()
     window_examples = window_tokens = window_steps = 0
     window_task_loss = window_total_loss = torch.zeros((), device=device)  # summed on the device: no per-step sync
-    stopped_early = False
+    # a run resumed from the checkpoint of the step early stopping ended it at takes no more steps: it finishes
+    stopped_early = tcfg.patience is not None and state.evals_since_best >= tcfg.patience
+    metrics = None
     while state.step < total_steps and not stopped_early:
         for _ in range(tcfg.grad_accum_steps):
             indices = order.next(state)
@@ -256,6 +258,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     peak = ranks.peak(memory)
 
     # Finish: roll back to the best evaluation (unless the method forbids it), score it, ship the adapter.
+    if metrics is None:  # resumed at the step early stopping ended the run: its weights, scored again
+        metrics = score(splits[selection])
     final_metrics, kept_step, kept_metrics = metrics, state.step, metrics
     if best_weights is not None and state.best_step != state.step:
         ranks.load_weights(model, best_weights)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -24,6 +25,20 @@ def test_patience_stops_after_evaluations_without_improvement(tiny_run_config, t
     assert summary.steps == 3  # best at step 1, no improvement at 2 and 3
     assert summary.best["step"] == 1
     assert [e["step"] for e in evaluations(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_resuming_an_early_stopped_run_finishes_it_without_more_steps(tiny_run_config, tmp_path):
+    still = dict(lr=1e-12, head_lr=1e-12)  # the first evaluation stays the best: stopped at step 3
+    config = tiny_run_config("lora", max_steps=20, eval_every=1, patience=2, checkpoint_every=1, **still)
+    straight = train(config, run_dir=tmp_path / "run")
+    (tmp_path / "run" / "summary.json").unlink()  # killed after the checkpoint of the stop step, before the end
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    resumed = train(config, resume=tmp_path / "run")
+    assert resumed.stopped_early and resumed.steps == straight.steps == 3
+    assert (resumed.final, resumed.best) == (straight.final, straight.best)
+    assert [e["step"] for e in evaluations(tmp_path / "run")] == [1, 2, 3]
+    with pytest.raises(PeftkitError, match="is a finished run"):
+        train(config, resume=tmp_path / "run")
 
 
 def test_without_patience_the_run_goes_to_its_last_step(tiny_run_config, tmp_path):

@@ -184,6 +184,7 @@ def test_resume_past_the_budget_is_a_clear_error(tiny_run_config, tmp_path):
     from peftkit.errors import PeftkitError
 
     train(tiny_run_config("lora", max_steps=4, checkpoint_every=3), run_dir=tmp_path / "run")
+    (tmp_path / "run" / "summary.json").unlink()  # a finished run is refused before its budget is read
     with pytest.raises(PeftkitError, match="already at step 3"):
         train(tiny_run_config("lora", max_steps=2, checkpoint_every=3), resume=tmp_path / "run")
 
