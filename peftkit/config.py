@@ -112,7 +112,7 @@ class TrainConfig:
     # early stopping: stop after `patience` evaluations without improvement (the best is kept); the schedule then
     # spans `max_epochs` (the ceiling) instead of `epochs`. Evaluates every epoch unless eval_every says otherwise.
     # Without `patience`, `max_epochs` has no meaning (a recipe's is dropped by train.patience=null) and `epochs`
-    # is the budget; under it, an `epochs` other than the default is refused (it would be ignored).
+    # is the budget. An override that would be ignored is refused (check_budget_overrides).
     patience: Positive | None = None
     max_epochs: Annotated[float, Range(gt=0, le=10_000)] | None = None
     max_steps: Positive | None = None  # optimizer steps; overrides epochs when set
@@ -143,17 +143,28 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.run_name is not None:
             check_plain_name(self.run_name, "train.run_name")
-        if self.patience is not None and self.max_epochs is not None and self.epochs != 1.0:
-            raise PeftkitError(
-                f"train.epochs={self.epochs:g} would be ignored: under early stopping (train.patience) the budget is "
-                f"train.max_epochs={self.max_epochs:g}; set train.max_epochs={self.epochs:g} instead, or "
-                "train.patience=null to train exactly train.epochs"
-            )
 
     def budget_epochs(self) -> float:
         """The epochs the schedule spans (train.max_steps, when set, overrides it): max_epochs is early stopping's
         ceiling, so it counts only with train.patience; otherwise epochs is the budget, as in HF's Trainer."""
         return self.max_epochs if self.patience is not None and self.max_epochs is not None else self.epochs
+
+
+def check_budget_overrides(train: TrainConfig, given: set[str]) -> None:
+    """An epoch budget given as an override must be the one that counts (TrainConfig.budget_epochs): train.epochs
+    under early stopping with a max_epochs, or train.max_epochs without early stopping, would be ignored."""
+    early_stopping = train.patience is not None
+    if "train.epochs" in given and early_stopping and train.max_epochs is not None:
+        raise PeftkitError(
+            f"train.epochs={train.epochs:g} would be ignored: under early stopping (train.patience) the budget is "
+            f"train.max_epochs={train.max_epochs:g}; set train.max_epochs={train.epochs:g} instead, or "
+            "train.patience=null to train exactly train.epochs"
+        )
+    if "train.max_epochs" in given and not early_stopping and train.max_epochs is not None:
+        raise PeftkitError(
+            f"train.max_epochs={train.max_epochs:g} would be ignored: it is early stopping's ceiling and "
+            f"train.patience is null; set train.epochs={train.max_epochs:g} instead, or a train.patience"
+        )
 
 
 def check_plain_name(name: str, where: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.config import RunConfig, check_section
+from peftkit.config import RunConfig, check_budget_overrides, check_section
 from peftkit.errors import PeftkitError, unknown_choice
 
 
@@ -171,6 +171,7 @@ def load_config(recipe: str | None = None, config_file: str | None = None, overr
         raise PeftkitError(f"the config's recipe name must be a string, got {name!r}")
     resolved["recipe"] = name
     config = RunConfig.from_dict(resolved)
+    check_budget_overrides(config.train, {item.partition("=")[0].strip() for item in overrides})
     dropped = [k for k in data.get("method") or {} if k not in resolved["method"]]  # only a method switch drops
     if dropped:  # said once the config is valid, so a refused one stays a single line
         new = config.method.name

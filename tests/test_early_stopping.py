@@ -61,9 +61,15 @@ def test_without_patience_epochs_is_the_budget_and_max_epochs_drops_out(tiny_run
     assert train(config, run_dir=tmp_path / "run").steps == 12
 
 
-def test_epochs_under_early_stopping_is_refused_not_ignored(tiny_run_config):
+def test_an_epoch_budget_override_that_would_be_ignored_is_refused():
+    from peftkit.recipe_files import load_config
+
+    assert load_config("sst2-lora").train.budget_epochs() == 3  # the recipe's max_epochs, under its patience
+    assert load_config("sst2-lora", overrides=["train.epochs=1", "train.patience=null"]).train.budget_epochs() == 1
     with pytest.raises(PeftkitError, match="set train.max_epochs=2 instead"):
-        tiny_run_config("lora", max_steps=None, epochs=2, max_epochs=3, patience=2)
+        load_config("sst2-lora", overrides=["train.epochs=2"])
+    with pytest.raises(PeftkitError, match="set train.epochs=5 instead"):
+        load_config("sst2-lora", overrides=["train.patience=null", "train.max_epochs=5"])
 
 
 def test_evaluations_record_examples_seen_and_train_seconds(tiny_run_config, tmp_path):
