@@ -1,7 +1,9 @@
 """The divergence guard: a non-finite loss stops the run, and non-finite weights are never written.
 
-The loop reports each step's loss and every checkpoint it completes; the guard raises a one-line PeftkitError
-naming the step and the last good checkpoint (the one to resume from with a lower learning rate).
+The loop reports each step's loss, its weights before every evaluation (the last step's included, which no loss
+sees) and every checkpoint it completes; the guard raises a one-line PeftkitError naming the step and the last good
+checkpoint. The advice is to start again: a resume continues the same run bitwise (it refuses a changed train.lr),
+so it would diverge again at the same step.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ class DivergenceGuard:
         if self.last_checkpoint is None:
             return "no checkpoint was written before it; lower train.lr (or raise train.warmup_ratio) and start again"
         return (
-            f"last good checkpoint: {self.last_checkpoint}; resume with `peftkit train --resume {self.run_dir}` "
-            "after lowering the cause, or start again with a lower train.lr"
+            f"last good checkpoint: {self.last_checkpoint} (its weights, for a look); start again with a lower "
+            "train.lr (or a higher train.warmup_ratio): a resume repeats the same steps and would diverge again"
         )
 
     def check_loss(self, loss: float, step: int) -> None:

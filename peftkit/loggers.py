@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from peftkit.errors import PeftkitError
+from peftkit.formats import _finite
 from peftkit.io import atomic_write_text
 
 ReportTo = Literal["tensorboard", "mlflow"]
@@ -28,7 +29,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(_finite(record)) + "\n")  # strict JSON: a NaN loss is null, as in summary.json
 
     def close(self) -> None:
         pass

@@ -216,6 +216,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
         bar.update(1)
         paused = time.perf_counter()  # evaluation and checkpointing are not training time
         if (eval_every and state.step % eval_every == 0) or state.step == total_steps:
+            guard.check_weights(model, state.step)  # never score NaN weights, nor end on them behind an earlier best
             metrics = score(splits[selection])
             seconds_so_far = round(state.train_seconds + paused - started, 2)
             log.write(

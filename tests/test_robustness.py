@@ -70,6 +70,23 @@ def test_non_finite_weights_are_never_written_as_an_adapter(tiny_run_config, tmp
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_divergence_at_the_last_step_is_reported_behind_an_earlier_best(tiny_run_config, tmp_path, monkeypatch):
+    poison_at(monkeypatch, 3)  # the last step, after a finite best at step 2 the run would roll back to
+    with pytest.raises(PeftkitError, match="holds non-finite values at step 4; the adapter was not written"):
+        train(tiny_run_config("lora", max_steps=4, eval_every=2), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter").exists()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if "split" in line] == [2]  # NaN weights never scored
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    from peftkit.loggers import MetricsLog
+
+    MetricsLog(tmp_path / "metrics.jsonl", enabled=True).write({"step": 1, "task_loss": float("nan")})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}")) == {"step": 1, "task_loss": None}
+
+
 # --------------------------------------------------------------------------------------------- data
 
 
