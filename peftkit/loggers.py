@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -65,17 +66,30 @@ def scalars(record: dict[str, Any]) -> tuple[int, dict[str, float]]:
     return int(record["step"]), values
 
 
+# the package each sink imports, and how to get it
+SINK_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install 'peftkit[tensorboard]'"),
+    "mlflow": ("mlflow", "pip install mlflow"),
+}
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Refuse a sink whose package is missing before the run loads or writes anything (not after the model)."""
+    for name in report_to:
+        package, install = SINK_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise PeftkitError(f"train.report_to=[{name}] needs the {package} package: {install}")
+
+
 class TensorBoardLog:
     """TensorBoard event files in RUN_DIR/tensorboard (`pip install 'peftkit[tensorboard]'`)."""
 
-    def __init__(self, folder: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise PeftkitError(
-                "train.report_to=[tensorboard] needs the tensorboard package: pip install 'peftkit[tensorboard]'"
-            ) from None
-        self.writer = SummaryWriter(log_dir=str(folder))
+    def __init__(self, folder: Path, resumed_at: int = 0):
+        check_report_to(["tensorboard"])
+        from torch.utils.tensorboard import SummaryWriter
+
+        # resuming: TensorBoard hides the points past the checkpoint, as metrics.jsonl drops them (no duplicates)
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=resumed_at + 1 if resumed_at else None)
 
     def write(self, record: dict[str, Any]) -> None:
         step, values = scalars(record)
@@ -90,10 +104,9 @@ class MlflowLog:
     """An MLflow run in the local file store RUN_DIR/mlruns (`pip install mlflow`); nothing leaves the machine."""
 
     def __init__(self, folder: Path, run_name: str):
-        try:
-            import mlflow
-        except ImportError:
-            raise PeftkitError("train.report_to=[mlflow] needs the mlflow package: pip install mlflow") from None
+        check_report_to(["mlflow"])
+        import mlflow
+
         self.mlflow = mlflow
         mlflow.set_tracking_uri(folder.resolve().as_uri())
         self.run = mlflow.start_run(run_name=run_name)
@@ -114,7 +127,7 @@ class RunLog:
         if enabled:
             for name in dict.fromkeys(report_to):
                 if name == "tensorboard":
-                    self.sinks.append(TensorBoardLog(run_dir / "tensorboard"))
+                    self.sinks.append(TensorBoardLog(run_dir / "tensorboard", truncate_after))
                 elif name == "mlflow":
                     self.sinks.append(MlflowLog(run_dir / "mlruns", run_dir.name))
 

@@ -35,6 +35,7 @@ RESUMABLE_KEYS = frozenset(
         "train.epochs",
         "train.max_epochs",
         "train.log_every",
+        "train.report_to",
         "train.eval_every",
         "train.eval_batch_size",
         "train.progress",

@@ -39,7 +39,7 @@ from peftkit.formats import RunSummary, TaskInfo
 from peftkit.guards import DivergenceGuard
 from peftkit.inference import evaluate
 from peftkit.io import atomic_write_text
-from peftkit.loggers import MetricsLog, RunLog
+from peftkit.loggers import MetricsLog, RunLog, check_report_to
 from peftkit.measure import MemoryMeter, environment
 from peftkit.modeling import (
     count_parameters,
@@ -66,6 +66,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if tcfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PeftkitError("train.bf16=true but this GPU has no bf16 support; set train.bf16=false")
     bf16 = resolve_bf16(tcfg.bf16, device)  # null (the default): on where it pays
+    check_report_to(tcfg.report_to)
     ranks.init_process_group(device)
     check_output_dir(tcfg.output_dir, run_dir)
     if run_dir and not resume:

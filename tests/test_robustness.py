@@ -3,6 +3,7 @@ run, falls back past a damaged checkpoint and verifies what it loads."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -217,6 +218,32 @@ def test_resume_with_a_changed_config_names_the_changed_keys(crashed_run, tiny_r
 def test_resume_may_change_every_budget_setting_alike(crashed_run, tiny_run_config):
     run, steps = crashed_run  # train.max_epochs, like train.epochs and train.max_steps, is the step budget
     assert train(tiny_run_config("lora", **steps, epochs=2, max_epochs=5), resume=run).steps == 8
+
+
+def test_tensorboard_after_a_resume_has_each_step_once(tiny_run_config, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = dict(max_steps=8, checkpoint_every=4)
+    original = crash_at(monkeypatch, 5)  # steps 5 and 6 logged past the checkpoint at step 4
+    with pytest.raises(RuntimeError):
+        train(tiny_run_config("lora", **steps, report_to=["tensorboard"]), run_dir=tmp_path / "run")
+    monkeypatch.setattr(LoRA, "after_optimizer_step", original)
+    train(tiny_run_config("lora", **steps, report_to=["tensorboard"]), resume=tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/task_loss")] == list(range(1, 9))
+
+
+def test_report_to_may_be_added_on_resume_and_a_missing_package_writes_nothing(crashed_run, tiny_run_config, tmp_path):
+    run, steps = crashed_run
+    pytest.importorskip("tensorboard")
+    train(tiny_run_config("lora", **steps, report_to=["tensorboard"]), resume=run)
+    assert (run / "tensorboard").is_dir()
+    if importlib.util.find_spec("mlflow") is None:
+        with pytest.raises(PeftkitError, match=r"report_to=\[mlflow\] needs the mlflow package"):
+            train(tiny_run_config("lora", report_to=["mlflow"]), run_dir=tmp_path / "new")
+        assert not (tmp_path / "new").exists()
 
 
 def test_a_damaged_latest_checkpoint_falls_back_and_stays_bitwise(crashed_run, tiny_run_config, tmp_path, capsys):
