@@ -35,6 +35,19 @@ class TrainState:
     best_step: int | None = None
     train_seconds: float = 0.0
     evals_since_best: int = 0  # early stopping's count (train.patience)
+    # the logging window open at a checkpoint (its loss sums, written only then), so a resumed log reads the same
+    window_steps: int = 0
+    window_task_loss: float = 0.0
+    window_total_loss: float = 0.0
+
+    def keep_window(self, steps: int, task_loss: torch.Tensor, total_loss: torch.Tensor) -> None:
+        """Before a checkpoint: the logging window's sums (one host sync, at checkpoints only)."""
+        self.window_steps, self.window_task_loss, self.window_total_loss = steps, float(task_loss), float(total_loss)
+
+    def open_window(self, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The logging window to continue: empty for a new run, the checkpoint's for a resumed one."""
+        sums = (torch.tensor(v, device=device) for v in (self.window_task_loss, self.window_total_loss))
+        return self.window_steps, *sums
 
 
 def save_checkpoint(

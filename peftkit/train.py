@@ -163,8 +163,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     bar = progress_bar(total_steps, state.step, enabled=tcfg.progress and ranks.is_main, desc=config.recipe or "train")
     model.train()
     started = window_start = time.perf_counter()
-    window_examples = window_tokens = window_steps = 0
-    window_task_loss = window_total_loss = torch.zeros((), device=device)  # summed on the device: no per-step sync
+    window_examples = window_tokens = 0
+    window_steps, window_task_loss, window_total_loss = state.open_window(device)  # summed on the device: no sync
     # a run resumed from the checkpoint of the step early stopping ended it at takes no more steps: it finishes
     stopped_early = tcfg.patience is not None and state.evals_since_best >= tcfg.patience
     metrics = None
@@ -245,6 +245,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             state.train_seconds += paused - started
             started = paused
             guard.check_weights(model, state.step, "checkpoint")
+            state.keep_window(window_steps, window_task_loss, window_total_loss)
             guard.checkpoint_written(
                 ranks.save_checkpoint(
                     checkpoints, model, optimizer, scheduler, state, best_weights, config_view=resume_view(config)
