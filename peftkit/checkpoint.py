@@ -17,10 +17,8 @@ from torch import nn
 
 from peftkit.adapters.base import trainable_state
 from peftkit.errors import PeftkitError
-from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
+from peftkit.io import atomic_directory, atomic_write_json, load_tensors, read_json, save_tensors
 from peftkit.resume import write_manifest
-
-LATEST = "latest"
 
 
 @dataclass
@@ -86,18 +84,12 @@ def save_checkpoint(
             },
         )
         write_manifest(tmp, config_view)  # last: sha256 of every file, and the run's config (see resume.py)
-    atomic_write_text(folder / LATEST, final.name + "\n")
-    for old in sorted(folder.glob("step-*"))[:-keep]:
+    # a later step's folder is from before a resume that fell back past it (damaged): this run rewrites that step,
+    # so it goes, and the newest step folder is always the newest checkpoint (resume reads no other pointer)
+    steps = sorted(folder.glob("step-*"))
+    for old in [p for p in steps if p.name > final.name] + [p for p in steps if p.name <= final.name][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    pointer = folder / LATEST
-    if not pointer.exists():
-        return None
-    path = folder / pointer.read_text().strip()
-    return path if path.is_dir() else None
 
 
 def load_checkpoint(

@@ -220,6 +220,13 @@ def test_resume_may_change_every_budget_setting_alike(crashed_run, tiny_run_conf
     assert train(tiny_run_config("lora", **steps, epochs=2, max_epochs=5), resume=run).steps == 8
 
 
+def test_checkpoints_after_falling_back_past_a_damaged_one_replace_it(crashed_run, tiny_run_config):
+    run, steps = crashed_run
+    (run / "checkpoints" / "step-0000006" / "rng.safetensors").write_bytes(b"damaged")
+    train(tiny_run_config("lora", **{**steps, "checkpoint_every": 5}), resume=run)  # from step 4; saves step 5
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+
+
 def test_tensorboard_after_a_resume_has_each_step_once(tiny_run_config, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
