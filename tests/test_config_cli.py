@@ -229,7 +229,10 @@ def test_resume_from_the_cli_continues_a_run(tiny_model_dir, toy_task_dir, tmp_p
         "task.dev_size=null",
     ]
     assert main([*args, "--run-dir", str(run)]) == 0
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]
+    assert main(["train", "--resume", str(run)]) == 2  # a finished run: nothing to resume
+    assert "is a finished run" in capsys.readouterr().err
+    (run / "summary.json").unlink()  # as if killed after its last checkpoint
     assert main(["train", "--resume", str(run)]) == 0
     assert "sst2-lora:" in capsys.readouterr().out.splitlines()[-1]  # the recipe name survives the resume
 

@@ -252,5 +252,5 @@ def kill_node(pid: int) -> None:
 
 
 def latest_step(run: Path) -> int:
-    pointer = run / "checkpoints" / "latest"
-    return int(pointer.read_text().strip().removeprefix("step-")) if pointer.exists() else 0
+    """The newest complete checkpoint's step (a write in progress is a dotted temp folder)."""
+    return max((int(p.name.removeprefix("step-")) for p in (run / "checkpoints").glob("step-*")), default=0)
