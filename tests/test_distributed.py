@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -145,8 +146,13 @@ def test_fsdp_lora_matches_one_process_and_resumes_exactly(tiny_model_dir, tiny_
     assert sorted(p.name for p in (tmp_path / "fsdp" / "adapter").iterdir()) == sorted(
         p.name for p in (tmp_path / "single" / "adapter").iterdir()
     )  # the same PEFT layout as one process
-    # the checkpoint at step 2 (gathered, safetensors) resumes to the same weights, bitwise
-    resumed = torchrun(path, tmp_path / "fsdp", resume=True)
+    # the checkpoint at step 2 (gathered, safetensors) resumes to the same weights, bitwise: a kill after it
+    run = tmp_path / "fsdp"
+    (run / "summary.json").unlink()  # a finished run is refused
+    shutil.rmtree(run / "adapter")
+    for later in (p for p in (run / "checkpoints").glob("step-*") if int(p.name.split("-")[1]) > 2):
+        shutil.rmtree(later)
+    resumed = torchrun(path, run, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = adapter(tmp_path / "fsdp")
     assert all(torch.equal(two[k], again[k]) for k in two)
