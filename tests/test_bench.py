@@ -115,12 +115,25 @@ def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir
     ):
         assert text in markdown, text
 
-    # resume: every cell has a result, so nothing trains and no cell file is rewritten
+    # resume: the ok cells are done and not rewritten; the failed ones run again (a failure may be transient)
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     capsys.readouterr()
     assert main(argv) == 1
-    assert "6 cells (6 already done, 0 run now), 2 failed" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == mtimes
+    assert "6 cells (4 already done, 2 run now: 2 retried after failing before), 2 failed" in capsys.readouterr().out
+    rewritten = {p.stem for p in (out / "cells").glob("*.json") if p.stat().st_mtime_ns != mtimes[p]}
+    assert rewritten == {"toy__miss__seed0", "toy3__miss__seed0"}
+
+    # a done cell counts only for the config it ran: another model or profile into this folder is refused
+    other_model = str(tiny_model_dir("gpt2"))
+    capsys.readouterr()
+    for flag, value, key in (
+        ("--model", other_model, "model.name_or_path"),
+        ("--profile", "quick", ""),
+    ):
+        assert main([*argv, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "was run with another config (" + key in err and "another --out" in err
+    assert {p.stem for p in (out / "cells").glob("*.json") if p.stat().st_mtime_ns != mtimes[p]} == rewritten
 
     # --report rebuilds tables and plots from the cell files alone
     for name in ("results.json", "results.csv", "results.md", "index.html"):
@@ -157,6 +170,23 @@ def test_bench_rejects_bad_choices_before_training(args, message, tmp_path, caps
     assert main(["bench", "--profile", "smoke", *args, "--out", str(tmp_path / "out")]) == 2  # the last --profile wins
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_bench_on_a_folder_in_use_stops_naming_the_holder(toy_task_dir, tmp_path, capsys):
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["bench", "--profile", "smoke", "--tasks", str(toy_task_dir), "--methods", "lora", "--out", str(out)]
+    with open(out / ".bench.lock", "w") as held:  # what a running bench holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} is in use by another peftkit bench (pid {os.getpid()})" in err
+    assert not (out / "cells").exists()
 
 
 def test_report_of_an_empty_folder_is_a_user_error(tmp_path, capsys):

@@ -173,3 +173,48 @@ def test_local_executor_takes_no_cluster_flags(toy_task_dir, tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert "need --executor ray or slurm" in capsys.readouterr().err
+
+
+DRIVER = """
+import os, sys, time
+from pathlib import Path
+from peftkit.bench.processes import run_in_child
+
+def block(pid_file):
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    run_in_child(sys.argv[1], target=block)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_cell_process_dies_with_its_killed_driver(tmp_path):
+    import signal
+    import subprocess
+
+    (tmp_path / "driver.py").write_text(DRIVER)
+    pid_file = tmp_path / "cell.pid"
+    driver = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(pid_file)])
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    cell = int(pid_file.read_text())
+    driver.kill()  # SIGKILL: the driver runs no cleanup
+    driver.wait()
+    deadline = time.monotonic() + 10
+    while _alive(cell) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphaned = _alive(cell)
+    if orphaned:
+        os.kill(cell, signal.SIGKILL)
+    assert not orphaned

@@ -55,7 +55,7 @@ class LocalExecutor:
     """Today's behaviour: one cell at a time, each in its own spawned process on this machine."""
 
     def run(self, jobs: list[CellJob]) -> Iterator[tuple[CellJob, Outcome]]:
-        from peftkit.bench.runner import run_in_child
+        from peftkit.bench.processes import run_in_child
 
         for job in jobs:
             started = time.perf_counter()

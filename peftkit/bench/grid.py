@@ -7,6 +7,7 @@ needs into one `CellJob`, so the runner passes a single value down instead of a 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,49 @@ def read_cell(path: str | Path) -> dict[str, Any]:
     if missing:
         raise PeftkitError(f"cell file {path} lacks {', '.join(missing)}; remove it to run the cell again")
     return record
+
+
+# config keys that cannot change a cell's numbers: its label, where it was written, how chatty it was, and the
+# recipe's recorded expectation; every other key of a done cell must equal the planned cell's for it to count
+RESULT_NEUTRAL_KEYS = frozenset(
+    {
+        "recipe",
+        "expected",
+        "train.output_dir",
+        "train.run_name",
+        "train.progress",
+        "train.log_every",
+        "train.checkpoint_every",
+    }
+)
+
+
+def config_differences(recorded: dict[str, Any] | None, planned: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (recorded, planned)} for each `section.key` whose value differs, RESULT_NEUTRAL_KEYS aside.
+
+    A key the cell file lacks compares as the value every run had before that key was added (resume.ADDED_KEYS),
+    so an upgrade alone does not invalidate a folder of results.
+    """
+    from peftkit.resume import ADDED_KEYS
+
+    old, new = _flat(recorded or {}), _flat(json.loads(json.dumps(planned)))  # tuples compare as JSON lists
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
+    keys = sorted(old.keys() | new.keys())
+    return {
+        k: (old.get(k), new.get(k))
+        for k in keys
+        if k.split(".")[0] not in RESULT_NEUTRAL_KEYS and old.get(k) != new.get(k)
+    }
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in config.items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            flat[section] = values
+    return flat
 
 
 def _has(record: dict[str, Any], key: str) -> bool:

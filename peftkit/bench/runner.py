@@ -2,13 +2,13 @@
 measured, and written by this driver as one JSON file.
 
 A fresh process per cell gives clean peak-memory numbers and means a crash (out of memory, a segfault) cannot take
-the grid down. Resumable by construction: a cell whose JSON file exists is skipped (delete it to rerun), every file
-is written atomically, and a failing cell is recorded as `failed` with its error while the others go on.
+the grid down. Resumable by construction: a cell with an ok result of the same config is skipped (delete its file to
+rerun it; a result of another config stops the bench), a failed cell runs again, every file is written atomically,
+and a failing cell is recorded as `failed` with its error while the others go on. One bench at a time per folder.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
 import time
 from dataclasses import replace
@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.bench.executors import Executor, LocalExecutor
-from peftkit.bench.grid import Cell, CellJob, cell_job, cell_path, plan_cells, read_cell, validate_choices
+from peftkit.bench.grid import (
+    Cell,
+    CellJob,
+    cell_job,
+    cell_path,
+    config_differences,
+    plan_cells,
+    read_cell,
+    validate_choices,
+)
+from peftkit.bench.processes import folder_lock
 from peftkit.bench.profiles import Profile, load_profile
 from peftkit.bench.report import build_report
 from peftkit.bench.selection import choose, grid_cells, seed_cells, write_selection
@@ -42,15 +52,14 @@ def run_bench(
     executor: Executor | None = None,
     user_metrics: list[str] | None = None,
 ) -> dict[str, int]:
-    """Run every cell of the grid that has no result file yet, then rebuild the report.
+    """Run every cell of the grid that has no ok result of the same config yet, then rebuild the report.
 
     `executor` decides where cells train (executors.py; default: one at a time in spawned processes here); this
     driver writes every cell file, atomically, as results arrive. Returns counts: planned cells, skipped (already
-    had a result), ran now, failed (in the whole grid). `user_metrics` (evaluate module specs) are loaded once
-    here, before any cell trains, and each cell scores its kept model with them.
+    had an ok result), ran now, retried (of those run now, the ones a failed result was there for), failed (in the
+    whole grid). `user_metrics` (evaluate module specs) are loaded once here, before any cell trains, and each cell
+    scores its kept model with them.
     """
-    from peftkit.console import progress_bar
-
     profile = load_profile(profile_name)
     tasks = list(tasks or profile.tasks)
     methods = validate_choices(tasks, list(methods or profile.methods))
@@ -70,8 +79,42 @@ def run_bench(
         "command": command,
         **machine_manifest(),
     }
-    done = [c for c in first_phase if cell_path(out, c).exists()]
-    counts = {"planned": len(first_phase) + later_count, "skipped": len(done), "ran": 0}
+    with folder_lock(out):
+        return run_grid(
+            profile,
+            planned,
+            first_phase,
+            chosen_later,
+            later_count,
+            out,
+            model,
+            data_dir,
+            progress,
+            executor,
+            metric_specs,
+            manifest_base,
+        )
+
+
+def run_grid(
+    profile: Profile,
+    planned: list[Cell],
+    first_phase: list[Cell],
+    chosen_later: list[Cell],
+    later_count: int,
+    out: Path,
+    model: str | None,
+    data_dir: str | None,
+    progress: bool,
+    executor: Executor | None,
+    metric_specs: tuple[str, ...],
+    manifest_base: dict[str, Any],
+) -> dict[str, int]:
+    """run_bench's work once the grid is planned and OUT is this process's alone."""
+    from peftkit.console import progress_bar
+
+    done, retried = reusable_cells(first_phase, out, profile, model, data_dir)
+    counts = {"planned": len(first_phase) + later_count, "skipped": len(done), "ran": 0, "retried": retried}
     bar = progress_bar(
         counts["planned"],
         counts["skipped"],
@@ -80,6 +123,12 @@ def run_bench(
         unit="cell",
         bar_format="{desc}: {n}/{total} cells |{bar}| [{elapsed}<{remaining}] {postfix}",
     )
+    unscored = sum("user_metrics" not in read_cell(cell_path(out, c)) for c in done) if metric_specs else 0
+    if unscored:
+        bar.write(
+            f"peftkit bench: note: --metric scores only the cells run now; {unscored} cells already done have no "
+            f"user metrics (their adapter weights are not kept): remove their cell files to run them again"
+        )
 
     def write(cell: Cell, record: dict[str, Any]) -> None:
         atomic_write_json(cell_path(out, cell), record)
@@ -89,10 +138,10 @@ def run_bench(
         bar.set_postfix_str(cell.id)
         bar.update(1)
 
-    def run_cells(cells: list[Cell]) -> None:
+    def run_cells(cells: list[Cell], done: list[Cell]) -> None:
         records, jobs = {}, []
         for cell in cells:
-            if cell_path(out, cell).exists():
+            if cell in done:
                 continue
             records[cell.id], job = prepare_cell(cell, profile, out, model, data_dir, manifest_base)
             if job is None:  # its config did not resolve: recorded as failed without running
@@ -102,7 +151,7 @@ def run_bench(
         for job, outcome in (executor or LocalExecutor()).run(jobs):
             write(job.cell, finish_record(records.pop(job.cell.id), outcome))
 
-    run_cells(first_phase)
+    run_cells(first_phase, done)
     cells = list(first_phase)
     if chosen_later:
         choices = choose(out, chosen_later, profile.lr_grid)
@@ -110,15 +159,52 @@ def run_bench(
         later, unchosen = seed_cells(chosen_later, planned, choices)
         for first in unchosen:
             bar.write(f"peftkit bench: {first.task_label} {first.method}: every grid cell failed; no seeds run")
-        already = sum(cell_path(out, c).exists() for c in later)
-        counts["skipped"] += already
-        bar.update(already)
-        run_cells(later)
+        done, retried = reusable_cells(later, out, profile, model, data_dir)
+        counts["skipped"] += len(done)
+        counts["retried"] += retried
+        bar.update(len(done))
+        run_cells(later, done)
         cells += later
     bar.close()
     build_report(out)
     counts["failed"] = sum(read_cell(cell_path(out, c))["status"] != "ok" for c in cells)  # this grid, any run
     return counts
+
+
+def reusable_cells(
+    cells: list[Cell], out: Path, profile: Profile, model: str | None, data_dir: str | None
+) -> tuple[list[Cell], int]:
+    """(the cells whose ok result counts as done, how many have a failed result): a failed cell runs again, as a
+    failure may be transient. An ok result of another config (model, profile, data...) is refused, naming the keys
+    that differ: counting it would put another grid's numbers in this grid's tables."""
+    done, failed = [], 0
+    for cell in cells:
+        path = cell_path(out, cell)
+        if not path.exists():
+            continue
+        record = read_cell(path)
+        if record["status"] != "ok":
+            failed += 1
+            continue
+        differences = config_differences(
+            record["manifest"]["config"], cell_job(cell, profile, out, model, data_dir).config
+        )
+        if differences:
+            shown = "; ".join(
+                f"{k}: {_short(a)} there, {_short(b)} now" for k, (a, b) in list(differences.items())[:3]
+            )
+            more = f" (and {len(differences) - 3} more keys)" if len(differences) > 3 else ""
+            raise PeftkitError(
+                f"{path} was run with another config ({shown}{more}); give another --out, or remove {out} "
+                f"to run this grid there"
+            )
+        done.append(cell)
+    return done, failed
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def prepare_cell(
@@ -162,42 +248,6 @@ def finish_record(record: dict[str, Any], outcome: dict[str, Any]) -> dict[str, 
     record["cell_seconds"] = outcome.get("seconds")
     record["manifest"] = manifest
     return record
-
-
-def run_in_child(job: CellJob) -> dict[str, Any]:
-    """Run `execute` (measure the cell) in a fresh spawned process: its own peak RSS / CUDA peak, no state left."""
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_main, args=(send, job))
-    child.start()
-    send.close()
-    try:
-        try:
-            kind, payload = receive.recv()
-        except EOFError:
-            kind, payload = "died", None
-        child.join()
-    except KeyboardInterrupt:  # Ctrl-C reaches the child too; make sure it is gone before we unwind
-        child.terminate()
-        child.join()
-        raise
-    if kind == "interrupted":
-        raise KeyboardInterrupt
-    if kind == "outcome":
-        return payload
-    return {"kind": "crash", "payload": f"the cell's process died with exit code {child.exitcode} (out of memory?)"}
-
-
-def _child_main(send, job: CellJob) -> None:
-    """The spawned process's entry point: measure the cell and send back one (kind, payload) message."""
-    from peftkit.bench.executors import execute
-
-    try:
-        send.send(("outcome", execute(job)))
-    except KeyboardInterrupt:
-        send.send(("interrupted", None))
-    finally:
-        send.close()
 
 
 def measure_cell(job: CellJob) -> dict[str, Any]:

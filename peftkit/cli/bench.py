@@ -97,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
         executor=executor,
         user_metrics=args.metric,
     )
+    retried = f": {counts['retried']} retried after failing before" if counts["retried"] else ""
     print(
         f"bench {args.profile}: {counts['planned']} cells ({counts['skipped']} already done, "
-        f"{counts['ran']} run now), {counts['failed']} failed; tables: {out / 'results.md'}"
+        f"{counts['ran']} run now{retried}), {counts['failed']} failed; tables: {out / 'results.md'}"
     )
     return 1 if counts["failed"] else 0
