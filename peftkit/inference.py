@@ -88,11 +88,13 @@ def evaluate_run(
     batch_size: int = 64,
     data_dir: str | None = None,
     user_metrics: Sequence[str] = (),
+    bf16: bool | None = None,
 ) -> dict[str, Any]:
     """Score a finished run's adapter on a split of its task (read again from the run's config.yaml).
 
     `user_metrics`: evaluate module specs (peftkit.user_metrics), scored as `<module>:<key>` beside the built-in
-    metrics; they are loaded first, so a bad one fails before the model loads.
+    metrics; they are loaded first, so a bad one fails before the model loads. `bf16`: autocast or not; None = as
+    the run evaluated (`run_bf16`), so eval reproduces the run's own numbers.
     """
     from peftkit.artifacts import load
     from peftkit.data import load_task
@@ -114,7 +116,16 @@ def evaluate_run(
     encoded = encode(task.split(split), loaded.tokenizer, config.task.max_length)
     if encoded.labels is None:
         raise PeftkitError(f"split {split!r} of task {task.name!r} has no labels to evaluate against")
-    logits = predict_logits(loaded.model, encoded, batch_size, target, None)
+    bf16 = resolve_bf16(run_bf16(run_dir, config) if bf16 is None else bf16, target)
+    logits = predict_logits(loaded.model, encoded, batch_size, target, bf16)
     metrics = score_logits(logits, encoded.labels, task.num_labels)
     metrics.update(score_user_metrics(extra_metrics, logits.argmax(-1).tolist(), encoded.labels))
-    return {"split": split, "examples": len(encoded), **metrics}
+    return {"split": split, "examples": len(encoded), "bf16": bf16, **metrics}
+
+
+def run_bf16(run_dir: Path, config: Any) -> bool | None:
+    """The precision a run evaluated in: what its summary.json recorded (train.bf16 resolved on its machine), else
+    its config's train.bf16 (null: where it pays)."""
+    from peftkit.formats import SUMMARY_FILE, RunSummary
+
+    return RunSummary.read(run_dir).bf16 if (run_dir / SUMMARY_FILE).is_file() else config.train.bf16

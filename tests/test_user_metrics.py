@@ -243,3 +243,19 @@ def test_report_means_stds_and_cell_errors():
     section = "\n".join(user_metrics_section([row]))
     assert "| toy | lora | 4/4 | 0.625 ± 0.18 | 0.25 |" in section and "compute failed" in section
     assert user_metrics_section([{"task": "toy", "method": "lora", "ok": 1, "cells": 1}]) == []
+
+
+def test_eval_reproduces_the_runs_own_precision_unless_told(run_dir, monkeypatch, capsys):
+    import peftkit.precision as precision
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    kept = summary["validation"] or summary["best"]  # the kept weights on validation (selected on it here)
+    recorded = summary["bf16"]  # train.bf16 null, resolved on this machine when the run trained
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: not recorded)  # here "where it pays" says the opposite
+    argv = ["eval", str(run_dir), "--device", "cpu"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bf16"] is recorded and result["loss"] == pytest.approx(kept["loss"], abs=1e-7)
+    assert main([*argv, "--no-bf16" if recorded else "--bf16"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["bf16"] is not recorded and other["loss"] != pytest.approx(result["loss"], abs=1e-7)
