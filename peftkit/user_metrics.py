@@ -135,8 +135,9 @@ def score_saved_adapter(specs: Sequence[str], adapter_dir: Path, config: Any) ->
     """A bench cell's user metrics: the kept model's validation predictions (and test, where labelled) scored by
     every module, as `{"validation": {...}, "test": {...}}`.
 
-    A module failing here is recorded as `{"error": "..."}` instead of failing the cell: training and the
-    built-in metrics stand, and the driver already loaded every module once before the grid started.
+    A module failing here is recorded in `"error"` (beside the other modules' scores) instead of failing the cell:
+    training and the built-in metrics stand, and the driver already loaded every module once before the grid
+    started. A failure before any module scores (loading the adapter or the data) is the only `"error"`.
     """
     from peftkit.artifacts import load
     from peftkit.data import encode, load_task
@@ -144,18 +145,30 @@ def score_saved_adapter(specs: Sequence[str], adapter_dir: Path, config: Any) ->
     from peftkit.modeling import resolve_device
 
     try:
-        metrics = load_user_metrics(specs)
         loaded = load(adapter_dir, base=config.model.name_or_path)
         device = resolve_device(config.train.device)
         model = loaded.model.to(device)
         task = load_task(config.task, seed=config.train.seed)
-        out = {}
+        labelled = {}  # split -> (predictions, references): one forward pass serves every module
         for split in ("validation", "test"):
             rows = task.splits.get(split)
             encoded = encode(rows, loaded.tokenizer, config.task.max_length) if rows else None
             if encoded is not None and encoded.labels is not None:
                 logits = predict_logits(model, encoded, config.train.eval_batch_size, device, config.train.bf16)
-                out[split] = score_user_metrics(metrics, logits.argmax(-1).tolist(), encoded.labels)
-        return out
+                labelled[split] = (logits.argmax(-1).tolist(), encoded.labels)
     except PeftkitError as e:
         return {"error": str(e)}
+    out: dict[str, Any] = {}
+    errors = []
+    for spec in specs:
+        try:
+            metric = load_user_metric(spec)
+            scores = {split: score_user_metric(metric, *pair) for split, pair in labelled.items()}
+        except PeftkitError as e:
+            errors.append(str(e))
+            continue
+        for split, split_scores in scores.items():
+            out.setdefault(split, {}).update(split_scores)
+    if errors:
+        out["error"] = "; ".join(errors)
+    return out

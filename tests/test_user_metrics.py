@@ -191,25 +191,20 @@ class InProcessExecutor:
             yield job, execute(job)
 
 
-def test_bench_cells_record_and_report_user_metrics(modules, tiny_model_dir, toy_task_dir, tmp_path):
+def test_bench_cells_record_and_report_user_metrics(modules, tiny_model_dir, toy_task_dir, tmp_path, capsys):
     from peftkit.bench import run_bench
 
     out = tmp_path / "bench"
-    counts = run_bench(
-        "smoke",
-        [str(toy_task_dir)],
-        ["lora"],
-        [0],
-        out,
-        str(tiny_model_dir("bert")),
-        progress=False,
-        executor=InProcessExecutor(),
-        user_metrics=[str(modules["accuracy"]), str(modules["balanced_error"])],
-    )
+    failing = write_module(tmp_path, "failing", "raise ValueError('boom')")
+    specs = [str(modules["accuracy"]), str(failing), str(modules["balanced_error"])]
+    bench = ("smoke", [str(toy_task_dir)], ["lora"], [0], out, str(tiny_model_dir("bert")))
+    counts = run_bench(*bench, progress=False, executor=InProcessExecutor(), user_metrics=specs)
     assert counts["failed"] == 0
-    cell = json.loads((out / "cells" / "toy__lora__seed0.json").read_text())
+    path = out / "cells" / "toy__lora__seed0.json"
+    cell = json.loads(path.read_text())
     scored = cell["user_metrics"]
-    assert set(scored) == {"validation", "test"}
+    assert set(scored) == {"validation", "test", "error"}  # a failing module costs only its own scores
+    assert scored["error"] == "metric 'failing': compute failed: ValueError: boom"
     for split in ("validation", "test"):  # the kept model's predictions: the built-in accuracy, computed again
         assert scored[split]["accuracy:accuracy"] == pytest.approx(cell[split]["accuracy"])
         assert 0 <= scored[split]["balanced_error:balanced_error"] <= 1
@@ -219,6 +214,16 @@ def test_bench_cells_record_and_report_user_metrics(modules, tiny_model_dir, toy
     assert row["test_balanced_error:balanced_error_mean"] != ""
     markdown = (out / "results.md").read_text()
     assert "## User metrics" in markdown and "| val accuracy:accuracy |" in markdown
+
+    # a cell done before --metric is not scored now (its weights are gone): the run says so
+    del cell["user_metrics"]
+    path.write_text(json.dumps(cell))
+    capsys.readouterr()
+    counts = run_bench(*bench, progress=False, executor=InProcessExecutor(), user_metrics=specs[:1])
+    assert counts["skipped"] == 1 and counts["ran"] == 0
+    assert (
+        "--metric scores only the cells run now; 1 cells already done have no user metrics" in capsys.readouterr().out
+    )
 
 
 def test_bench_rejects_a_bad_metric_before_training(toy_task_dir, tmp_path, capsys):

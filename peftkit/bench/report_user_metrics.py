@@ -1,8 +1,9 @@
 """The report's share of `peftkit bench --metric`: user-metric columns for results.csv/json and one results.md table.
 
 Kept apart from report.py so the built-in tables stay as they are. A cell scored by evaluate modules holds
-`user_metrics = {"validation": {"<module>:<key>": x}, "test": {...}}` (or `{"error": "..."}` when a module failed
-in the cell); a row gets `<split>_<module>:<key>_mean` / `_std` over its ok seeds, like the built-in metrics.
+`user_metrics = {"validation": {"<module>:<key>": x}, "test": {...}}`, plus `"error": "..."` naming the modules
+that failed in the cell (the others keep their scores); a row gets `<split>_<module>:<key>_mean` / `_std` over its
+ok seeds, like the built-in metrics.
 """
 
 from __future__ import annotations
