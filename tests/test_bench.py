@@ -107,7 +107,7 @@ def test_bench_end_to_end_resume_failure_and_report(tiny_model_dir, toy_task_dir
         "## Budgets",
         "## toy",
         "## toy3",
-        "## Failed cells",
+        "## Failed cells\n\nRunning the same bench command again runs these cells again.",
         "trainable %",
         "peak mem MB",
         "latency ms",

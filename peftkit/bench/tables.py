@@ -251,7 +251,7 @@ def to_markdown(
 
     failed = [c for c in report["cells"] if c["status"] != "ok"]
     if failed:
-        lines += ["## Failed cells", ""]
+        lines += ["## Failed cells", "", "Running the same bench command again runs these cells again.", ""]
         lines += [f"- `{c['cell']}`: {c['error'].splitlines()[0]}" for c in failed] + [""]
     lines += ["## Columns", ""] + [f"- **{k}**: {v}" for k, v in COLUMN_HELP.items()]
     lines += [f"- **val/test metric**: {KEPT_HELP}", ""]
