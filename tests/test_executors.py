@@ -53,7 +53,7 @@ def local_cells(grid, tmp_path_factory):
         started = time.perf_counter()
         counts = run_bench(out=out, executor=LocalExecutor(), **grid)
         seconds = time.perf_counter() - started
-        assert counts == {"planned": 4, "skipped": 0, "ran": 4, "failed": 0}
+        assert counts == {"planned": 4, "skipped": 0, "ran": 4, "retried": 0, "failed": 0}
         yield read_cells(out), seconds
 
 
@@ -83,7 +83,7 @@ def test_ray_two_workers_match_local_and_resume(grid, local_cells, tmp_path):
             started = time.perf_counter()
             counts = run_bench(out=out, executor=executor, **grid)
             timings[f"ray, {workers} worker(s)"] = time.perf_counter() - started
-            assert counts == {"planned": 4, "skipped": 0, "ran": 4, "failed": 0}
+            assert counts == {"planned": 4, "skipped": 0, "ran": 4, "retried": 0, "failed": 0}
             if workers == 2:  # 1 CPU per task = 1 thread, as the local cells had: bitwise the same metrics
                 assert_same_metrics(read_cells(out), reference)
                 mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
@@ -132,7 +132,7 @@ def test_slurm_through_submitit_local_executor_matches_local(grid, local_cells, 
     out = tmp_path / "slurm"
     executor = SlurmExecutor(out / "submitit", cluster="local", timeout_min=10)
     counts = run_bench(out=out, executor=executor, **grid)
-    assert counts == {"planned": 4, "skipped": 0, "ran": 4, "failed": 0}
+    assert counts == {"planned": 4, "skipped": 0, "ran": 4, "retried": 0, "failed": 0}
     assert_same_metrics(read_cells(out), local_cells[0])
 
 
