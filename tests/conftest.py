@@ -36,6 +36,23 @@ def _auto_precision_is_fp32(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
 
 
+# tiny configs of other architectures, each for what it does differently: (model_type, its own settings)
+OTHER_ENCODERS = {
+    # embeddings narrower than the hidden size, as in real ELECTRA-small / ALBERT (prompt widths)
+    "electra-small-embed": ("electra", {"embedding_size": 16, "max_position_embeddings": 128}),
+    # its body calls the pooler on the [CLS] slice, then a tanh outside it (test_pooling.py)
+    "albert": ("albert", {"embedding_size": 16, "max_position_embeddings": 128}),
+    # its head (dense + norm) pools by config.classifier_pooling (test_pooling.py)
+    "modernbert": ("modernbert", {"max_position_embeddings": 128, "pad_token_id": 0}),
+    # its attention branches on `_attn_implementation == "sdpa"` (test_dropout.py)
+    "falcon": ("falcon", {"pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}),
+    # head: pooler (ContextPooler) + classifier
+    "deberta-v2": ("deberta-v2", {"type_vocab_size": 0, "pad_token_id": 0}),
+    # head: classifier (dense + out_proj)
+    "roberta": ("roberta", {"max_position_embeddings": 130, "pad_token_id": 0}),
+}
+
+
 def _tiny_config(kind: str, **overrides):
     from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig
 
@@ -74,62 +91,13 @@ def _tiny_config(kind: str, **overrides):
             bos_token_id=101,
             eos_token_id=102,
         )
-    if kind == "electra-small-embed":  # embeddings narrower than the hidden size, as in real ELECTRA-small / ALBERT
-        from transformers import ElectraConfig
-
-        return ElectraConfig(
-            vocab_size=vocab,
-            embedding_size=16,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            **overrides,
-        )
     if kind == "distilbert":  # config.json says dim / n_layers / n_heads; head: pre_classifier + classifier
-        from transformers import DistilBertConfig
-
         sizes = {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "max_position_embeddings": 128}
-        return DistilBertConfig(vocab_size=vocab, **{**sizes, **overrides})
-    if kind == "albert":  # its body calls the pooler on the [CLS] slice, then a tanh outside it (test_pooling.py)
-        from transformers import AlbertConfig
-
-        return AlbertConfig(
-            vocab_size=vocab,
-            embedding_size=16,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            **overrides,
-        )
-    if kind == "modernbert":  # its head (dense + norm) pools by config.classifier_pooling (test_pooling.py)
-        from transformers import ModernBertConfig
-
-        sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-        return ModernBertConfig(
-            vocab_size=vocab, max_position_embeddings=128, pad_token_id=0, **{**sizes, **overrides}
-        )
-    if kind == "falcon":  # its attention branches on `_attn_implementation == "sdpa"` (test_dropout.py)
-        from transformers import FalconConfig
-
-        return FalconConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            pad_token_id=0,
-            bos_token_id=101,
-            eos_token_id=102,
-            **overrides,
-        )
-    encoder = {"vocab_size": vocab, "num_hidden_layers": 2, "num_attention_heads": 2, "pad_token_id": 0, **overrides}
-    if kind == "deberta-v2":  # head: pooler (ContextPooler) + classifier
-        return AutoConfig.for_model(kind, hidden_size=32, intermediate_size=64, type_vocab_size=0, **encoder)
-    if kind == "roberta":  # head: classifier (dense + out_proj)
-        return AutoConfig.for_model(kind, hidden_size=32, intermediate_size=64, max_position_embeddings=130, **encoder)
+        return AutoConfig.for_model(kind, vocab_size=vocab, **{**sizes, **overrides})
+    if kind in OTHER_ENCODERS:
+        small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+        model_type, own = OTHER_ENCODERS[kind]
+        return AutoConfig.for_model(model_type, vocab_size=vocab, **{**small, **own, **overrides})
     raise ValueError(kind)
 
 
