@@ -319,6 +319,12 @@ def test_target_modules_a_decoder_lacks_are_named_with_the_ones_it_has(tiny_mode
         assert "method.target_modules=all-linear" in message
 
 
+def test_the_generic_peft_methods_hint_names_its_own_setting(tiny_model_dir):
+    with pytest.raises(PeftkitError) as e:
+        apply_method(tiny_model_dir, "peft", "gpt2", peft_type="LORA", options={"target_modules": ["query"]})
+    assert "Set method.options={target_modules: all-linear}, or method.options' target_modules to" in str(e.value)
+
+
 @pytest.mark.parametrize("method", ["adalora", "vera", "loha"])
 def test_all_linear_targets_every_linear_layer_for_every_method(tiny_model_dir, method):
     model = apply_method(tiny_model_dir, method, target_modules=["all-linear"], **TINY_OPTIONS.get(method, {}))

@@ -86,7 +86,7 @@ def resolve_target_modules(
             raise PeftkitError(
                 f"method {method!r} could not be applied to {type(model).__name__}: peft has no default "
                 f"target_modules for model type {model.config.model_type!r}; "
-                + name_the_modules(model, head_modules, norms)
+                + name_the_modules(model, method, head_modules, norms)
             )
         return
     if not isinstance(targets, str) and set(targets) == {"all-linear"}:
@@ -100,7 +100,7 @@ def resolve_target_modules(
     if unmatched:
         raise PeftkitError(
             f"method {method!r} could not be applied to {type(model).__name__}: target_modules {unmatched} match no "
-            f"module of it; " + name_the_modules(model, head_modules, norms)
+            f"module of it; " + name_the_modules(model, method, head_modules, norms)
         )
     targeted = [n for n in adaptable_modules(model, head_modules) if any(names_module(t, n) for t in targets)]
     choose_feedforward_modules(config, model, targeted)
@@ -111,14 +111,18 @@ def names_module(target: str, name: str) -> bool:
     return name == target or name.endswith(f".{target}")
 
 
-def name_the_modules(model: nn.Module, head_modules: list[str], norms: bool) -> str:
-    """The end of a target_modules error: the model's own linear (or norm) module names and how to set them."""
+def name_the_modules(model: nn.Module, method: str, head_modules: list[str], norms: bool) -> str:
+    """The end of a target_modules error: the model's own linear (or norm) module names and how to set them (the
+    generic `peft` method takes peft's fields inside method.options)."""
     kind = "norm" if norms else "linear"
     examples = adaptable_modules(model, head_modules, norms)
     leaves = list(dict.fromkeys(name.rpartition(".")[2] for name in examples))
     listing = f"{', '.join(leaves[:8])} (e.g. {examples[0]})" if examples else "none"
-    fix = "method.target_modules to" if norms else "method.target_modules=all-linear, or to"
-    return f"its {kind} modules are named {listing}. Set {fix} some of those names"
+    peft = method == "peft"
+    to = "method.options' target_modules" if peft else "method.target_modules"
+    every = "method.options={target_modules: all-linear}" if peft else "method.target_modules=all-linear"
+    fix = f"Set {to} to some of those names" if norms else f"Set {every}, or {to} to some of those names"
+    return f"its {kind} modules are named {listing}. {fix}"
 
 
 # peft tuners that choose their own targets where their table has none (OSF: all-linear; SHADOW: every block)
