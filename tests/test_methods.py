@@ -319,6 +319,12 @@ def test_target_modules_a_decoder_lacks_are_named_with_the_ones_it_has(tiny_mode
         assert "method.target_modules=all-linear" in message
 
 
+def test_ln_tuning_refuses_all_linear(tiny_model_dir):
+    """peft would accept it and fully train every linear layer: a different method under LN-tuning's name."""
+    with pytest.raises(PeftkitError, match="tunes norm layers.*norm modules are named LayerNorm"):
+        apply_method(tiny_model_dir, "ln_tuning", target_modules=["all-linear"])
+
+
 def test_the_generic_peft_methods_hint_names_its_own_setting(tiny_model_dir):
     with pytest.raises(PeftkitError) as e:
         apply_method(tiny_model_dir, "peft", "gpt2", peft_type="LORA", options={"target_modules": ["query"]})

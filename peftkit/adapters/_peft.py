@@ -91,6 +91,11 @@ def resolve_target_modules(
         return
     if not isinstance(targets, str) and set(targets) == {"all-linear"}:
         config.target_modules = targets = "all-linear"
+    if norms and targets == "all-linear":  # peft would take it and train every linear layer whole: not LN-tuning
+        raise PeftkitError(
+            f"method {method!r} tunes norm layers, and target_modules=all-linear names linear ones; "
+            + name_the_modules(model, method, head_modules, norms)
+        )
     if targets == "all-linear":
         choose_feedforward_modules(config, model, adaptable_modules(model, head_modules))
     if isinstance(targets, str):  # all-linear, or a regular expression (method peft)
