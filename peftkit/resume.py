@@ -1,5 +1,6 @@
-"""Run folders: what a new run may write into (`check_output_dir`, `refuse_to_replace_a_run`), and what makes
-`--resume` safe: a checkpoint records which run it belongs to and what its files hold.
+"""Run folders: where a new run goes (`new_run_dir`), what it may write into (`check_output_dir`,
+`refuse_to_replace_a_run`), and what makes `--resume` safe: a checkpoint records which run it belongs to and
+what its files hold.
 
 Every checkpoint gets a `manifest.json`, written last inside its temp folder (so a complete checkpoint always has
 one): the sha256 of each of its files and the resolved config minus the keys a resume may change. On `--resume`:
@@ -19,6 +20,7 @@ import json
 import re
 import shutil
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,16 @@ def check_output_dir(output_dir: str | Path, run_dir: str | Path | None = None) 
             probe = probe.parent
         if probe.exists() and not probe.is_dir():
             raise PeftkitError(f"cannot write a run under {path}: {probe} is a file, not a folder")
+
+
+def new_run_dir(config) -> Path:
+    """A fresh folder under train.output_dir: the run name, or recipe + time; `-1`, `-2`... never an existing one."""
+    name = config.train.run_name or f"{config.recipe or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
+    path = Path(config.train.output_dir) / name
+    suffix = 1
+    while path.exists():
+        path, suffix = Path(config.train.output_dir) / f"{name}-{suffix}", suffix + 1
+    return path
 
 
 def refuse_to_replace_a_run(run_dir: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ from peftkit.modeling import (
     trained_head_modules,
 )
 from peftkit.precision import autocast, hold_frozen_linears_in_bf16, resolve_bf16
-from peftkit.resume import ResumePlan, check_output_dir, refuse_to_replace_a_run, resume_view
+from peftkit.resume import ResumePlan, check_output_dir, new_run_dir, refuse_to_replace_a_run, resume_view
 from peftkit.validation import check_max_length
 
 __all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
@@ -391,12 +390,3 @@ def majority_rate(labels: list[int]) -> float:
 
 def is_better(value: float, best: float | None, metric: str) -> bool:
     return best is None or (value < best if metric == "loss" else value > best)
-
-
-def new_run_dir(config: RunConfig) -> Path:
-    name = config.train.run_name or f"{config.recipe or 'run'}-{datetime.now():%Y%m%d-%H%M%S}"
-    path = Path(config.train.output_dir) / name
-    suffix = 1
-    while path.exists():
-        path, suffix = Path(config.train.output_dir) / f"{name}-{suffix}", suffix + 1
-    return path
