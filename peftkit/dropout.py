@@ -162,17 +162,16 @@ def attention_keeps_torch_dropout(model: nn.Module) -> list[str]:
     interface: Falcon runs SDPA only while `_attn_implementation == "sdpa"`, else an eager path that adds the
     boolean padding mask to the scores (so pads are attended and a row's logits depend on its batch). transformers
     marks the classes that route attention and masks through its interface with `_supports_attention_backend`."""
+    sdpa = [m for m in _pretrained_parts(model) if getattr(m.config, "_attn_implementation", None) == "sdpa"]
+    return sorted({type(m).__name__ for m in sdpa if not type(m)._supports_attention_backend})
+
+
+def _pretrained_parts(model: nn.Module) -> list[nn.Module]:
+    """The transformers models inside `model` (a peft wrapper, a classification model and its body), which own the
+    attention settings."""
     from transformers import PreTrainedModel
 
-    return sorted(
-        {
-            type(m).__name__
-            for m in model.modules()
-            if isinstance(m, PreTrainedModel)
-            and getattr(m.config, "_attn_implementation", None) == "sdpa"
-            and not type(m)._supports_attention_backend
-        }
-    )
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
 
 
 def use_hash_dropout(model: nn.Module) -> int:
@@ -182,7 +181,7 @@ def use_hash_dropout(model: nn.Module) -> int:
     and references intact, and the attention setting is a config field transformers never saves with a model.
     An eager-attention model keeps its own attention path (its other dropouts still switch), and so does a model
     whose code checks the implementation's name (`attention_keeps_torch_dropout`)."""
-    from transformers import AttentionInterface, PreTrainedModel
+    from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(HASH_SDPA, hash_sdpa_attention)
@@ -190,7 +189,7 @@ def use_hash_dropout(model: nn.Module) -> int:
     switched = [m for m in model.modules() if type(m) is nn.Dropout]
     for m in switched:
         m.__class__ = HashDropout
-    owners = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    owners = _pretrained_parts(model)
     unsupported = {id(m.config) for m in owners if not type(m)._supports_attention_backend}  # a shared config too
     for config in {id(m.config): m.config for m in owners}.values():
         if getattr(config, "_attn_implementation", None) == "sdpa" and id(config) not in unsupported:

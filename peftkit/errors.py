@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Iterable
+from typing import Any
 
 
 class PeftkitError(Exception):
@@ -24,3 +26,12 @@ def short_error(e: BaseException, limit: int = 300) -> str:
     (peft, safetensors, torch) into a one-line PeftkitError."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return f"{type(e).__name__}: {first[:limit]}"
+
+
+def short_value(value: Any, limit: int = 60) -> str:
+    """A value as JSON text, cut at `limit` characters, for naming a bad value in a one-line error."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -229,7 +229,7 @@ class RunSummary:
 
     def write(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / SUMMARY_FILE
-        atomic_write_json(path, _finite(self.to_dict()))
+        atomic_write_json(path, nan_as_null(self.to_dict()))
         return path
 
     @classmethod
@@ -250,12 +250,12 @@ class RunSummary:
         return cls(**{**_known_fields(cls, data), "format_version": SUMMARY_FORMAT})
 
 
-def _finite(value: Any) -> Any:
+def nan_as_null(value: Any) -> Any:
     """JSON has no NaN: write non-finite floats as null rather than producing an invalid file."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: nan_as_null(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [nan_as_null(v) for v in value]
     return value

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from peftkit.errors import PeftkitError
-from peftkit.formats import _finite
+from peftkit.formats import nan_as_null
 from peftkit.io import atomic_write_text
 
 ReportTo = Literal["tensorboard", "mlflow"]
@@ -30,7 +30,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps(_finite(record)) + "\n")  # strict JSON: a NaN loss is null, as in summary.json
+                f.write(json.dumps(nan_as_null(record)) + "\n")  # strict JSON: a NaN loss is null, as in summary.json
 
     def close(self) -> None:
         pass
@@ -85,8 +85,7 @@ class TensorBoardLog:
     """TensorBoard event files in RUN_DIR/tensorboard (`pip install 'peftkit[tensorboard]'`)."""
 
     def __init__(self, folder: Path, resumed_at: int = 0):
-        check_report_to(["tensorboard"])
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # its package was checked before the run began
 
         # resuming: TensorBoard hides the points past the checkpoint, as metrics.jsonl drops them (no duplicates)
         self.writer = SummaryWriter(log_dir=str(folder), purge_step=resumed_at + 1 if resumed_at else None)
@@ -104,8 +103,7 @@ class MlflowLog:
     """An MLflow run in the local file store RUN_DIR/mlruns (`pip install mlflow`); nothing leaves the machine."""
 
     def __init__(self, folder: Path, run_name: str):
-        check_report_to(["mlflow"])
-        import mlflow
+        import mlflow  # checked before the run began (check_report_to)
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(folder.resolve().as_uri())

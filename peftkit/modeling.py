@@ -15,8 +15,8 @@ from peftkit.errors import PeftkitError
 from peftkit.pooling import apply_pooling, native_pooling, pooling_modules, resolve_pooling
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-# The classifier names peft's SEQ_CLS model adds to modules_to_save itself, so it wraps them whole; also what
-# quantization must name before a model exists. head_modules() finds the whole head by rule.
+# The classifier names peft's SEQ_CLS model adds to modules_to_save itself, so it wraps them whole (linear_parts).
+# head_modules() finds the whole head by rule.
 HEAD_MODULE_NAMES = ("classifier", "score")
 
 

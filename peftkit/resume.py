@@ -55,13 +55,18 @@ _STEP = re.compile(r"^step-\d+$")
 
 def resume_view(config) -> dict[str, Any]:
     """The resolved config as flat `section.key` values, minus RESUMABLE_KEYS: what a checkpoint is tied to."""
+    return {k: v for k, v in sorted(flat_config(config.to_dict()).items()) if k not in RESUMABLE_KEYS}
+
+
+def flat_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping as flat `section.key` values (top-level scalars such as `recipe` as they are)."""
     flat: dict[str, Any] = {}
-    for section, values in config.to_dict().items():
+    for section, values in data.items():
         if isinstance(values, dict):
             flat.update({f"{section}.{k}": v for k, v in values.items()})
         else:
             flat[section] = values
-    return {k: v for k, v in sorted(flat.items()) if k not in RESUMABLE_KEYS}
+    return flat
 
 
 def config_hash(view: dict[str, Any]) -> str:
@@ -114,13 +119,15 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def changed_keys(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+def changed_keys(
+    saved: dict[str, Any] | None, current: dict[str, Any], ignored: frozenset[str] = RESUMABLE_KEYS
+) -> list[str]:
+    """The flat keys whose values differ, `ignored` keys (or sections) aside. A key older records lack compares as
+    the value every run had before it was added (ADDED_KEYS), so an upgrade alone changes nothing."""
     if saved is None:
         return []
-    # a key made resumable later is still in older checkpoints' views: it is no longer compared
     saved = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **saved}
-    saved = {k: v for k, v in saved.items() if k not in RESUMABLE_KEYS}
-    keys = sorted(set(saved) | set(current))
+    keys = sorted(k for k in set(saved) | set(current) if k not in ignored and k.split(".")[0] not in ignored)
     return [k for k in keys if _canonical(saved.get(k)) != _canonical(current.get(k))]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from peftkit.errors import PeftkitError, unknown_choice
+from peftkit.errors import PeftkitError, short_value, unknown_choice
 
 CSV_DELIMITERS = ",;\t|"
 
@@ -207,7 +207,7 @@ def check_text(value: Any, field: str, where: str, allow_empty: bool = False) ->
     if value is None:
         raise BadRow(f"{where}: {field!r} is null (a text is required)")
     if not isinstance(value, str):
-        raise BadRow(f"{where}: {field!r} must be a string, got {type(value).__name__} {_short(value)}")
+        raise BadRow(f"{where}: {field!r} must be a string, got {type(value).__name__} {short_value(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -219,14 +219,6 @@ def check_text(value: Any, field: str, where: str, allow_empty: bool = False) ->
     return value
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        text = type(value).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def is_label_value(label: Any) -> bool:
     """Labels are strings, integers or booleans; a float only when it is a whole number (1.0), never NaN."""
     if isinstance(label, (str, int)):  # bool is an int
@@ -236,7 +228,7 @@ def is_label_value(label: Any) -> bool:
 
 def label_index(label: Any, index: dict[str, int], names: list[str], where: str) -> int:
     if not is_label_value(label):
-        raise BadRow(f"{where}: label must be a string or an integer, got {type(label).__name__} {_short(label)}")
+        raise BadRow(f"{where}: label must be a string or an integer, got {type(label).__name__} {short_value(label)}")
     if isinstance(label, bool):
         label = int(label)
     if isinstance(label, float):

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from peftkit.adapters.base import Method, MethodContext
+from peftkit.adapters.base import Method, MethodContext, is_head_parameter
 from peftkit.errors import PeftkitError
 from peftkit.pooling import select_last_by_mask
 
@@ -130,6 +130,11 @@ def name_the_modules(model: nn.Module, method: str, head_modules: list[str], nor
     return f"its {kind} modules are named {listing}. {fix}"
 
 
+def peft_type_name(config: Any) -> str:
+    """A peft config's type as its plain name (peft_type is an enum, or a string in a config read back)."""
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
 # peft tuners that choose their own targets where their table has none (OSF: all-linear; SHADOW: every block)
 OWN_DEFAULT_TARGETS = ("OSF", "SHADOW")
 
@@ -140,7 +145,7 @@ def peft_has_default_targets(config: Any, model: nn.Module) -> bool:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import constants
 
-    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    peft_type = peft_type_name(config)
     if peft_type in OWN_DEFAULT_TARGETS:
         return True
     table = getattr(PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type), "target_module_mapping", None)
@@ -174,7 +179,7 @@ def size_virtual_tokens(config: Any, model: nn.Module) -> None:
     usual config.json keys only (DistilBERT's are n_layers, n_heads, dim). Both are taken from the model itself."""
     if not getattr(config, "is_prompt_learning", False):
         return
-    if str(getattr(config.peft_type, "value", config.peft_type)) in ("PROMPT_TUNING", "P_TUNING"):
+    if peft_type_name(config) in ("PROMPT_TUNING", "P_TUNING"):
         if config.token_dim is None:
             config.token_dim = model.get_input_embeddings().embedding_dim
     for field, key in (("num_layers", "num_hidden_layers"), ("num_attention_heads", "num_attention_heads")):
@@ -189,10 +194,7 @@ def adaptable_modules(model: nn.Module, head_modules: list[str], norms: bool = F
     def wanted(module: nn.Module) -> bool:
         return type(module).__name__.endswith("Norm") if norms else isinstance(module, (nn.Linear, Conv1D))
 
-    def in_head(name: str) -> bool:
-        return any(name == h or name.startswith(f"{h}.") for h in head_modules)
-
-    return [name for name, module in model.named_modules() if wanted(module) and not in_head(name)]
+    return [n for n, module in model.named_modules() if wanted(module) and not is_head_parameter(n, head_modules)]
 
 
 def pool_virtual_tokens(model: nn.Module) -> nn.Module:

@@ -7,7 +7,6 @@ needs into one `CellJob`, so the runner passes a single value down instead of a 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,31 +126,12 @@ RESULT_NEUTRAL_KEYS = frozenset(
 
 
 def config_differences(recorded: dict[str, Any] | None, planned: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{key: (recorded, planned)} for each `section.key` whose value differs, RESULT_NEUTRAL_KEYS aside.
+    """{key: (recorded, planned)} for each `section.key` whose value differs, RESULT_NEUTRAL_KEYS aside: the
+    comparison a resume makes (resume.changed_keys), over the keys that can change a cell's numbers."""
+    from peftkit.resume import changed_keys, flat_config
 
-    A key the cell file lacks compares as the value every run had before that key was added (resume.ADDED_KEYS),
-    so an upgrade alone does not invalidate a folder of results.
-    """
-    from peftkit.resume import ADDED_KEYS
-
-    old, new = _flat(recorded or {}), _flat(json.loads(json.dumps(planned)))  # tuples compare as JSON lists
-    old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
-    keys = sorted(old.keys() | new.keys())
-    return {
-        k: (old.get(k), new.get(k))
-        for k in keys
-        if k.split(".")[0] not in RESULT_NEUTRAL_KEYS and old.get(k) != new.get(k)
-    }
-
-
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for section, values in config.items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            flat[section] = values
-    return flat
+    old, new = flat_config(recorded or {}), flat_config(planned)
+    return {k: (old.get(k), new.get(k)) for k in changed_keys(old, new, RESULT_NEUTRAL_KEYS)}
 
 
 def _has(record: dict[str, Any], key: str) -> bool:

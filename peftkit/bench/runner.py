@@ -32,7 +32,7 @@ from peftkit.bench.profiles import Profile, load_profile
 from peftkit.bench.report import build_report
 from peftkit.bench.selection import choose, grid_cells, seed_cells, write_selection
 from peftkit.config import RunConfig
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, short_value
 from peftkit.io import atomic_write_json
 from peftkit.loggers import read_metrics
 from peftkit.measure import LoadMeter, machine_manifest
@@ -60,6 +60,8 @@ def run_bench(
     whole grid). `user_metrics` (evaluate module specs) are loaded once here, before any cell trains, and each cell
     scores its kept model with them.
     """
+    from peftkit.console import progress_bar
+
     profile = load_profile(profile_name)
     tasks = list(tasks or profile.tasks)
     methods = validate_choices(tasks, list(methods or profile.methods))
@@ -79,96 +81,63 @@ def run_bench(
         "command": command,
         **machine_manifest(),
     }
-    with folder_lock(out):
-        return run_grid(
-            profile,
-            planned,
-            first_phase,
-            chosen_later,
-            later_count,
-            out,
-            model,
-            data_dir,
+    with folder_lock(out):  # one bench per results folder: two would train into the same run folders
+        done, retried = reusable_cells(first_phase, out, profile, model, data_dir)
+        counts = {"planned": len(first_phase) + later_count, "skipped": len(done), "ran": 0, "retried": retried}
+        bar = progress_bar(
+            counts["planned"],
+            counts["skipped"],
             progress,
-            executor,
-            metric_specs,
-            manifest_base,
+            desc="bench",
+            unit="cell",
+            bar_format="{desc}: {n}/{total} cells |{bar}| [{elapsed}<{remaining}] {postfix}",
         )
+        unscored = sum("user_metrics" not in read_cell(cell_path(out, c)) for c in done) if metric_specs else 0
+        if unscored:
+            bar.write(
+                f"peftkit bench: note: --metric scores only the cells run now; {unscored} cells already done have no "
+                f"user metrics (their adapter weights are not kept): remove their cell files to run them again"
+            )
 
+        def write(cell: Cell, record: dict[str, Any]) -> None:
+            atomic_write_json(cell_path(out, cell), record)
+            counts["ran"] += 1
+            if record["status"] == "failed":
+                bar.write(f"peftkit bench: {cell.id} failed: {record['error'].splitlines()[0]}")
+            bar.set_postfix_str(cell.id)
+            bar.update(1)
 
-def run_grid(
-    profile: Profile,
-    planned: list[Cell],
-    first_phase: list[Cell],
-    chosen_later: list[Cell],
-    later_count: int,
-    out: Path,
-    model: str | None,
-    data_dir: str | None,
-    progress: bool,
-    executor: Executor | None,
-    metric_specs: tuple[str, ...],
-    manifest_base: dict[str, Any],
-) -> dict[str, int]:
-    """run_bench's work once the grid is planned and OUT is this process's alone."""
-    from peftkit.console import progress_bar
+        def run_cells(cells: list[Cell], done: list[Cell]) -> None:
+            records, jobs = {}, []
+            for cell in cells:
+                if cell in done:
+                    continue
+                records[cell.id], job = prepare_cell(cell, profile, out, model, data_dir, manifest_base)
+                if job is None:  # its config did not resolve: recorded as failed without running
+                    write(cell, records.pop(cell.id))
+                else:
+                    jobs.append(replace(job, user_metrics=metric_specs))
+            for job, outcome in (executor or LocalExecutor()).run(jobs):
+                write(job.cell, finish_record(records.pop(job.cell.id), outcome))
 
-    done, retried = reusable_cells(first_phase, out, profile, model, data_dir)
-    counts = {"planned": len(first_phase) + later_count, "skipped": len(done), "ran": 0, "retried": retried}
-    bar = progress_bar(
-        counts["planned"],
-        counts["skipped"],
-        progress,
-        desc="bench",
-        unit="cell",
-        bar_format="{desc}: {n}/{total} cells |{bar}| [{elapsed}<{remaining}] {postfix}",
-    )
-    unscored = sum("user_metrics" not in read_cell(cell_path(out, c)) for c in done) if metric_specs else 0
-    if unscored:
-        bar.write(
-            f"peftkit bench: note: --metric scores only the cells run now; {unscored} cells already done have no "
-            f"user metrics (their adapter weights are not kept): remove their cell files to run them again"
-        )
-
-    def write(cell: Cell, record: dict[str, Any]) -> None:
-        atomic_write_json(cell_path(out, cell), record)
-        counts["ran"] += 1
-        if record["status"] == "failed":
-            bar.write(f"peftkit bench: {cell.id} failed: {record['error'].splitlines()[0]}")
-        bar.set_postfix_str(cell.id)
-        bar.update(1)
-
-    def run_cells(cells: list[Cell], done: list[Cell]) -> None:
-        records, jobs = {}, []
-        for cell in cells:
-            if cell in done:
-                continue
-            records[cell.id], job = prepare_cell(cell, profile, out, model, data_dir, manifest_base)
-            if job is None:  # its config did not resolve: recorded as failed without running
-                write(cell, records.pop(cell.id))
-            else:
-                jobs.append(replace(job, user_metrics=metric_specs))
-        for job, outcome in (executor or LocalExecutor()).run(jobs):
-            write(job.cell, finish_record(records.pop(job.cell.id), outcome))
-
-    run_cells(first_phase, done)
-    cells = list(first_phase)
-    if chosen_later:
-        choices = choose(out, chosen_later, profile.lr_grid)
-        write_selection(out, choices, sorted({c.seed for c in planned}))
-        later, unchosen = seed_cells(chosen_later, planned, choices)
-        for first in unchosen:
-            bar.write(f"peftkit bench: {first.task_label} {first.method}: every grid cell failed; no seeds run")
-        done, retried = reusable_cells(later, out, profile, model, data_dir)
-        counts["skipped"] += len(done)
-        counts["retried"] += retried
-        bar.update(len(done))
-        run_cells(later, done)
-        cells += later
-    bar.close()
-    build_report(out)
-    counts["failed"] = sum(read_cell(cell_path(out, c))["status"] != "ok" for c in cells)  # this grid, any run
-    return counts
+        run_cells(first_phase, done)
+        cells = list(first_phase)
+        if chosen_later:
+            choices = choose(out, chosen_later, profile.lr_grid)
+            write_selection(out, choices, sorted({c.seed for c in planned}))
+            later, unchosen = seed_cells(chosen_later, planned, choices)
+            for first in unchosen:
+                bar.write(f"peftkit bench: {first.task_label} {first.method}: every grid cell failed; no seeds run")
+            done, retried = reusable_cells(later, out, profile, model, data_dir)
+            counts["skipped"] += len(done)
+            counts["retried"] += retried
+            bar.update(len(done))
+            run_cells(later, done)
+            cells += later
+        bar.close()
+        build_report(out)
+        counts["failed"] = sum(read_cell(cell_path(out, c))["status"] != "ok" for c in cells)  # this grid, any run
+        return counts
 
 
 def reusable_cells(
@@ -191,7 +160,7 @@ def reusable_cells(
         )
         if differences:
             shown = "; ".join(
-                f"{k}: {_short(a)} there, {_short(b)} now" for k, (a, b) in list(differences.items())[:3]
+                f"{k}: {short_value(a)} there, {short_value(b)} now" for k, (a, b) in list(differences.items())[:3]
             )
             more = f" (and {len(differences) - 3} more keys)" if len(differences) > 3 else ""
             raise PeftkitError(
@@ -200,11 +169,6 @@ def reusable_cells(
             )
         done.append(cell)
     return done, failed
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def prepare_cell(
