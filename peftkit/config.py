@@ -57,14 +57,16 @@ class TaskConfig:
     text_pair_field: str | None = None  # second sentence of pair tasks; built-in tasks and meta.json set it
     label_field: str = "label"
     label_names: list[str] | None = None  # for user files without meta.json; default: sorted distinct labels
-    validation_file: str | None = None  # for a file task; default: a seeded 10% of the train file
+    validation_file: str | None = None  # for a file task; default: 10% of the train file, drawn by dev_seed
     test_file: str | None = None
     max_length: Annotated[int, Range(ge=8, le=1_000_000)] = 128  # tokens; also capped by the model's positions
     max_train_examples: Positive | None = None  # seeded subsample of train, for CPU-sized budgets
-    max_eval_examples: Positive | None = None  # a seeded sample of N rows of validation/test
+    max_eval_examples: Positive | None = None  # a sample (drawn by dev_seed) of N rows of validation, test and dev
     # a dev split carved from train (a share < 1, or a row count) that the loop selects on (best step, early
-    # stopping), so validation and test stay unseen by every choice; the same rows for every train.seed
+    # stopping), so validation and test stay unseen by every choice
     dev_size: Annotated[float, Range(gt=0)] | None = None
+    # draws every row that is scored, whatever train.seed: the dev split, a file task's held-out 10%, the
+    # max_eval_examples samples; train.seed draws only the train subsample and the training itself
     dev_seed: Annotated[int, Range(ge=0, lt=2**32)] = 0
     encoding: str = "utf-8"  # of the data files; e.g. latin-1 for a legacy export
     delimiter: str | None = None  # CSV delimiter; default: sniffed from the file (one of , ; tab |)

@@ -93,20 +93,22 @@ def data_dir(cfg: TaskConfig) -> Path | None:
 
 
 def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
-    """Find the task named by `cfg.name` and read its splits."""
+    """Find the task named by `cfg.name` and read its splits. `seed` (train.seed) draws only the train subsample;
+    every row that is scored (held-out validation/test, dev, the max_eval_examples samples) is drawn by
+    `cfg.dev_seed`, so runs that differ in train.seed are scored on the same rows."""
     path = Path(cfg.name).expanduser()
     root = data_dir(cfg)
     bad: list[str] | None = [] if cfg.on_bad_row == "skip" else None  # `file:line` of rows skipped
     if cfg.label_names is not None:  # set, even to [], is a choice to check: never read as 'take the data's'
         validation.check_label_names(cfg.label_names, "task.label_names")
     if path.suffix.lower() in TASK_FILE_SUFFIXES:
-        task = _file_task(cfg, path, seed, bad)
+        task = _file_task(cfg, path, bad)
     elif path.is_dir() and any((path / f"{split}.jsonl").exists() for split in ("train", "validation")):
         task = _folder_task(cfg, path, bad)
     elif root is not None and (root / cfg.name).is_dir():
         task = _folder_task(cfg, root / cfg.name, bad)
     elif cfg.name in BUILTIN_TASKS and root is None:
-        task = _hub_task(cfg, BUILTIN_TASKS[cfg.name], seed, bad)
+        task = _hub_task(cfg, BUILTIN_TASKS[cfg.name], bad)
     elif cfg.name in BUILTIN_TASKS:
         raise PeftkitError(
             f"task {cfg.name!r} is not in the data folder {root} (from --data-dir / ${DATA_ENV}); "
@@ -124,10 +126,10 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
         after = f" in its seeded sample of task.max_train_examples={cfg.max_train_examples} of {rows} rows"
         task.splits["train"] = rng.sample(task.splits["train"], cfg.max_train_examples)
         validation.check_train_classes(task.name, task.splits["train"], task.label_names, after, "raise it")
-    for split in ("validation", "test"):
+    for split in ("validation", "test", "dev"):  # dev too: the cap sizes every evaluation, the selecting one included
         rows = task.splits.get(split)
         if cfg.max_eval_examples and rows and len(rows) > cfg.max_eval_examples:
-            task.splits[split] = random.Random(seed).sample(rows, cfg.max_eval_examples)
+            task.splits[split] = random.Random(cfg.dev_seed).sample(rows, cfg.max_eval_examples)
     return task
 
 
@@ -145,21 +147,21 @@ def _folder_task(cfg: TaskConfig, folder: Path, bad: list[str] | None) -> Task:
     return _normalise(folder.name, raw, cfg, pair_field, label_names, builtin.metrics if builtin else None, bad)
 
 
-def _file_task(cfg: TaskConfig, path: Path, seed: int, bad: list[str] | None) -> Task:
+def _file_task(cfg: TaskConfig, path: Path, bad: list[str] | None) -> Task:
     train = read_rows(path, cfg, bad)
     raw = {"train": train}
     label_splits: tuple[str, ...] = ("train",)  # where the labels of a task without label names are read
     if cfg.validation_file:
         raw["validation"] = read_rows(Path(cfg.validation_file), cfg, bad)
-    else:  # hold out a seeded 10% so the loop can still pick its best step
-        rest, held = holdout(train, seed)
+    else:  # hold out 10% (by task.dev_seed: the same rows whatever train.seed) so the loop can pick its best step
+        rest, held = holdout(train, cfg.dev_seed)
         raw, label_splits = {"train": rest, "validation": held}, ("train", "validation")  # one file's labels
     if cfg.test_file:
         raw["test"] = read_rows(Path(cfg.test_file), cfg, bad)
     return _normalise(path.stem, raw, cfg, cfg.text_pair_field, cfg.label_names, None, bad, label_splits)
 
 
-def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int, bad: list[str] | None) -> Task:
+def _hub_task(cfg: TaskConfig, spec: BuiltinTask, bad: list[str] | None) -> Task:
     """Fallback for a user online with no data folder: the task's Hugging Face `datasets` id."""
     try:
         import datasets
@@ -179,8 +181,8 @@ def _hub_task(cfg: TaskConfig, spec: BuiltinTask, seed: int, bad: list[str] | No
     raw = {s: [dict(r) for r in ds[s]] for s in SPLITS if s in ds}
     raw = {s: rows for s, rows in raw.items() if rows and rows[0]["label"] >= 0}  # GLUE hides test labels (-1)
     if "validation" not in raw:  # financial_phrasebank ships one split: hold out 10% + 10% as in meta.json
-        rest, validation = holdout(raw["train"], seed)
-        rest, test = holdout(rest, seed + 1, share=1 / 9)
+        rest, validation = holdout(raw["train"], cfg.dev_seed)  # by dev_seed: the same rows whatever train.seed
+        rest, test = holdout(rest, cfg.dev_seed + 1, share=1 / 9)
         raw = {"train": rest, "validation": validation, "test": test}
     fields = TaskConfig(**{**cfg.__dict__, "text_field": spec.text, "text_pair_field": spec.text_pair})
     return _normalise(cfg.name, raw, fields, spec.text_pair, label_names, spec.metrics, bad)

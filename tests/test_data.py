@@ -171,3 +171,26 @@ def test_a_single_class_left_by_subsampling_is_refused_naming_the_setting(tmp_pa
         load_task(TaskConfig(name=str(path), max_train_examples=3))
     with pytest.raises(PeftkitError, match=r"1 class \(a\) after task.dev_size=0.99"):
         load_task(TaskConfig(name=str(path), dev_size=0.99))
+
+
+def test_evaluation_samples_are_the_same_rows_for_every_train_seed(toy_task_dir):
+    """max_eval_examples draws by task.dev_seed: seeds that differ only in train.seed are scored on the same rows."""
+    cfg = TaskConfig(name=str(toy_task_dir), dev_size=20, max_eval_examples=10)
+    first, second = load_task(cfg, seed=0), load_task(cfg, seed=1)
+    for split in ("validation", "test", "dev"):
+        assert first.splits[split] == second.splits[split] and len(first.splits[split]) == 10, split
+    other_rows = TaskConfig(name=str(toy_task_dir), dev_size=20, max_eval_examples=10, dev_seed=1)
+    assert load_task(other_rows).splits["validation"] != first.splits["validation"]  # dev_seed is what draws them
+
+
+def test_max_eval_examples_caps_dev_and_leaves_train_as_the_carve_left_it(toy_task_dir):
+    whole = load_task(TaskConfig(name=str(toy_task_dir), dev_size=20))
+    capped = load_task(TaskConfig(name=str(toy_task_dir), dev_size=20, max_eval_examples=8))
+    assert len(capped.splits["dev"]) == 8 and all(r in whole.splits["dev"] for r in capped.splits["dev"])
+    assert capped.splits["train"] == whole.splits["train"]  # the cap never moves rows into train
+
+
+def test_a_file_tasks_held_out_rows_are_the_same_for_every_train_seed(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(50)])
+    first, second = load_task(TaskConfig(name=str(path)), seed=0), load_task(TaskConfig(name=str(path)), seed=1)
+    assert first.splits == second.splits and len(first.splits["validation"]) == 5
