@@ -120,3 +120,29 @@ def test_summary_reports_the_validation_majority_rate(tiny_run_config, tmp_path,
     summary = train(tiny_run_config("lora", max_steps=1), run_dir=tmp_path / "run")
     labels = [json.loads(line)["label"] for line in (toy_task_dir / "validation.jsonl").read_text().splitlines()]
     assert summary.majority_rate == majority_rate(labels)
+
+
+def test_a_run_killed_between_evaluations_without_improvement_stops_where_it_would_have(
+    tiny_run_config, tmp_path, monkeypatch
+):
+    from peftkit.adapters.lora import LoRA
+
+    # the first evaluation stays the best: no improvement at 2, 3, 4 -> stopped at step 4 (patience 3)
+    still = dict(lr=1e-12, head_lr=1e-12)
+    config = tiny_run_config("lora", max_steps=20, eval_every=1, patience=3, checkpoint_every=2, **still)
+    straight = train(config, run_dir=tmp_path / "straight")
+    original = LoRA.after_optimizer_step
+
+    def crash(self, model, step):
+        if step == 2:  # taking step 3: after the checkpoint of step 2, which counts one evaluation without improvement
+            raise RuntimeError("simulated crash")
+        return original(self, model, step)
+
+    monkeypatch.setattr(LoRA, "after_optimizer_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, run_dir=tmp_path / "crashed")
+    monkeypatch.setattr(LoRA, "after_optimizer_step", original)
+    resumed = train(config, resume=tmp_path / "crashed")
+    assert straight.stopped_early and resumed.stopped_early and resumed.steps == straight.steps == 4
+    assert resumed.best == straight.best and resumed.best["step"] == 1
+    assert [e["step"] for e in evaluations(tmp_path / "crashed")] == [1, 2, 3, 4]
