@@ -4,8 +4,9 @@ A tiny random BERT (MiniLM tokenizer) trains a toy 2-class task for 16 steps wit
 Ten trials, seeded: some kill right after a checkpoint's `.step-*.tmp` folder appears (a kill during the write,
 including the first one), the rest after a random logged step plus a random delay. Each killed run is continued
 with `peftkit train --resume RUN` (when no checkpoint had completed, resume must say so, and the run is started
-again in the same folder). Compared with the straight run: every adapter file byte for byte, summary.json minus
-timing/memory/path fields, metrics.jsonl minus throughput.
+again in the same folder; a kill that came after the run wrote summary.json found it finished, which --resume
+refuses by design: it is compared as it is). Compared with the straight run: every adapter file byte for byte,
+summary.json minus timing/memory/path fields, metrics.jsonl minus throughput.
 
     python benchmarks/kill_resume.py --trials 10 --seed 0 --out benchmarks/results/kill_resume.md
 """
@@ -127,6 +128,25 @@ def kill_when(proc: subprocess.Popen, run: Path, mode: str, target: int, delay: 
     return "the run finished before the kill"
 
 
+def continue_killed(run: Path, config: Path) -> tuple[str, str | None]:
+    """Bring a killed run to its end: `--resume` it, or start it again in its folder when no checkpoint had
+    completed. A kill that landed after the run wrote summary.json found it finished: --resume refuses a finished
+    run by design, and the run is compared as it is. Returns what was done, and the last error line if that failed."""
+    if (run / "summary.json").is_file():
+        return "finished before the kill", None
+    proc = peftkit("train", "--resume", str(run))
+    _, err = proc.communicate()
+    how = "resumed"
+    if proc.returncode == 2 and "no checkpoint to resume from" in err:
+        how = "restarted (" + err.strip().split("from: ")[-1].split(";")[0] + ")"
+        proc = peftkit("train", "--config", str(config), "--run-dir", str(run))
+        _, err = proc.communicate()
+    if proc.returncode != 0:
+        return how, err.strip().splitlines()[-1] if err.strip() else "?"
+    notes = [line for line in err.splitlines() if line.startswith("peftkit:")]
+    return how + (" (" + "; ".join(notes) + ")" if notes else ""), None
+
+
 def comparable(run: Path) -> dict:
     adapter = {p.name: p.read_bytes() for p in sorted((run / "adapter").iterdir())}
     summary = {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k not in VOLATILE_SUMMARY}
@@ -184,22 +204,10 @@ def main() -> int:
             proc = peftkit("train", "--config", str(config), "--run-dir", str(run))
             moment = kill_when(proc, run, mode, target, delay)
             proc.wait()
-            resume = peftkit("train", "--resume", str(run))
-            _, resume_err = resume.communicate()
-            how = "resumed"
-            if resume.returncode == 2 and "no checkpoint to resume from" in resume_err:
-                how = "restarted (" + resume_err.strip().split("from: ")[-1].split(";")[0] + ")"
-                restart = peftkit("train", "--config", str(config), "--run-dir", str(run))
-                _, resume_err = restart.communicate()
-                resume = restart
-            if resume.returncode != 0:
-                rows.append(
-                    (trial, moment, f"failed: {resume_err.strip().splitlines()[-1] if resume_err else '?'}", "no")
-                )
+            how, failure = continue_killed(run, config)
+            if failure is not None:
+                rows.append((trial, moment, f"failed: {failure}", "no"))
                 continue
-            notes = [line for line in resume_err.splitlines() if line.startswith("peftkit:")]
-            if notes:
-                how += " (" + "; ".join(notes) + ")"
             got = comparable(run)
             ok = got == reference
             matches += ok

@@ -227,3 +227,19 @@ def test_binary_f1_as_best_metric_on_three_labels_is_a_clear_error(tiny_run_conf
     config.task.name = str(path)
     with pytest.raises(PeftkitError, match="has 3 labels, use macro_f1"):
         train(config, run_dir=tmp_path / "run")
+
+
+def test_kill_resume_bench_counts_a_run_that_finished_before_the_kill(tiny_run_config, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume.py"
+    spec = importlib.util.spec_from_file_location("kill_resume", script)
+    kill_resume = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kill_resume)
+    train(tiny_run_config("lora", max_steps=2, checkpoint_every=1), run_dir=tmp_path / "run")
+    before = (tmp_path / "run" / "summary.json").read_bytes()
+    # the kill landed after summary.json: --resume would refuse the finished run, which is not a failed trial
+    how = kill_resume.continue_killed(tmp_path / "run", tmp_path / "unused.yaml")
+    assert how == ("finished before the kill", None)
+    assert (tmp_path / "run" / "summary.json").read_bytes() == before
