@@ -25,7 +25,7 @@ from peftkit.errors import PeftkitError, short_error
 from peftkit.fingerprint import model_fingerprint, short
 from peftkit.formats import ADAPTER_META_FILE, SUMMARY_FILE, AdapterMeta
 from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, default_file_mode, read_json
-from peftkit.modeling import head_pad_token_id, portable_model_name
+from peftkit.modeling import head_pad_token_id, head_wrappers, portable_model_name
 from peftkit.pooling import is_stock
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -258,7 +258,7 @@ def combine_adapters(
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise PeftkitError(f"cannot load the adapters to combine ({short_error(e)})") from None
     model.eval()
-    heads = _head_wrappers(model)
+    heads = head_wrappers(model)
     head_state = {id(w): {k: v.clone() for k, v in w.modules_to_save[names[0]].state_dict().items()} for w in heads}
     for w in heads:  # peft refuses to combine adapters that each carry a head; keep only the first one's
         for name in names[1:]:
@@ -336,9 +336,3 @@ def _check_combinable(
     if how in ("linear", "ties") and len(folders) > 1 and len(set(ranks)) > 1:
         raise PeftkitError(f"--how {how} needs equal LoRA ranks, these have r={ranks}; use --how cat (rank = sum)")
     return folders, metas
-
-
-def _head_wrappers(model) -> list:
-    from peft.utils import ModulesToSaveWrapper
-
-    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]

@@ -18,6 +18,8 @@ DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # The classifier names peft's SEQ_CLS model adds to modules_to_save itself, so it wraps them whole (linear_parts).
 # head_modules() finds the whole head by rule.
 HEAD_MODULE_NAMES = ("classifier", "score")
+# The layer types whose ModulesToSaveWrapper peft can run with a different adapter per row (its _mixed_batch_forward).
+MIXABLE_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -238,6 +240,21 @@ def trained_head_modules(model: nn.Module) -> list[str]:
     peft wraps plain Linear layers, which mix adapters in one batch (serve); not the classifier, which peft's SEQ_CLS
     model wraps whole in any case (RoBERTa's: dense, out_proj)."""
     return [part for name in [*head_modules(model), *pooling_modules(model)] for part in linear_parts(model, name)]
+
+
+def head_wrappers(model: nn.Module) -> list[nn.Module]:
+    """peft's ModulesToSaveWrappers in `model`: the head layers that keep one trained copy per adapter."""
+    from peft.utils import ModulesToSaveWrapper
+
+    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def mixes_adapters_in_one_batch(model: nn.Module) -> bool:
+    """True when peft's mixed-batch inference (`adapter_names=[...]`) can run this PeftModel: it routes rows to
+    each adapter's head copy only where the wrapped module is a plain layer (MIXABLE_LAYERS) and raises TypeError
+    otherwise. Heads that peft wraps whole are not: RoBERTa's and ELECTRA's classifier (dense + out_proj),
+    ModernBERT's `head` (dense + norm)."""
+    return all(isinstance(w.original_module, MIXABLE_LAYERS) for w in head_wrappers(model))
 
 
 def linear_parts(model: nn.Module, name: str) -> list[str]:

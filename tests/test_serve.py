@@ -104,6 +104,22 @@ def test_mixed_lora_forward_uses_each_adapters_own_head(client, adapters):
         assert torch.allclose(got, expected_probs(adapters[name]), atol=1e-5)
 
 
+def test_mixed_batch_on_a_head_peft_wraps_whole(tmp_path, monkeypatch, tiny_model_dir, toy_task_dir):
+    """RoBERTa's classifier (dense + out_proj) is one module peft's mixed-batch inference refuses (TypeError):
+    such LoRA adapters run as their own grouped forwards, and a batch mixing two gets each one's own logits."""
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    runs = TinyRuns(tmp_path, tiny_model_dir("roberta"), toy_task_dir)
+    adapters = {"a": runs.run("lora", seed=0) / "adapter", "b": runs.run("lora", seed=1) / "adapter"}
+    pool = AdapterPool(str(runs.model_dir))
+    for name, folder in adapters.items():
+        pool.add(name, folder)
+    out = pool.predict([("a", TEXTS, None), ("b", TEXTS, None)])
+    for name, preds in zip("ab", out):
+        got = torch.tensor([list(p["probabilities"].values()) for p in preds])
+        assert torch.allclose(got, expected_probs(adapters[name]), atol=1e-5), name
+    assert not pool.deployments["a"].describe()["mixed_batch"]
+
+
 @pytest.mark.parametrize(
     "payload,status,message",
     [

@@ -3,7 +3,8 @@
 Memory: the base model's body tensors are loaded once. Plain LoRA adapters with the same number of labels live
 in one `PeftModel` (`load_adapter(dir, adapter_name=name)`), each with its own head copy (peft's
 ModulesToSaveWrapper keeps one per adapter), and a batch mixing them runs as ONE forward through peft's
-mixed-batch inference (`adapter_names=[...]`). Every other adapter (DoRA, which peft cannot mix; IA3, AdaLoRA,
+mixed-batch inference (`adapter_names=[...]`). Every other adapter (DoRA and LoRA on a base whose head peft wraps
+whole, e.g. RoBERTa's dense + out_proj, which peft cannot mix: `mixes_adapters_in_one_batch`; IA3, AdaLoRA,
 prompt methods, peftkit bottleneck adapters; LoRA with another label count) gets its own host model whose
 body *shares the same tensors* as the base (only its head and adapter weights are new), and is run as its own
 grouped forward. Only methods whose weights overwrite base parameters (full fine-tuning, BitFit) need a private
@@ -27,7 +28,13 @@ from peftkit.data import EncodedSplit, collate, encode
 from peftkit.errors import PeftkitError
 from peftkit.formats import AdapterMeta
 from peftkit.inference import format_predictions, predict_logits
-from peftkit.modeling import head_modules, load_model, load_tokenizer, resolve_model_path
+from peftkit.modeling import (
+    head_modules,
+    load_model,
+    load_tokenizer,
+    mixes_adapters_in_one_batch,
+    resolve_model_path,
+)
 from peftkit.pooling import apply_pooling
 from peftkit.predict import BrokenAdapterError, check_finite
 
@@ -173,6 +180,8 @@ class AdapterPool:
             except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
                 raise PeftkitError(f"cannot load adapter {directory}: {load_error_text(e)}") from None
             check_peft_keys(scratch, directory, name)
+            if not mixes_adapters_in_one_batch(scratch):  # a head peft wraps whole: its own grouped forward
+                return self._host_alone(name, directory, meta, scratch)
             with self.lock:  # swap
                 host = self.hosts.get(key)
                 if host is None:
@@ -187,13 +196,17 @@ class AdapterPool:
                 host.deployments.add(name)
                 deployment = self.deployments[name] = Deployment(name, str(directory), meta, key)
             return deployment
-        key = f"own-{name}"
         base = (
             load_model(self.model_cfg, num_labels, self.tokenizer.pad_token_id)
             if self._writes_base(directory, meta)
             else self.shared_model(num_labels)
         )
         model, _ = attach(base, directory, meta, self.model_path)
+        return self._host_alone(name, directory, meta, model)
+
+    def _host_alone(self, name: str, directory: Path, meta: AdapterMeta, model: nn.Module) -> Deployment:
+        """Deploy `name` on a host model of its own, run as its own grouped forward."""
+        key = f"own-{name}"
         with self.lock:
             self.hosts[key] = HostModel(model.eval(), mixed=False, deployments={name})
             deployment = self.deployments[name] = Deployment(name, str(directory), meta, key)
