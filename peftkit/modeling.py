@@ -132,12 +132,13 @@ def load_model(
 def align_pad_token_id(model: nn.Module, pad_token_id: int | None) -> None:
     """Make the config's pad id the one the batches are padded with, where that is what the head reads.
 
-    A decoder head (`score`: GPT-2, Llama, ...) reads each row's last token that is not `config.pad_token_id`; a
-    Llama-2-style folder declares pad id 0 while its tokenizer has no pad (peftkit pads with eos), so the head would
-    never find a pad and read the last position, a pad for the shorter rows: a row's logits would depend on its
-    batch. That head is the only reader at forward time (the body fixed its embedding's padding_idx when built,
-    which shapes only gradients), and save_pretrained writes the aligned id, so a merged export loads right in stock
-    transformers. Other models keep a declared id: RoBERTa-likes count positions from it."""
+    A decoder head (GPT-2's, Llama's, CTRL's: `finds_last_token_by_pad_id`) reads each row's last token that is not
+    `config.pad_token_id`; a Llama-2-style folder declares pad id 0 while its tokenizer has no pad (peftkit pads with
+    eos), so the head would never find a pad and read the last position, a pad for the shorter rows: a row's logits
+    would depend on its batch. That head is the only reader at forward time (the body fixed its embedding's
+    padding_idx when built, which shapes only gradients), and save_pretrained writes the aligned id, so a merged
+    export loads right in stock transformers. Other models keep a declared id: RoBERTa-likes count positions from
+    it."""
     if model.config.pad_token_id is None or (pad_token_id is not None and native_pooling(model) == "last"):
         model.config.pad_token_id = pad_token_id
 

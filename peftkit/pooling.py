@@ -25,6 +25,7 @@ prefix, which `Pooling` skips.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -89,13 +90,27 @@ def has_pooler(model: nn.Module) -> bool:
     return isinstance(pooler, nn.Module) and not isinstance(pooler, Pooling) and any(True for _ in pooler.parameters())
 
 
+def finds_last_token_by_pad_id(model: nn.Module) -> bool:
+    """True when the stock class (also inside a peft wrapper) picks each row's last token that is not
+    `config.pad_token_id`, as transformers' decoder heads do, whatever their head is named (GPT-2's and Llama's
+    `score`, CTRL's and ModernBERT-decoder's `classifier`). The rule is what the class's forward reads: only that
+    search reads the pad id there (no encoder head does). Its compiled names, along the MRO, since a subclass's
+    forward may only call super() (Gemma-3's calls transformers' GenericForSequenceClassification)."""
+    from transformers import PreTrainedModel
+
+    stock = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    forwards = [inspect.unwrap(vars(cls)["forward"]) for cls in type(stock).__mro__ if "forward" in vars(cls)]
+    return any("pad_token_id" in getattr(getattr(f, "__code__", None), "co_names", ()) for f in forwards)
+
+
 def native_pooling(model: nn.Module) -> str:
-    """What the stock classification class does: its pooler, else the last token (decoders' `score`), else what
-    its config's `classifier_pooling` says (ModernBERT's head mean-pools by it, as the released base does), else
-    [CLS]. Another explicit pooling than this one gets a `Pooling` module (`apply_pooling`)."""
+    """What the stock classification class does: its pooler, else the last token (decoder heads:
+    `finds_last_token_by_pad_id`), else what its config's `classifier_pooling` says (ModernBERT's head mean-pools by
+    it, as the released base does), else [CLS]. Another explicit pooling than this one gets a `Pooling` module
+    (`apply_pooling`)."""
     if has_pooler(model):
         return "pooler"
-    if isinstance(getattr(model, "score", None), nn.Module):
+    if finds_last_token_by_pad_id(model):
         return "last"
     declared = getattr(model.config, "classifier_pooling", None)
     return declared if declared in ("cls", "mean", "last") else "cls"

@@ -50,6 +50,13 @@ OTHER_ENCODERS = {
     "deberta-v2": ("deberta-v2", {"type_vocab_size": 0, "pad_token_id": 0}),
     # head: classifier (dense + out_proj)
     "roberta": ("roberta", {"max_position_embeddings": 130, "pad_token_id": 0}),
+    # decoders whose head finds the last token by the pad id, as GPT-2's `score`, but is named `classifier`
+    "ctrl": ("ctrl", {"dff": 64, "n_positions": 128}),
+    "modernbert-decoder": (
+        "modernbert-decoder",
+        {"max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 101, "cls_token_id": 101}
+        | {"eos_token_id": 102, "sep_token_id": 102},
+    ),
 }
 
 

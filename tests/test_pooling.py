@@ -161,6 +161,30 @@ def test_virtual_tokens_pool_each_rows_own_tokens(tiny_model_dir, tmp_path, kind
             torch.testing.assert_close(scored(**batch).logits, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["ctrl", "modernbert-decoder"])
+@pytest.mark.parametrize("method_name", ["lora", "prompt"])
+def test_a_decoder_head_named_classifier_reads_each_rows_last_token(tiny_model_dir, kind, method_name):
+    """CTRL's and ModernBERT-decoder's heads find the last token by the pad id, as GPT-2's `score` does, but are
+    named `classifier`: taken for [CLS] heads, they kept the folder's pad id (1; the batches pad with 0) and read
+    virtual tokens' rows at the last position, a pad for the shorter rows: a row's logits depended on its batch."""
+    from peftkit.adapters import get_method_class
+    from peftkit.pooling import pooling_of
+
+    path = str(tiny_model_dir(kind, pad_token_id=1))
+    cfg = ModelConfig(name_or_path=path)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, len(LABELS), tokenizer.pad_token_id)
+    assert pooling_of(model) == "last"
+    options = get_method_class(method_name).options_class(
+        **({"target_modules": ["all-linear"]} if method_name == "lora" else {})
+    )
+    model = build_method(method_name, options).apply(model, MethodContext(path, trained_head_modules(model), 10))
+    with torch.no_grad():
+        together = model.eval()(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+        alone = torch.cat([model(**tokenizer([text], return_tensors="pt")).logits for text in TEXTS])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
 def _sentence_transformers_copy(src, dst, mode_key="pooling_mode_mean_tokens"):
     shutil.copytree(src, dst)
     (dst / "modules.json").write_text(
