@@ -226,7 +226,10 @@ def is_label_value(label: Any) -> bool:
     return isinstance(label, float) and math.isfinite(label) and label.is_integer()
 
 
-def label_index(label: Any, index: dict[str, int], names: list[str], where: str) -> int:
+def label_index(label: Any, index: dict[str, int], names: list[str], where: str, positions: bool = True) -> int:
+    """The label's index in `names`: by name, else (with `positions`, for names the user or meta.json gave) an
+    integer read as a position. Names read from the data are never positions: a label missing from them is a
+    class train never had, not an index into them."""
     if not is_label_value(label):
         raise BadRow(f"{where}: label must be a string or an integer, got {type(label).__name__} {short_value(label)}")
     if isinstance(label, bool):
@@ -235,8 +238,10 @@ def label_index(label: Any, index: dict[str, int], names: list[str], where: str)
         label = int(label)
     if str(label) in index:  # a label name, also when names are numbers ("1".."5") read from the data
         return index[str(label)]
-    if not all(map(is_number_name, names)) and (
-        isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit())
+    if (
+        positions
+        and not all(map(is_number_name, names))
+        and (isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit()))
     ):
         value = int(label)
         if not 0 <= value < len(names):
@@ -282,6 +287,7 @@ def normalise_splits(
     for split in ("train", "validation"):
         if split in raw and not raw[split]:
             raise PeftkitError(f"task {name}: the {split} split has no rows (is the file empty?)")
+    positions = label_names is not None  # given names take integer labels as positions; the data's never do
     if label_names is not None:
         label_names = check_label_names(label_names, f"task {name}: label_names")
     located = {
@@ -297,7 +303,9 @@ def normalise_splits(
     index = {n: i for i, n in enumerate(label_names)}
 
     def labelled(where: str, item: dict[str, Any]) -> dict[str, Any]:
-        return {**item, "label": label_index(item["label"], index, label_names, where)} if "label" in item else item
+        if "label" not in item:
+            return item
+        return {**item, "label": label_index(item["label"], index, label_names, where, positions)}
 
     kept = {split: _kept(pairs, labelled, bad_rows) for split, pairs in checked.items()}
     for split in ("train", "validation"):

@@ -77,6 +77,17 @@ def test_numbers_as_label_names_are_names_never_positions(tmp_path):
         load_task(TaskConfig(name=str(train), validation_file=str(validation)))
 
 
+def test_an_integer_label_is_a_position_only_in_label_names_that_were_given(tmp_path):
+    """Names read from train ("neg", "pos") are the classes: a validation 1 is an unseen class, not "pos"."""
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    write_jsonl(train, [{"text": f"t {i}", "label": "neg pos".split()[i % 2]} for i in range(10)])
+    write_jsonl(validation, [{"text": "a", "label": "neg"}, {"text": "b", "label": 1}])
+    with pytest.raises(PeftkitError, match="unknown label in .*validation.jsonl:2 '1'"):
+        load_task(TaskConfig(name=str(train), validation_file=str(validation)))
+    given = load_task(TaskConfig(name=str(train), validation_file=str(validation), label_names=["neg", "pos"]))
+    assert [r["label"] for r in given.splits["validation"]] == [0, 1]
+
+
 def test_a_byte_order_mark_is_read_past_and_a_folder_needs_train(tmp_path):
     path = tmp_path / "excel.csv"
     path.write_text("text,label\n" + "".join(f"t {i},{'ab'[i % 2]}\n" for i in range(20)), encoding="utf-8-sig")
