@@ -113,6 +113,11 @@ def evaluate_run(
     target = resolve_device(device)
     loaded.model.to(target)
     task = load_task(config.task, seed=config.train.seed)
+    if task.label_names != loaded.label_names:  # label i must mean what it meant in training, or the scores lie
+        raise PeftkitError(
+            f"task {task.name!r} now reads with labels {task.label_names} but the adapter was trained on "
+            f"{loaded.label_names}; evaluate on data with the adapter's labels, in its order"
+        )
     encoded = encode(task.split(split), loaded.tokenizer, config.task.max_length)
     if encoded.labels is None:
         raise PeftkitError(f"split {split!r} of task {task.name!r} has no labels to evaluate against")

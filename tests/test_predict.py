@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 
 import pytest
 import torch
-from tiny_runs import TEXTS, TinyRuns, logits_of
+from tiny_runs import TEXTS, TinyRuns, logits_of, three_label_task
 
 from peftkit.artifacts import load
 from peftkit.cli import main
@@ -123,3 +124,15 @@ def test_predict_folds_a_mergeable_adapter_in_and_no_merge_keeps_it(adapter, tmp
     assert folded == [1]
     check(read_preds(tmp_path / "a.jsonl"), adapter)
     check(read_preds(tmp_path / "b.jsonl"), adapter)
+
+
+def test_eval_refuses_a_task_whose_labels_are_not_the_adapters(adapter, tmp_path, toy_task_dir, capsys):
+    """The run's task read again with other label names (data edited, another --data-dir) would score label i
+    against a head trained for another class: one line naming both lists, never numbers."""
+    run = tmp_path / "run"
+    shutil.copytree(adapter.parent, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(toy_task_dir), str(three_label_task(tmp_path, toy_task_dir))))
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "labels ['negative', 'positive', 'neutral'] but the adapter was trained on ['negative', 'positive']" in err
