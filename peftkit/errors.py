@@ -15,10 +15,19 @@ class PeftkitError(Exception):
 def unknown_choice(kind: str, name: str, choices: Iterable[str]) -> PeftkitError:
     """Build the standard 'unknown X' error, naming close matches first and then every valid choice."""
     choices = sorted(set(choices))
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(name, choices)
     listing = ", ".join(choices) if len(choices) <= 40 else ", ".join(choices[:40]) + ", ..."
     return PeftkitError(f"unknown {kind} {name!r}.{hint} Valid: {listing}")
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' Did you mean 'a', 'b'?' for up to 3 choices close to `name` ('' when none is), comparing without case or
+    surrounding spaces, so a CSV header's 'Text ' is offered for 'text'."""
+    by_key: dict[str, str] = {}
+    for choice in choices:
+        by_key.setdefault(str(choice).strip().casefold(), str(choice))
+    close = difflib.get_close_matches(name.strip().casefold(), list(by_key), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(by_key[c]) for c in close)}?" if close else ""
 
 
 def short_error(e: BaseException, limit: int = 300) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from peftkit.errors import PeftkitError, short_value, unknown_choice
+from peftkit.errors import PeftkitError, did_you_mean, short_value, unknown_choice
 
 CSV_DELIMITERS = ",;\t|"
 
@@ -354,7 +354,7 @@ def row_texts(row: dict, where: str, text_field: str, pair_field: str | None, al
         if field and field not in row:
             raise BadRow(
                 f"{where}: the {kind} field (task.{kind}_field) {field!r} is missing; "
-                f"fields: {', '.join(map(str, row)) or 'none'}"
+                f"fields: {', '.join(map(str, row)) or 'none'}.{did_you_mean(field, row)}"
             )
     item = {"text": check_text(row[text_field], text_field, where, allow_empty)}
     if pair_field:
@@ -368,7 +368,9 @@ def _checked_row(row: dict, where: str, split: str, cfg, pair_field: str | None)
     label = row.get(cfg.label_field)
     if label is None or (isinstance(label, str) and not label.strip()):
         if split in ("train", "validation"):
-            fields = "" if cfg.label_field in row else f"; fields: {', '.join(map(str, row)) or 'none'}"
+            fields = ""
+            if cfg.label_field not in row:
+                fields = f"; fields: {', '.join(map(str, row)) or 'none'}.{did_you_mean(cfg.label_field, row)}"
             raise BadRow(f"{where}: no {cfg.label_field!r} value (every {split} row needs a label){fields}")
     else:
         item["label"] = label

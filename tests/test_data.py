@@ -88,6 +88,15 @@ def test_an_integer_label_is_a_position_only_in_label_names_that_were_given(tmp_
     assert [r["label"] for r in given.splits["validation"]] == [0, 1]
 
 
+def test_a_csv_header_differing_in_case_or_spaces_is_named_as_the_likely_column(tmp_path):
+    path = tmp_path / "export.csv"
+    path.write_text("Text , LABEL\n" + "".join(f"t {i},{'ab'[i % 2]}\n" for i in range(10)))
+    with pytest.raises(PeftkitError, match=r"'text' is missing; fields: .*Did you mean 'Text '\?"):
+        load_task(TaskConfig(name=str(path)))
+    with pytest.raises(PeftkitError, match=r"no 'label' value .*Did you mean ' LABEL'\?"):
+        load_task(TaskConfig(name=str(path), text_field="Text "))
+
+
 def test_a_byte_order_mark_is_read_past_and_a_folder_needs_train(tmp_path):
     path = tmp_path / "excel.csv"
     path.write_text("text,label\n" + "".join(f"t {i},{'ab'[i % 2]}\n" for i in range(20)), encoding="utf-8-sig")
