@@ -194,6 +194,14 @@ def test_report_of_an_empty_folder_is_a_user_error(tmp_path, capsys):
     assert "no cell results" in capsys.readouterr().err
 
 
+def test_report_refuses_flags_it_would_ignore(tmp_path, capsys):
+    """--report writes into DIR itself: --out (or a grid flag) beside it was silently dropped."""
+    assert main(["bench", "--report", str(tmp_path), "--out", str(tmp_path / "elsewhere"), "--tasks", "sst2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tasks, --out cannot be combined with --report" in err
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_report_of_an_incomplete_cell_file_names_it_and_the_missing_keys(tmp_path, capsys):
     (tmp_path / "cells").mkdir()
     cell = tmp_path / "cells" / "t__lora__seed0.json"

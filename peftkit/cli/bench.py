@@ -35,6 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", action="append", default=[], metavar="PATH_OR_ID", help=METRIC_HELP)
 
 
+# the flags that shape a grid run (in the order command_line writes them); --report uses none of them
+GRID_FLAGS = (
+    "tasks",
+    "methods",
+    "seeds",
+    "out",
+    "data_dir",
+    "model",
+    "address",
+    "cpus_per_cell",
+    "gpus_per_cell",
+    "slurm_partition",
+)
+
+
 def parse_list(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
@@ -49,18 +64,7 @@ def parse_seeds(value: str | None) -> list[int] | None:
 def command_line(args: argparse.Namespace) -> str:
     """The bench command as typed (flags in a fixed order), for the manifest and results.md."""
     parts = ["peftkit", "bench", "--profile", args.profile]
-    for flag in (
-        "tasks",
-        "methods",
-        "seeds",
-        "out",
-        "data_dir",
-        "model",
-        "address",
-        "cpus_per_cell",
-        "gpus_per_cell",
-        "slurm_partition",
-    ):
+    for flag in GRID_FLAGS:
         if getattr(args, flag):
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.executor != "local":
@@ -70,11 +74,25 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def refuse_grid_flags_with_report(args: argparse.Namespace) -> None:
+    """--report rebuilds DIR's tables in DIR from DIR's cells: a flag it would ignore (--out above all, which reads
+    as "write the report there") is refused rather than silently dropped."""
+    ignored = [f"--{flag.replace('_', '-')}" for flag in GRID_FLAGS if getattr(args, flag)]
+    ignored += ["--executor"] if args.executor != "local" else []
+    ignored += ["--metric"] if args.metric else []
+    if ignored:
+        raise PeftkitError(
+            f"{', '.join(ignored)} cannot be combined with --report DIR, which rebuilds the tables inside DIR from "
+            "its cells alone; to write them elsewhere, copy DIR and --report the copy"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from peftkit.bench import build_report, run_bench
     from peftkit.bench.executors import make_executor
 
     if args.report:
+        refuse_grid_flags_with_report(args)
         report = build_report(args.report)
         files, reported = report["environment"]["cell_files"], len(report["cells"])
         chosen = f" ({reported} at the chosen learning rates)" if reported != files else ""
