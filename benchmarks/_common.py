@@ -21,6 +21,7 @@ COMMON = [
     "train.eval_every=null",
     "train.device=cpu",
     "train.warmup_ratio=0.06",
+    "train.bf16=false",  # fp32 unless a script asks for bf16: the default (null) turns autocast on where it pays
 ]
 
 
@@ -38,6 +39,12 @@ def add_budget_args(parser) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--rows", type=int, default=480, help="train rows, seen once (steps = rows / 16)")
     parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json (default: benchmarks/results/<name>)")
+
+
+def out_flag(out: Path | None) -> str:
+    """The `--out` part of the command written into the results (empty when the default was used)."""
+    return f" --out {out}" if out else ""
 
 
 def run_cell(method: dict, overrides: list[str], run_dir: Path) -> dict:
@@ -80,23 +87,36 @@ def _child(payload: str) -> None:
         "adapter_bytes",
         "steps",
         "examples_seen",
+        "bf16",
         "environment",
     )
     print(json.dumps({k: summary.get(k) for k in keep}))
 
 
 def write_results(
-    name: str, command: str, title: str, header: list[str], rows: list[list], raw: list[dict], notes: list[str]
+    out: Path | None,
+    name: str,
+    command: str,
+    title: str,
+    header: list[str],
+    rows: list[list],
+    raw: list[dict],
+    notes: list[str],
 ) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """OUT.md (the table, as printed) and OUT.json (every cell), each written atomically; OUT defaults to
+    benchmarks/results/<name>."""
+    from peftkit.io import atomic_write_text
+
+    out = Path(out) if out else RESULTS / name
     lines = [f"# {title}", "", "```bash", command, "```", ""]
     lines += ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     lines += ["", *[f"- {n}" for n in notes], ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
-    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "notes": notes, "cells": raw}, indent=1))
+    md, data = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
+    atomic_write_text(data, json.dumps({"command": command, "notes": notes, "cells": raw}, indent=1))
+    atomic_write_text(md, "\n".join(lines))
     print("\n".join(lines))
-    return RESULTS / f"{name}.md"
+    return md
 
 
 def fmt(value, spec=".1f"):

@@ -8,7 +8,7 @@ side, and the proof that both learn the same (the validation loss to every digit
 Each run is a fresh process (the allocator's state is part of what is measured) training `<recipe>` for --steps
 steps on 3,000 training rows, evaluated at the end only; the two ways alternate A B, B A, ... With --profile each
 run is wrapped in torch.profiler and reports `aten::fill_`'s time a step (the zero-fill of the dense table is most
-of it) against the profiled step. Writes benchmarks/results/embedding_grads[_profile].{md,json}.
+of it) against the profiled step. Writes benchmarks/results/embedding_grads[_profile].{md,json} (or --out).
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="torch.profiler around each run: fill_ time a step")
+    parser.add_argument(
+        "--out", help="write OUT.md and OUT.json (default: benchmarks/results/embedding_grads[_profile])"
+    )
     parser.add_argument("--child", nargs=5, metavar=("RECIPE", "WAY", "STEPS", "RUN_DIR", "PROFILE"))
     args = parser.parse_args()
     if args.child:
@@ -106,7 +109,7 @@ def main() -> None:
             for r in runs
         ]  # fmt: skip
         title = "Embedding gradients: where the dense way's step time goes (torch.profiler, full fine-tuning)"
-        write_results("embedding_grads_profile", command, title, header, rows, runs, notes)
+        write_results(args.out, "embedding_grads_profile", command, title, header, rows, runs, notes)
         return
     header = [
         "recipe",
@@ -126,7 +129,7 @@ def main() -> None:
             + [f"{speed['rows'] / speed['dense']:.2f}x", "yes" if len(losses) == 1 else f"no: {losses}"]
         )
     title = "Embedding gradients: dense every step against rows into a kept buffer (full fine-tuning)"
-    write_results("embedding_grads", command, title, header, rows, runs, notes)
+    write_results(args.out, "embedding_grads", command, title, header, rows, runs, notes)
 
 
 if __name__ == "__main__":

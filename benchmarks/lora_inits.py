@@ -10,7 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import COMMON, add_budget_args, fmt, run_cell, task_overrides, write_results
+from _common import COMMON, add_budget_args, fmt, out_flag, run_cell, task_overrides, write_results
 
 INITS = ["default", "gaussian", "pissa", "olora", "eva"]  # corda: refused, see the md
 
@@ -20,11 +20,12 @@ def main() -> None:
     add_budget_args(parser)
     parser.add_argument("--inits", default=",".join(INITS))
     args = parser.parse_args()
+    inits = args.inits.split(",")
     rows, raw = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks.split(","):
             base = None
-            for init in args.inits.split(","):
+            for init in inits:
                 method = {
                     "name": "lora",
                     "r": 8,
@@ -44,14 +45,14 @@ def main() -> None:
                 if "error" in s:
                     rows.append([task, init, "error: " + s["error"][:150], "-", "-", "-", "-"])
                     continue
-                base = base or s
+                base = s if init == inits[0] else base  # the deltas are against the first init listed
                 acc = s["best"]["accuracy"]
                 rows.append(
                     [
                         task,
                         init,
                         fmt(100 * acc),
-                        fmt(100 * (acc - base["best"]["accuracy"]), "+.1f"),
+                        fmt(base and 100 * (acc - base["best"]["accuracy"]), "+.1f"),
                         fmt(s["best"]["loss"], ".3f"),
                         s["trainable_params"],
                         fmt(s["train_seconds"], ".0f"),
@@ -60,11 +61,13 @@ def main() -> None:
                 print(rows[-1], flush=True)
     env = next((c["environment"] for c in raw if c.get("environment")), {})
     write_results(
+        args.out,
         "lora_inits",
         f"PYTHONPATH=. HF_HUB_OFFLINE=1 PEFTKIT_DATA=../shared/data python benchmarks/lora_inits.py "
-        f"--tasks {args.tasks} --rows {args.rows} --eval-rows {args.eval_rows} --inits {args.inits}",
+        f"--tasks {args.tasks} --rows {args.rows} --eval-rows {args.eval_rows} --inits {args.inits}"
+        f"{out_flag(args.out)}",
         "LoRA initialisations at equal rank on MiniLM (CPU)",
-        ["task", "init", "val acc %", "Δ vs default", "val loss", "trainable", "train s"],
+        ["task", "init", "val acc %", f"Δ vs {inits[0]}", "val loss", "trainable", "train s"],
         rows,
         raw,
         [

@@ -10,7 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import COMMON, add_budget_args, fmt, run_cell, task_overrides, write_results
+from _common import COMMON, add_budget_args, fmt, out_flag, run_cell, task_overrides, write_results
 
 VARIANTS = {
     "fp32": [],
@@ -42,28 +42,30 @@ def main() -> None:
                 if "error" in s:
                     rows.append([task, variant, "error: " + s["error"][:120], *["-"] * 7])
                     continue
-                base = base or s
+                base = s if variant == "fp32" else base  # the ratios are against fp32, or "-" when it failed
                 acc = s["best"]["accuracy"]
                 rows.append(
                     [
                         task,
                         variant,
                         fmt(100 * acc),
-                        fmt(100 * (acc - base["best"]["accuracy"]), "+.1f"),
+                        fmt(base and 100 * (acc - base["best"]["accuracy"]), "+.1f"),
                         fmt(s["peak_memory_mb"], ".0f"),
-                        fmt(s["peak_memory_mb"] / base["peak_memory_mb"], ".2f"),
+                        fmt(base and s["peak_memory_mb"] / base["peak_memory_mb"], ".2f"),
                         fmt(s["model_state_mb"]),
                         fmt(s["train_examples_per_s"]),
-                        fmt(s["train_examples_per_s"] / base["train_examples_per_s"], ".2f"),
+                        fmt(base and s["train_examples_per_s"] / base["train_examples_per_s"], ".2f"),
                         fmt(s["train_seconds"], ".0f"),
                     ]
                 )
                 print(rows[-1], flush=True)
     env = next((c["environment"] for c in raw if c.get("environment")), {})
     write_results(
+        args.out,
         "quantization",
         f"PYTHONPATH=. HF_HUB_OFFLINE=1 PEFTKIT_DATA=../shared/data python benchmarks/quantization.py "
-        f"--tasks {args.tasks} --rows {args.rows} --eval-rows {args.eval_rows}",
+        f"--tasks {args.tasks} --rows {args.rows} --eval-rows {args.eval_rows}"
+        f"{out_flag(args.out)}",
         "LoRA on a quantized MiniLM base on CPU: memory, speed, accuracy",
         [
             "task",
@@ -95,9 +97,9 @@ def main() -> None:
                 "model state = weight tensors + gradient and two AdamW moments of the trainable ones."
             ),
             (
-                "bf16 = fp32 weights with bf16 autocast (train.bf16=true). 4bit = NF4 with double quantisation, "
-                "float32 "
-                "compute on CPU; head (classifier) and pooler stay fp32 in the quantized runs."
+                "bf16 = bf16 autocast (train.bf16=true), the frozen linear weights held in bf16 by the loop "
+                "(precision.hold_frozen_linears_in_bf16); the other rows train.bf16=false. 4bit = NF4 with double "
+                "quantisation, float32 compute on CPU; head (classifier) and pooler stay fp32 in the quantized runs."
             ),
             (
                 "The word embeddings (11.7M of the 22.7M parameters) are not quantized by bitsandbytes/transformers "

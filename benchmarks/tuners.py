@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from _common import COMMON, add_budget_args, fmt, run_cell, task_overrides, write_results
+from _common import COMMON, add_budget_args, fmt, out_flag, run_cell, task_overrides, write_results
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "methods"
 METHODS = ["lora", "vera", "loha", "lokr", "oft", "boft", "hra", "fourierft", "ln_tuning", "miss"]
@@ -66,10 +66,11 @@ def main() -> None:
                 print(rows[-1], flush=True)
     env = next((c["environment"] for c in raw if c.get("environment")), {})
     write_results(
+        args.out,
         args.name,
         f"PYTHONPATH=. HF_HUB_OFFLINE=1 PEFTKIT_DATA=../shared/data OMP_NUM_THREADS=1 python "
         f"benchmarks/tuners.py --tasks {args.tasks} --rows {args.rows} --eval-rows {args.eval_rows} "
-        f"--methods {args.methods} --name {args.name}",
+        f"--methods {args.methods} --name {args.name}{out_flag(args.out)}",
         "New peft tuners on MiniLM at a small CPU budget",
         ["task", "method", "val acc %", "trainable %", "trainable", "peak RSS MB", "train s", "ex/s", "lr"],
         rows,
