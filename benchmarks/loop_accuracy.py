@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from peftkit.io import atomic_write_text
+
 BUDGET = {
     "sst2": "task.max_train_examples=4000 train.epochs=1",
     "financial_phrasebank": "train.epochs=2",
@@ -86,7 +88,13 @@ def main() -> None:
     values = args.values.split(",")
     if len(values) != 2:
         parser.error("--values takes exactly two values")
-    tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
+    tasks = args.tasks.split(",")
+    if unknown := [t for t in tasks if t not in BUDGET]:
+        parser.error(f"--tasks: no budget for {', '.join(unknown)}; choose from {', '.join(BUDGET)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     rows = []
     for task in tasks:
         for seed in seeds:
@@ -94,18 +102,19 @@ def main() -> None:
                 rows.append(run(task, args.key, value, seed, Path(args.runs)))
                 print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out or f"benchmarks/results/accuracy_{args.key.split('.')[-1]}")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    out_flag = f" --out {args.out}" if args.out else ""
+    atomic_write_text(out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     text = [
         f"# `{args.key}` = {' vs '.join(values)}: validation accuracy (LoRA, full validation split)",
         "",
         f"Command: `python benchmarks/loop_accuracy.py --key {args.key} --values {args.values} --tasks {args.tasks} "
-        f"--seeds {args.seeds}`; each run's exact command is in {out.with_suffix('.json').name}. Budgets: "
+        f"--seeds {args.seeds}{out_flag}`; each run's exact command is in {out.with_suffix('.json').name}. Budgets: "
         + "; ".join(f"{t}: `{BUDGET[t]}`" for t in tasks)
         + f"; all: `{COMMON}`.",
         "",
         *table(rows, tasks, values),
     ]
-    out.with_suffix(".md").write_text("\n".join(text) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(text) + "\n")
     print("\n".join(text))
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from peftkit.io import atomic_write_text
+
 # one pass, no dev split: the budget this table was measured with (sst2 recipes now carry the converged bench's
 # dev split and early stopping, which these overrides switch off)
 COMMON = (
@@ -72,6 +74,9 @@ def main() -> None:
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     wanted = [w for w in args.only.split(",") if w]
+    names = [f"{task}-{method}-{pooling}" for task, method, pooling in CELLS]
+    if unmatched := [w for w in wanted if not any(n.startswith(w) for n in names)]:
+        parser.error(f"--only {', '.join(unmatched)} matches no cell; cells: {', '.join(names)}")
     # earlier cells stay in the table; a cell run again replaces its row
     saved = out / "pooling.json"
     rows: list[dict] = json.loads(saved.read_text()) if saved.is_file() else []
@@ -102,21 +107,25 @@ def main() -> None:
             row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
         rows = [r for r in rows if (r["task"], r["method"], r["pooling"]) != (task, method, pooling)] + [row]
         print(table([row]).splitlines()[-1], flush=True)
-        (out / "pooling.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (out / "pooling.md").write_text(
+        atomic_write_text(out / "pooling.json", json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(
+            out / "pooling.md",
             "# Pooling comparison (all-MiniLM-L6-v2, 1 epoch, batch 16, bf16 only where it pays, one seed)\n\n"
-            f"Produced by `python benchmarks/pooling.py` on {sys.platform}; each row's exact command is in "
+            f"Produced by `{' '.join(['python', 'benchmarks/pooling.py', *sys.argv[1:]])}` on {sys.platform}; each "
+            "row's exact command is in "
             "`pooling.json`. Common: `"
             + COMMON
             + "`; LoRA `"
             + LR["lora"]
+            + "`, head `"
+            + LR["head"]
             + "`, full `"
             + LR["full"]
             + "`; sst2 `"
             + TASK["sst2"]
             + "`.\n\n"
             + table(rows)
-            + "\n"
+            + "\n",
         )
     print(table(rows))
 
