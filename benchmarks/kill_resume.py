@@ -6,7 +6,7 @@ including the first one), the rest after a random logged step plus a random dela
 with `peftkit train --resume RUN` (when no checkpoint had completed, resume must say so, and the run is started
 again in the same folder; a kill that came after the run wrote summary.json found it finished, which --resume
 refuses by design: it is compared as it is). Compared with the straight run: every adapter file byte for byte,
-summary.json minus timing/memory/path fields, metrics.jsonl minus throughput.
+summary.json minus timing/memory/path fields, metrics.jsonl minus throughput and training time.
 
     python benchmarks/kill_resume.py --trials 10 --seed 0 --out benchmarks/results/kill_resume.md
 """
@@ -33,6 +33,8 @@ VOLATILE_SUMMARY = {
     "run_dir",
     "environment",
 }
+# timing in metrics.jsonl: the loss records' throughput, the evaluation records' training time so far
+VOLATILE_METRICS = {"examples_per_s", "tokens_per_s", "train_seconds"}
 
 
 def make_env(root: Path) -> Path:
@@ -151,7 +153,7 @@ def comparable(run: Path) -> dict:
     adapter = {p.name: p.read_bytes() for p in sorted((run / "adapter").iterdir())}
     summary = {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if k not in VOLATILE_SUMMARY}
     metrics = [
-        {k: v for k, v in json.loads(line).items() if k != "examples_per_s"}
+        {k: v for k, v in json.loads(line).items() if k not in VOLATILE_METRICS}
         for line in (run / "metrics.jsonl").read_text().splitlines()
     ]
     return {"adapter": adapter, "summary": summary, "metrics": metrics}
@@ -168,8 +170,16 @@ def differences(got: dict, reference: dict) -> str:
         for k in sorted(set(got["summary"]) | set(reference["summary"]))
         if got["summary"].get(k) != reference["summary"].get(k)
     ]
-    if got["metrics"] != reference["metrics"]:
-        out.append("metrics.jsonl")
+    if len(got["metrics"]) != len(reference["metrics"]):
+        out.append(f"metrics.jsonl ({len(got['metrics'])} records against {len(reference['metrics'])})")
+    else:
+        keys = {
+            k
+            for a, b in zip(got["metrics"], reference["metrics"])
+            for k in a.keys() | b.keys()
+            if a.get(k) != b.get(k)
+        }
+        out += [f"metrics.jsonl {k}" for k in sorted(keys)]
     return ", ".join(out) + " differ"
 
 
@@ -225,7 +235,8 @@ def main() -> int:
             "",
             "Each run is killed with SIGKILL, continued with `peftkit train --resume RUN`, and compared with an "
             "uninterrupted run: every adapter file byte for byte, summary.json without timing/memory/path fields, "
-            "metrics.jsonl without throughput. Every process runs with PYTHONHASHSEED=0 as a precaution (peft keeps "
+            "metrics.jsonl without throughput and training time. Every process runs with PYTHONHASHSEED=0 as a "
+            "precaution (peft keeps "
             "`target_modules` as a set). Earlier attempts found adapter_config.json and peftkit.json differing "
             "(weights, summaries and metrics equal): a fresh run wrote lora_alpha 16, a resumed one 16.0 (read back "
             "from config.yaml); config.py now stores float defaults as floats.",

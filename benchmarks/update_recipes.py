@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--recipes", type=Path, default=Path("recipes"))
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
+    if not (args.results / "selection.json").is_file():
+        parser.error(f"{args.results} holds no selection.json: give a bench folder whose grid chose learning rates")
     selection = json.loads((args.results / "selection.json").read_text())
     cells = [json.loads(p.read_text()) for p in sorted((args.results / "cells").glob("*.json"))]
     for task, methods in selection["tasks"].items():
