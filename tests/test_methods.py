@@ -369,14 +369,43 @@ def test_third_party_method_registers_through_entry_point(tmp_path, monkeypatch,
         "    def apply(self, model, ctx):\n"
         "        freeze(model); unfreeze_head(model, ctx.head_modules); return model\n"
     )
-    dist = tmp_path / "myplugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[peftkit.methods]\nheadonly = myplugin:HeadOnly\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, monkeypatch, "headonly = myplugin:HeadOnly")
     assert "headonly" in available_methods()
     model = apply_method(tiny_model_dir, "headonly")
     assert count_parameters(model).trainable == HEAD
+
+
+def install_plugin(tmp_path, monkeypatch, entry_point: str) -> None:
+    """What `pip install` of a plugin leaves behind: a dist-info whose entry_points.txt names `entry_point`."""
+    dist = tmp_path / "myplugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[peftkit.methods]\n{entry_point}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "module, target, fragment",
+    [
+        ("import no_such_module_xyz\n", "brokenplugin:Thing", "ModuleNotFoundError: No module named"),
+        ("Thing = 3\n", "brokenplugin:Thing", "is 3, not a peftkit.adapters.Method subclass"),
+        ("", "brokenplugin:Missing", "AttributeError"),
+    ],
+)
+def test_a_broken_plugin_is_one_line_and_methods_still_lists_the_rest(
+    tmp_path, monkeypatch, capsys, module, target, fragment
+):
+    """A plugin that fails to import was a traceback out of `peftkit methods` and `train method.name=...`."""
+    from peftkit.cli import main
+
+    (tmp_path / "brokenplugin.py").write_text(module)
+    install_plugin(tmp_path, monkeypatch, f"broken = {target}")
+    assert main(["train", "sst2-lora", "method.name=broken", "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "third-party method 'broken'" in error and fragment in error
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "\nbroken " in out and "cannot be used" in out and "\nlora " in out
 
 
 @pytest.mark.parametrize("kind", ["electra-small-embed", "distilbert"])

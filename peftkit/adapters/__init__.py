@@ -67,12 +67,28 @@ def get_method_class(name: str) -> type[Method]:
     name = METHOD_ALIASES.get(name, name)
     if name in _registered:
         return _registered[name]
-    target = BUILTIN_METHODS.get(name) or _plugin_targets().get(name)
-    if target is None:
+    if name in BUILTIN_METHODS:
+        module_name, _, attr = BUILTIN_METHODS[name].partition(":")
+        cls = getattr(importlib.import_module(module_name), attr)
+    elif name in (plugins := _plugin_targets()):
+        cls = _load_plugin(name, plugins[name])
+    else:
         raise unknown_choice("method", name, available_methods())
-    module_name, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
     return register_method(cls) if cls.name == name else cls
+
+
+def _load_plugin(name: str, target: str) -> type[Method]:
+    """Import a third-party method: its package's own bug (an import error, a wrong target) is one line naming the
+    entry point, so the user knows which installed package to fix or uninstall."""
+    where = f"third-party method {name!r} (entry point {target!r} in group {ENTRY_POINT_GROUP!r})"
+    module_name, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except Exception as e:  # a plugin's module may raise anything while importing
+        raise PeftkitError(f"{where} could not be loaded: {short_error(e)}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise PeftkitError(f"{where} is {cls!r}, not a peftkit.adapters.Method subclass")
+    return cls
 
 
 def build_method(name: str, options=None) -> Method:

@@ -15,10 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from peftkit.adapters import available_methods, get_method_class
     from peftkit.console import print_table
+    from peftkit.errors import PeftkitError
 
     rows = []
     for name in available_methods():
-        cls = get_method_class(name)
+        try:
+            cls = get_method_class(name)
+        except PeftkitError as e:  # a broken plugin is listed as such; the other methods still are
+            rows.append((name, "?", "?", f"(cannot be used: {e})"))
+            continue
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
         rows.append(
             (
