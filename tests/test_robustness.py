@@ -321,3 +321,15 @@ def test_model_folders_that_cannot_tokenise_are_refused_in_one_line(tmp_path):
     shutil.copy(bare / "config.json", tmp_path / "unpadded" / "config.json")
     with pytest.raises(PeftkitError, match="no pad token and no eos token"):
         load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "unpadded")))
+
+
+def test_a_path_that_is_not_a_model_folder_is_named_as_such(tmp_path):
+    """A folder without config.json (the data folder, the cwd) or a file was "cannot load a tokenizer from ...:
+    Couldn't instantiate the backend tokenizer from one of:", a line that stopped before saying anything."""
+    from peftkit.config import ModelConfig
+    from peftkit.modeling import load_tokenizer
+
+    (tmp_path / "texts.jsonl").write_text("{}\n")
+    for path in (tmp_path, tmp_path / "texts.jsonl"):
+        with pytest.raises(PeftkitError, match=r"is not a Hugging Face model folder \(no config.json in it\)"):
+            load_tokenizer(ModelConfig(name_or_path=str(path)))
