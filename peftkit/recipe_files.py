@@ -139,8 +139,24 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
         raise PeftkitError(f"{path}: include must be a file name or a list of them, got {includes!r}")
     merged: dict[str, Any] = {}
     for name in includes:
-        merged = merge_sections(merged, read_recipe(path.parent / name, (*_seen, path)))
+        merged = merge_sections(merged, read_recipe(include_path(path, name), (*_seen, path)))
     return merge_sections(merged, data)
+
+
+def include_path(recipe: Path, name: str) -> Path:
+    """An included file: beside the including recipe, else a built-in part (`tasks/sst2.yaml`), so a user's own
+    YAML outside the package can include the parts the built-in recipes are made of."""
+    beside, built_in = recipe.parent / name, recipes_dir() / name
+    if beside.exists():
+        return beside
+    if built_in.is_file():
+        return built_in
+    parts = [
+        f"{folder}/{p.name}"
+        for folder in ("tasks", "methods")
+        for p in sorted((recipes_dir() / folder).glob("*.yaml"))
+    ]
+    raise unknown_choice(f"include (not beside {recipe} nor built in)", name, parts)
 
 
 def merge_sections(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -106,6 +106,19 @@ def test_a_key_written_twice_is_refused_naming_it_and_its_line(tmp_path):
         load_config(recipe="sst2-lora", overrides=["method.target_modules={a: 1, a: 2}"])
 
 
+def test_a_users_own_yaml_includes_the_built_in_parts(tmp_path):
+    """Includes resolved only beside the including file, so a YAML outside the package (the wheel installs the
+    parts in site-packages) could not include `tasks/sst2.yaml`: "config file .../tasks/sst2.yaml does not exist"."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("include: [tasks/sst2.yaml, methods/lora.yaml]\ntrain: {max_steps: 3}\n")
+    config = load_config(config_file=str(path))
+    assert (config.task.name, config.method.name, config.method.options.r) == ("sst2", "lora", 8)
+    assert config.train.max_steps == 3
+    path.write_text("include: tasks/sst3.yaml\n")
+    with pytest.raises(PeftkitError, match=r"unknown include .* 'tasks/sst3.yaml'. Did you mean 'tasks/sst2.yaml'"):
+        load_config(config_file=str(path))
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
