@@ -87,6 +87,15 @@ def is_task_source(name: str) -> bool:
     )
 
 
+def is_path_task(name: str) -> bool:
+    """True when load_task reads `name` as a path (a .jsonl/.csv file, or a folder with train/validation.jsonl), not
+    as a built-in task's name: the one rule for both, so a path made absolute is read as the same task."""
+    path = Path(name).expanduser()
+    return path.suffix.lower() in TASK_FILE_SUFFIXES or (
+        path.is_dir() and any((path / f"{split}.jsonl").exists() for split in ("train", "validation"))
+    )
+
+
 def data_dir(cfg: TaskConfig) -> Path | None:
     value = cfg.data_dir or os.environ.get(DATA_ENV)
     return Path(value).expanduser() if value else None
@@ -103,7 +112,7 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
         validation.check_label_names(cfg.label_names, "task.label_names")
     if path.suffix.lower() in TASK_FILE_SUFFIXES:
         task = _file_task(cfg, path, bad)
-    elif path.is_dir() and any((path / f"{split}.jsonl").exists() for split in ("train", "validation")):
+    elif is_path_task(cfg.name):
         task = _folder_task(cfg, path, bad)
     elif root is not None and (root / cfg.name).is_dir():
         task = _folder_task(cfg, root / cfg.name, bad)

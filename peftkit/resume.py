@@ -123,12 +123,20 @@ def changed_keys(
     saved: dict[str, Any] | None, current: dict[str, Any], ignored: frozenset[str] = RESUMABLE_KEYS
 ) -> list[str]:
     """The flat keys whose values differ, `ignored` keys (or sections) aside. A key older records lack compares as
-    the value every run had before it was added (ADDED_KEYS), so an upgrade alone changes nothing."""
+    the value every run had before it was added (ADDED_KEYS), so an upgrade alone changes nothing. Local paths
+    compare as absolute paths (config.absolute_local_path): an older record's relative `st_tr.jsonl` is the same
+    file as a run's absolute one, read from the same folder."""
+    from peftkit.config import absolute_local_path
+
     if saved is None:
         return []
     saved = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **saved}
     keys = sorted(k for k in set(saved) | set(current) if k not in ignored and k.split(".")[0] not in ignored)
-    return [k for k in keys if _canonical(saved.get(k)) != _canonical(current.get(k))]
+    return [
+        k
+        for k in keys
+        if _canonical(absolute_local_path(k, saved.get(k))) != _canonical(absolute_local_path(k, current.get(k)))
+    ]
 
 
 def _canonical(value: Any) -> str:

@@ -243,3 +243,42 @@ def test_kill_resume_bench_counts_a_run_that_finished_before_the_kill(tiny_run_c
     how = kill_resume.continue_killed(tmp_path / "run", tmp_path / "unused.yaml")
     assert how == ("finished before the kill", None)
     assert (tmp_path / "run" / "summary.json").read_bytes() == before
+
+
+def test_a_run_reads_its_relative_paths_from_any_folder(
+    tiny_run_config, tiny_model_dir, toy_task_dir, tmp_path, monkeypatch
+):
+    """Relative task and model paths are made absolute once the run starts: config.yaml and the adapter name the
+    files the run read, so eval from another folder (even one holding a same-named task) reads those again."""
+    import os
+    import shutil
+
+    from peftkit.artifacts import load
+    from peftkit.inference import evaluate_run
+    from peftkit.recipe_files import load_config
+
+    shutil.copytree(toy_task_dir, tmp_path / "toy")
+    monkeypatch.chdir(tmp_path)
+    config = tiny_run_config("lora", max_steps=2)
+    config.task.name, config.model.name_or_path = "toy", os.path.relpath(tiny_model_dir("bert"))
+    train(config, run_dir=tmp_path / "run")
+    saved = load_config(config_file=str(tmp_path / "run" / "config.yaml"))
+    assert saved.task.name == str(tmp_path / "toy")
+    assert load(tmp_path / "run" / "adapter").meta.base_model == str(tiny_model_dir("bert"))
+    (tmp_path / "elsewhere" / "toy").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "toy" / "train.jsonl").write_text('{"text": "decoy", "label": "x"}\n')
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert evaluate_run(tmp_path / "run", device="cpu")["examples"] == 32
+
+
+def test_resume_compares_local_paths_as_absolute(tmp_path, monkeypatch):
+    """An older run's manifest holds the relative path as typed; resumed from the folder it was trained in, it is
+    the same file as the absolute path a run now records; a built-in task name stays a name."""
+    from peftkit.resume import changed_keys
+
+    (tmp_path / "st.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    absolute = {"task.name": str(tmp_path / "st.jsonl"), "task.test_file": str(tmp_path / "t.jsonl")}
+    assert changed_keys({"task.name": "st.jsonl", "task.test_file": "./t.jsonl"}, absolute) == []
+    assert changed_keys({"task.name": "other.jsonl"}, absolute) == ["task.name", "task.test_file"]
+    assert changed_keys({"task.name": "sst2"}, {"task.name": "sst2"}) == []
