@@ -2,15 +2,18 @@
 
 Rows are read lazily and processed `--batch-size` at a time through the same `data.encode` and
 `inference.predict_logits` the training loop evaluates with, so predictions match evaluation exactly.
-The output file is written beside its final name and renamed into place at the end (atomic).
+Each output row is the input row's fields plus label, label_name and probabilities, as JSON lines or CSV (by the
+--output suffix). The output file is written beside its final name and renamed into place at the end (atomic).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from peftkit.artifacts import LoadedAdapter
@@ -29,7 +32,63 @@ def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str 
         return fallback if field not in row and fallback in row else field
 
     pair = present(pair_field, "text_pair") if pair_field else None
+    if pair is None and "text_pair" in row:  # as serve's 422: a pair would be dropped, the row scored as a single
+        raise PeftkitError(
+            f"{where} has a text_pair but the adapter classifies single texts (its input field: {text_field}); "
+            "drop text_pair, or use an adapter trained on sentence pairs"
+        )
     return row_texts(row, where, present(text_field, "text"), pair, allow_empty=True)
+
+
+PREDICTION_FIELDS = ("label", "label_name", "probabilities")  # what format_predictions gives each row
+OUTPUT_SUFFIXES = (".jsonl", ".csv")
+
+
+def output_format(path: str) -> str:
+    """'jsonl' or 'csv', by the --output suffix ('-', stdout, is JSONL); any other suffix is refused."""
+    suffix = ".jsonl" if path == "-" else Path(path).suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise PeftkitError(
+            f"--output {path}: predictions are written as {' or '.join(OUTPUT_SUFFIXES)} (by the file's suffix), "
+            f"got {suffix or 'no suffix'}"
+        )
+    return suffix[1:]
+
+
+def output_row(where: str, row: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
+    """The input row's fields, then the prediction's; an input field named like a prediction field is kept as
+    input_<name> (a labelled file keeps its gold label beside the predicted one)."""
+    kept = {}
+    for key, value in row.items():
+        name = f"input_{key}" if key in PREDICTION_FIELDS else key
+        if name != key and name in row:
+            raise PeftkitError(f"{where} has both {key!r} and {name!r}; rename one (prediction fields: {key})")
+        kept[name] = value
+    return {**kept, **prediction}
+
+
+class CsvWriter:
+    """Output rows as CSV: the first row's fields are the header, probabilities one column per label name
+    (probabilities.<name>); a later row with a field the header lacks is refused, never dropped."""
+
+    def __init__(self, out: IO[str]):
+        self.out, self.writer = out, None
+
+    def write(self, where: str, row: dict[str, Any]) -> None:
+        flat = {k: v for k, v in row.items() if k != "probabilities"}
+        flat.update({f"probabilities.{name}": p for name, p in row["probabilities"].items()})
+        if self.writer is None:
+            self.writer = csv.DictWriter(self.out, fieldnames=list(flat), restval="")
+            self.writer.writeheader()
+        extra = [k for k in flat if k not in self.writer.fieldnames]
+        if extra:
+            raise PeftkitError(
+                f"{where} has field {', '.join(extra)} that the first row lacks; a CSV output has the first row's "
+                "columns, so write .jsonl for rows with varying fields"
+            )
+        self.writer.writerow(
+            {k: "" if v is None else v if isinstance(v, str) else json.dumps(v) for k, v in flat.items()}
+        )
 
 
 def predict_rows(
@@ -71,9 +130,13 @@ def predict_stream(
     bf16: bool = False,
     progress: bool = True,
     stdin: IO[str] | None = None,
+    fmt: str = "jsonl",
 ) -> int:
-    """Read, predict and write `batch_size` rows at a time; returns the number of rows written."""
+    """Read, predict and write `batch_size` rows at a time as `fmt` (output_format); returns the number of rows
+    written. An input without rows is refused: an empty output would look like a result."""
     from tqdm.auto import tqdm
+
+    csv_writer = CsvWriter(out) if fmt == "csv" else None
 
     text_field, pair_field = loaded.meta.task.input_fields
     written = 0
@@ -83,10 +146,12 @@ def predict_stream(
     def flush() -> None:
         nonlocal written
         items = [normalise(where, row, text_field, pair_field) for where, row in chunk]
-        for (_, row), prediction in zip(chunk, predict_rows(loaded, items, batch_size, bf16)):
-            if "id" in row:
-                prediction = {"id": row["id"], **prediction}
-            out.write(json.dumps(prediction) + "\n")
+        for (where, row), prediction in zip(chunk, predict_rows(loaded, items, batch_size, bf16)):
+            result = output_row(where, row, prediction)
+            if csv_writer:
+                csv_writer.write(where, result)
+            else:
+                out.write(json.dumps(result) + "\n")
         written += len(chunk)
         bar.update(len(chunk))
         chunk.clear()
@@ -98,6 +163,8 @@ def predict_stream(
                 flush()
         if chunk:
             flush()
+    if not written:
+        raise PeftkitError(f"nothing to predict in {'stdin' if source == '-' else source}: it has no rows")
     return written
 
 

@@ -1,7 +1,8 @@
-"""`peftkit predict`: JSONL, CSV and stdin in, JSONL predictions out, matching the adapter's own logits."""
+"""`peftkit predict`: JSONL, CSV and stdin in, input fields plus predictions out, matching the adapter's own logits."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import shutil
@@ -136,3 +137,55 @@ def test_eval_refuses_a_task_whose_labels_are_not_the_adapters(adapter, tmp_path
     assert main(["eval", str(run)]) == 2
     err = capsys.readouterr().err
     assert "labels ['negative', 'positive', 'neutral'] but the adapter was trained on ['negative', 'positive']" in err
+
+
+def test_predict_keeps_every_input_field_and_writes_csv_for_a_csv_output(adapter, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        "".join(json.dumps({"ID": i, "uid": f"u{i}", "text": t, "label": "gold"}) + "\n" for i, t in enumerate(TEXTS))
+    )
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "p.jsonl")]) == 0
+    preds = read_preds(tmp_path / "p.jsonl")
+    check(preds, adapter)
+    assert list(preds[0])[:4] == ["ID", "uid", "text", "input_label"] and preds[0]["input_label"] == "gold"
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "p.csv")]) == 0
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert list(rows[0]) == [
+        "ID",
+        "uid",
+        "text",
+        "input_label",
+        "label",
+        "label_name",
+        "probabilities.negative",
+        "probabilities.positive",
+    ]
+    assert [r["label_name"] for r in rows] == [p["label_name"] for p in preds] and rows[3]["ID"] == "3"
+    assert abs(float(rows[0]["probabilities.positive"]) - preds[0]["probabilities"]["positive"]) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("in.jsonl", "", "nothing to predict in"),
+        ("in.csv", "text\n", "nothing to predict in"),
+        (
+            "in.jsonl",
+            '{"text": "a"}\n{"text": "b", "text_pair": "c"}\n',
+            "in.jsonl:2 has a text_pair but the adapter classifies single texts",
+        ),
+    ],
+)
+def test_predict_refuses_what_it_would_predict_silently_wrong(adapter, tmp_path, capsys, name, content, message):
+    src = tmp_path / name
+    src.write_text(content)
+    out = tmp_path / "o.jsonl"
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_predict_refuses_an_output_suffix_it_does_not_write(adapter, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "ok"}) + "\n")
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "p.txt")]) == 2
+    assert "predictions are written as .jsonl or .csv (by the file's suffix), got .txt" in capsys.readouterr().err

@@ -14,7 +14,13 @@ HELP = "label a JSONL/CSV file (or - for stdin) with an adapter"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter_dir")
     parser.add_argument("--input", required=True)
-    parser.add_argument("--output", default="-")
+    parser.add_argument(
+        "--output",
+        default="-",
+        help="PREDS.jsonl or PREDS.csv (default: JSON lines on stdout); each row keeps the input's fields and adds "
+        "label, label_name and probabilities (CSV: a probabilities.<label> column each); an input field named like "
+        "one of those is kept as input_<name>",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on where it pays"
@@ -31,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftkit.artifacts import load
-    from peftkit.predict import atomic_output, predict_stream
+    from peftkit.predict import atomic_output, output_format, predict_stream
 
     if args.batch_size < 1:
         raise PeftkitError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -40,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output != "-" and Path(args.output).is_dir():
         example = Path(args.output) / "preds.jsonl"
         raise PeftkitError(f"--output {args.output} is a directory; name a file (e.g. {example})")
+    fmt = output_format(args.output)
     loaded = load(args.adapter_dir, base=args.base, allow_base_mismatch=args.allow_base_mismatch)
     if args.merge:
         loaded = loaded.merged()
     with atomic_output(args.output) as out:
         progress = sys.stderr.isatty() or args.output != "-"
-        n = predict_stream(loaded, args.input, out, args.batch_size, args.bf16, progress=progress)
+        n = predict_stream(loaded, args.input, out, args.batch_size, args.bf16, progress=progress, fmt=fmt)
     if args.output != "-":
         print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
     return 0
