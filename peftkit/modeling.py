@@ -310,7 +310,8 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 
 
 def trainable_pct_without_weights(cfg) -> str:
-    """A recipe's trainable share of parameters, from its method applied to a weightless (meta-device) model."""
+    """A recipe's trainable share of parameters, from its method applied to a weightless (meta-device) model; on a
+    randomly initialised one for a method whose set-up reads weight values (peft's BOFT calls .item())."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from peftkit.adapters import MethodContext, build_method
@@ -318,17 +319,21 @@ def trainable_pct_without_weights(cfg) -> str:
 
     path = resolve_model_path(cfg.model.name_or_path)
     num_labels = BUILTIN_TASKS[cfg.task.name].num_labels if cfg.task.name in BUILTIN_TASKS else 2
-    try:
-        model_config = AutoConfig.from_pretrained(path, num_labels=num_labels)
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(model_config)
-            method = build_method(cfg.method.name, cfg.method.options)
-            apply_pooling(model, resolve_pooling(cfg.model.pooling, path, model, method.frozen_body))
-            ctx = MethodContext(path, trained_head_modules(model), total_steps=1000)
-            model = method.apply(model, ctx)
-        return f"{count_parameters(model).trainable_pct:.3f}"
-    except Exception:  # a listing must not fail because one recipe's model is not available offline
-        return "?"
+    for device in ("meta", "cpu"):
+        try:
+            model_config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+            # a listing, not a run: a tuner's warnings about its training kernels (BOFT's CUDA extension) are noise
+            with torch.device(device), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = AutoModelForSequenceClassification.from_config(model_config)
+                method = build_method(cfg.method.name, cfg.method.options)
+                apply_pooling(model, resolve_pooling(cfg.model.pooling, path, model, method.frozen_body))
+                ctx = MethodContext(path, trained_head_modules(model), total_steps=1000)
+                model = method.apply(model, ctx)
+            return f"{count_parameters(model).trainable_pct:.3f}"
+        except Exception:  # a listing must not fail because one recipe's model is not available offline
+            continue
+    return "?"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -287,3 +287,16 @@ def test_run_dir_holding_a_run_is_never_trained_over(finished, tiny_model_dir, t
     assert ("already holds a finished run" if finished else f"continue it with --resume {run}") in err
     assert str(run) in err and "another --run-dir" in err
     assert not (run / "config.yaml").exists() and not (run / "adapter").exists()  # nothing written over it
+
+
+def test_the_recipe_listing_is_quiet_and_counts_without_weights():
+    """`peftkit recipes` printed peft's BOFT warnings about its CUDA kernels (8 lines) above the table."""
+    import warnings
+
+    from peftkit.modeling import trainable_pct_without_weights
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pct = trainable_pct_without_weights(load_config(recipe="sst2-boft"))
+    assert [str(w.message) for w in caught] == []
+    assert 0 < float(pct) < 5

@@ -193,3 +193,23 @@ def test_base_mismatch_refused(runs, tmp_path):
     (tmp_path / "x" / "peftkit.json").write_text(json.dumps(meta))
     with pytest.raises(PeftkitError, match="allow-base-mismatch"):
         pool.add("x", tmp_path / "x")
+
+
+def test_serve_says_what_it_serves_and_where_it_listens(runs, adapters, monkeypatch, capsys):
+    """uvicorn at log_level=warning printed nothing: a user could not tell the server was up, or on which port."""
+    import argparse
+
+    import uvicorn
+
+    from peftkit.cli import serve
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(kw))
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--base", str(runs.model_dir), "--adapter", f"a={adapters['a']}", "--port", "0"])
+    assert serve.run(args) == 0
+    out = capsys.readouterr().out
+    assert "adapters: a;" in out and "POST /v1/classify" in out
+    # uvicorn's own "running on" line, and no line per request
+    assert started["log_level"] == "info" and started["access_log"] is False

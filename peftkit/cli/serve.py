@@ -49,5 +49,8 @@ def run(args: argparse.Namespace) -> int:
         max_chars=args.max_chars,
         allow_base_mismatch=args.allow_base_mismatch,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    adapters = ", ".join(parse_adapter_args(args.adapter)) or "none yet (POST /v1/adapters)"
+    print(f"peftkit serve: base {args.base}; adapters: {adapters}; POST /v1/classify, GET /v1/adapters", flush=True)
+    # uvicorn's own start-up lines say where it listens (the real port, also for --port 0); no line per request
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
