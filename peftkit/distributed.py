@@ -203,6 +203,15 @@ class Ranks:
             dist.barrier()
             dist.destroy_process_group()
 
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` averaged over ranks: each rank's loss is over its own equal shard of the global batch, so their
+        mean is the global batch's loss (what one process would log); `value` itself in one process."""
+        if self.world == 1:
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total / self.world
+
     def _max(self, value: float) -> float:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -200,7 +200,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
 
         if state.step % tcfg.log_every == 0 or state.step == total_steps:
             now = time.perf_counter()
-            task_loss, total_loss = (window_task_loss / window_steps).item(), (window_total_loss / window_steps).item()
+            # over all ranks (one collective per log line): each rank summed only its shard's losses
+            window_means = ranks.mean(torch.stack([window_task_loss, window_total_loss])) / window_steps
+            task_loss, total_loss = window_means.tolist()
             seconds = max(now - window_start, 1e-9)
             record = {
                 "step": state.step,
@@ -246,7 +248,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             state.train_seconds += paused - started
             started = paused
             guard.check_weights(model, state.step, "checkpoint")
-            state.keep_window(window_steps, window_task_loss, window_total_loss)
+            # kept as the mean over ranks: each rank resumes with it, and the log line's mean stays exact
+            state.keep_window(window_steps, *ranks.mean(torch.stack([window_task_loss, window_total_loss])))
             guard.checkpoint_written(
                 ranks.save_checkpoint(
                     checkpoints, model, optimizer, scheduler, state, best_weights, config_view=resume_view(config)

@@ -83,6 +83,18 @@ def test_two_process_torchrun_trains_and_rank0_saves(tiny_run_config, tmp_path):
     assert result.stdout.count("validation accuracy") == 1  # rank 0 speaks for the run
 
 
+def test_torchrun_logs_the_global_batch_loss(tiny_model_dir, tiny_run_config, tmp_path):
+    """2 ranks x 8 log the loss of the global batch of 16, as one process does, not rank 0's half of it."""
+    config = tiny_run_config("lora", method_options={"dropout": 0.0}, max_steps=2, bf16=False)
+    config.model.name_or_path = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    path = write_config(config, tmp_path / "lora.yaml")
+    single = one_process(path, tmp_path / "single", "train.batch_size=16")
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun(path, tmp_path / "ddp", "train.batch_size=8")
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=2e-5)
+
+
 @pytest.mark.integration
 def test_fsdp_full_finetuning_matches_one_process_and_holds_less_per_rank(tiny_model_dir, tiny_run_config, tmp_path):
     """Hidden 256 x 4 layers, full fine-tuning: the same global batch (2 ranks x 8 = 1 process x 16) gives the same
