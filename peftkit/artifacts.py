@@ -53,6 +53,7 @@ def save_adapter(
     metrics: dict[str, Any] | None = None,
     params: ParameterCount | None = None,
     head_modules: list[str] | None = None,
+    base_quantization: str | None = None,
 ) -> AdapterMeta:
     """Write the adapter folder atomically: either the whole folder appears, or nothing changes."""
     directory = Path(directory)
@@ -73,6 +74,7 @@ def save_adapter(
             adapter_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
             pooling=pooling_of(model),
             head_modules=head_modules,
+            base_quantization=base_quantization,
             weights_sha256=weights_hashes(tmp, method.uses_peft),
             **(
                 {

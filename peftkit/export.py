@@ -162,6 +162,14 @@ def model_card(meta: AdapterMeta, stock_blocker: str | None, pad_token_id: int |
         f"{_or_na(meta.total_params)})",
         f"- **Adapter size:** {size / 1024:.1f} KiB" if size else "- **Adapter size:** n/a",
         f"- **Weights format:** {weights}",
+        *(
+            [
+                f"- **Trained on:** a {meta.base_quantization} bitsandbytes-quantized base: the metrics below are "
+                "that model's; the loads below put the adapter on the full-precision base, where scores can differ"
+            ]
+            if meta.base_quantization
+            else []
+        ),
         "",
         "## Metrics",
         "",

@@ -18,7 +18,7 @@ from peftkit.io import atomic_write_json, read_json
 
 ADAPTER_META_FILE = "peftkit.json"
 SUMMARY_FILE = "summary.json"
-ADAPTER_FORMAT = "1.2"  # 1.2: pooling, head_modules, weights_sha256
+ADAPTER_FORMAT = "1.2"  # 1.2: pooling, head_modules, weights_sha256; optional base_quantization (ignored by older 1.2 readers)
 SUMMARY_FORMAT = "1.2"
 
 
@@ -104,6 +104,9 @@ class AdapterMeta:
     pooling: str = "pooler"  # model.pooling the head was trained with (files before 1.2: the stock pooler, frozen)
     head_modules: list[str] | None = None  # modules trained and saved as the head; None (before 1.2): the classifier
     weights_sha256: dict[str, str] | None = None  # {weights file name: sha256 hex}, verified on every load (1.2)
+    # model.quantization of the base it trained on (8bit/4bit): its metrics are that model's, while every load puts
+    # the adapter on the full-precision base
+    base_quantization: str | None = None
     format_version: str = ADAPTER_FORMAT
 
     @property
@@ -176,6 +179,9 @@ class AdapterMeta:
         )
         if known.get("pooling", "pooler") not in ("pooler", "cls", "mean", "last"):
             raise PeftkitError(f"{where}: pooling must be pooler, cls, mean or last, got {known['pooling']!r}")
+        if known.get("base_quantization") not in (None, "8bit", "4bit"):
+            shown = known["base_quantization"]
+            raise PeftkitError(f"{where}: base_quantization must be 8bit, 4bit or null, got {shown!r}")
         heads = known.get("head_modules")
         if heads is not None and not (isinstance(heads, list) and all(isinstance(h, str) for h in heads)):
             raise PeftkitError(f"{where}: head_modules must be a list of module names, got {heads!r}")

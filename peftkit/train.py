@@ -341,6 +341,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
             metrics={"validation": validation_metrics or kept_metrics, "test": test_metrics},
             params=params,
             head_modules=heads,
+            base_quantization=config.model.quantization,
         )
         summary.adapter_bytes = meta.adapter_bytes
         summary.write(run_dir)

@@ -13,6 +13,7 @@ from peftkit.adapters.lora import LoraOptions
 from peftkit.artifacts import load
 from peftkit.config import ModelConfig
 from peftkit.errors import PeftkitError
+from peftkit.export import model_card
 from peftkit.modeling import head_modules, load_model
 from peftkit.train import train
 
@@ -133,6 +134,10 @@ def test_quantized_run_through_the_loop_exports_an_adapter_for_the_full_precisio
     with torch.no_grad():
         logits = loaded.model(input_ids=torch.randint(1000, 2000, (2, 5))).logits
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    # the metrics are the quantized model's: the adapter and its card say which base measured them
+    assert loaded.meta.base_quantization == kind
+    card = model_card(loaded.meta, None)
+    assert f"a {kind} bitsandbytes-quantized base" in card
 
 
 @pytest.mark.parametrize("method", ["prompt", "bitfit", "vera"])
