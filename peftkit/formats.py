@@ -18,7 +18,7 @@ from peftkit.io import atomic_write_json, read_json
 
 ADAPTER_META_FILE = "peftkit.json"
 SUMMARY_FILE = "summary.json"
-ADAPTER_FORMAT = "1.2"  # 1.2: pooling, head_modules, weights_sha256; optional base_quantization (ignored by older 1.2 readers)
+ADAPTER_FORMAT = "1.2"  # 1.2: pooling, head_modules, weights_sha256; base_quantization (optional: old readers skip it)
 SUMMARY_FORMAT = "1.2"
 
 
