@@ -79,11 +79,14 @@ class Task:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def is_task_source(name: str) -> bool:
-    """True when `name` is an existing task folder or JSONL/CSV file rather than a built-in task name."""
+def is_task_source(name: str, folder: str | None = None) -> bool:
+    """True when `name` is an existing task folder or JSONL/CSV file rather than a built-in task name, or a task
+    folder in the data folder (`folder`, else $PEFTKIT_DATA), where load_task finds it by name too."""
     path = Path(name).expanduser()
-    return (path.is_file() and path.suffix.lower() in TASK_FILE_SUFFIXES) or (
-        path.is_dir() and (path / "train.jsonl").exists()
+    root = data_dir(TaskConfig(data_dir=folder))
+    folders = [path, *([root / name] if root is not None else [])]
+    return (path.is_file() and path.suffix.lower() in TASK_FILE_SUFFIXES) or any(
+        f.is_dir() and (f / "train.jsonl").exists() for f in folders
     )
 
 

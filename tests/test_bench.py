@@ -172,6 +172,20 @@ def test_bench_rejects_bad_choices_before_training(args, message, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_a_task_folder_in_the_data_dir_is_named_by_its_name(toy_task_dir, tmp_path, monkeypatch):
+    """load_task finds <data dir>/<name>/ by name; the grid's check refused it as an unknown task."""
+    from peftkit.bench.grid import validate_choices
+    from peftkit.errors import PeftkitError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PEFTKIT_DATA", raising=False)
+    with pytest.raises(PeftkitError, match="unknown task"):
+        validate_choices(["toy"], ["lora"])
+    assert validate_choices(["toy"], ["lora"], str(toy_task_dir.parent)) == ["lora"]  # --data-dir
+    monkeypatch.setenv("PEFTKIT_DATA", str(toy_task_dir.parent))
+    assert validate_choices(["toy"], ["lora"]) == ["lora"]
+
+
 def test_a_second_bench_on_a_folder_in_use_stops_naming_the_holder(toy_task_dir, tmp_path, capsys):
     import fcntl
     import os

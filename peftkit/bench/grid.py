@@ -149,7 +149,7 @@ def _old_names(method: str) -> list[str]:
     return [old for old, new in METHOD_ALIASES.items() if new == method]
 
 
-def validate_choices(tasks: list[str], methods: list[str]) -> list[str]:
+def validate_choices(tasks: list[str], methods: list[str], data_dir: str | None = None) -> list[str]:
     """Check everything the grid names before anything trains, so a typo costs seconds, not an hour.
 
     Returns the methods under their current names (an old name such as `adapter` is accepted).
@@ -160,8 +160,10 @@ def validate_choices(tasks: list[str], methods: list[str]) -> list[str]:
     if not tasks or not methods:
         raise PeftkitError("the grid is empty: give at least one task (--tasks) and one method (--methods)")
     for task in tasks:
-        if task not in BUILTIN_TASKS and not is_task_source(task):
-            raise unknown_choice("task (or a task folder / .jsonl / .csv file)", task, BUILTIN_TASKS)
+        if task not in BUILTIN_TASKS and not is_task_source(task, data_dir):
+            raise unknown_choice(
+                "task (or a task folder / .jsonl / .csv file, or a folder in --data-dir)", task, BUILTIN_TASKS
+            )
     known = available_methods()
     methods = [canonical_method(m) for m in methods]
     for method in methods:

@@ -64,7 +64,7 @@ def run_bench(
 
     profile = load_profile(profile_name)
     tasks = list(tasks or profile.tasks)
-    methods = validate_choices(tasks, list(methods or profile.methods))
+    methods = validate_choices(tasks, list(methods or profile.methods), data_dir)
     metric_specs = checked_specs(user_metrics or ())
     out = Path(out or f"benchmarks/results/{profile.name}")
     planned = plan_cells(profile, tasks, methods, seeds)
