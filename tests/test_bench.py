@@ -272,6 +272,19 @@ def test_profiles_cover_the_grid():
         assert all(o.count("=") >= 1 and o.split("=")[0].count(".") == 1 for o in profile.overrides)
 
 
+@pytest.mark.parametrize("key", ["lr_grid", "method_overrides", "methods", "exclude_methods"])
+def test_a_profile_naming_an_unknown_method_is_refused(key, tmp_path, monkeypatch):
+    """A misspelt method key (lr_grid: {lorra: ...}) was read by no cell: the grid ran lora at the recipe's lr."""
+    from peftkit.bench import profiles
+    from peftkit.errors import PeftkitError
+
+    value = "{lorra: [1e-3]}" if key in ("lr_grid", "method_overrides") else "[lorra]"
+    (tmp_path / "mine.yaml").write_text(f"description: mine\nseeds: [0]\n{key}: {value}\n")
+    monkeypatch.setattr(profiles, "profiles_dir", lambda: tmp_path)
+    with pytest.raises(PeftkitError, match=f"unknown method in bench profile mine.{key} 'lorra'. Did you mean 'lora'"):
+        load_profile("mine")
+
+
 def test_learning_rate_grid_chooses_on_dev_then_runs_the_other_seeds(
     tiny_model_dir, toy_task_dir, tmp_path, monkeypatch, capsys
 ):

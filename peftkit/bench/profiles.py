@@ -112,6 +112,7 @@ def load_profile(name: str) -> Profile:
     )
     exclude = tuple(canonical_method(m) for m in _items(data.get("exclude_methods"), str, f"{where}.exclude_methods"))
     methods = _items(data.get("methods"), str, f"{where}.methods")
+    _check_methods(data, where)
     return dataclasses.replace(
         raw,
         seeds=_items(data["seeds"], int, f"{where}.seeds"),
@@ -127,6 +128,18 @@ def load_profile(name: str) -> Profile:
         },
         lr_grid={canonical_method(m): v for m, v in _table(data.get("lr_grid"), float, f"{where}.lr_grid").items()},
     )
+
+
+def _check_methods(data: dict[str, Any], where: str) -> None:
+    """Every method the profile names is registered: a misspelt key of lr_grid or method_overrides would otherwise
+    be read by no cell, and the grid would run at the recipe's values with nothing said. (Task keys cannot be
+    checked so: a user's own task is named by its folder/file stem.)"""
+    known = all_methods()
+    for key in ("methods", "exclude_methods", "method_overrides", "lr_grid"):
+        value = data.get(key)
+        for method in value if isinstance(value, (list, dict)) else ():
+            if canonical_method(str(method)) not in known:
+                raise unknown_choice(f"method in {where}.{key}", str(method), known)
 
 
 def _items(value: Any, kind: type, where: str) -> tuple[Any, ...]:
