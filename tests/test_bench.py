@@ -285,6 +285,21 @@ def test_a_profile_naming_an_unknown_method_is_refused(key, tmp_path, monkeypatc
         load_profile("mine")
 
 
+def test_a_learning_rate_grid_without_a_dev_split_stops_before_training(toy_task_dir, tmp_path, monkeypatch, capsys):
+    """Without task.dev_size no grid cell had a dev score: nothing was chosen, no seed ran, and the exit code was 0."""
+    import peftkit.bench.profiles as profiles
+
+    (tmp_path / "grid.yaml").write_text("description: no dev\nseeds: [0, 1]\nlr_grid: {lora: [1e-3, 5e-2]}\n")
+    monkeypatch.setattr(profiles, "profiles_dir", lambda: tmp_path)
+    out = tmp_path / "bench"
+    assert (
+        main(["bench", "--profile", "grid", "--tasks", str(toy_task_dir), "--methods", "lora", "--out", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "task toy sets no task.dev_size: add e.g. task.dev_size=0.1" in err
+    assert not (out / "cells").exists()
+
+
 def test_learning_rate_grid_chooses_on_dev_then_runs_the_other_seeds(
     tiny_model_dir, toy_task_dir, tmp_path, monkeypatch, capsys
 ):
