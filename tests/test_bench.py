@@ -285,6 +285,20 @@ def test_a_profile_naming_an_unknown_method_is_refused(key, tmp_path, monkeypatc
         load_profile("mine")
 
 
+def test_a_users_profile_file_is_read_from_its_path_and_named_by_its_stem(tmp_path, monkeypatch, capsys):
+    """--profile took only built-in names, so a user had to write into the installed package's profile folder."""
+    from peftkit.errors import PeftkitError
+
+    (tmp_path / "my-grid.yaml").write_text("description: mine\nseeds: [0, 1]\nmethods: [lora]\n")
+    monkeypatch.chdir(tmp_path)
+    profile = load_profile("my-grid.yaml")
+    assert (profile.name, profile.seeds, profile.methods) == ("my-grid", (0, 1), ("lora",))
+    with pytest.raises(PeftkitError, match="bench profile file nope.yaml does not exist"):
+        load_profile("nope.yaml")
+    assert main(["bench", "--profile", "nope.yaml"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_a_learning_rate_grid_without_a_dev_split_stops_before_training(toy_task_dir, tmp_path, monkeypatch, capsys):
     """Without task.dev_size no grid cell had a dev score: nothing was chosen, no seed ran, and the exit code was 0."""
     import peftkit.bench.profiles as profiles

@@ -80,11 +80,31 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
 
 
+def profile_stem(profile: str) -> str:
+    """A profile's name: a built-in one's as given, a user's profile file's by its stem."""
+    return Path(profile).stem if is_profile_file(profile) else profile
+
+
+def is_profile_file(profile: str) -> bool:
+    return isinstance(profile, str) and profile.lower().endswith((".yaml", ".yml"))
+
+
 def load_profile(name: str) -> Profile:
-    """Read, validate and resolve `recipes/profiles/<name>.yaml`; any mistake is a one-line PeftkitError."""
-    path = profiles_dir() / f"{name}.yaml"
-    if not isinstance(name, str) or "/" in name or not path.is_file():
-        raise unknown_choice("bench profile", str(name), available_profiles())
+    """Read, validate and resolve a built-in `recipes/profiles/<name>.yaml`, or a user's own profile file (a path
+    ending in .yaml/.yml, named by its stem; an installed wheel's profile folder is no place to write); any mistake
+    is a one-line PeftkitError."""
+    if is_profile_file(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise PeftkitError(
+                f"bench profile file {name} does not exist (or name a built-in profile: "
+                f"{', '.join(available_profiles())})"
+            )
+        name = profile_stem(name)
+    else:
+        path = profiles_dir() / f"{name}.yaml"
+        if not isinstance(name, str) or "/" in name or not path.is_file():
+            raise unknown_choice("bench profile", str(name), available_profiles())
     where = f"bench profile {name}"
     data = read_yaml(path)
     missing = [k for k in ("description", "seeds") if k not in data]

@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", help="comma-separated tasks (default: the profile's)")
     parser.add_argument("--methods", help="comma-separated methods (default: the profile's)")
     parser.add_argument(
-        "--profile", default="quick", help="a profile name (see recipes/profiles/): smoke, quick, converged, full"
+        "--profile",
+        default="quick",
+        help="a profile name (see recipes/profiles/): smoke, quick, converged, full; or your own profile's .yaml file",
     )
     parser.add_argument("--seeds", help="comma-separated seeds (default: the profile's)")
     parser.add_argument("--out", help="results folder (default: benchmarks/results/<profile>)")
@@ -90,6 +92,7 @@ def refuse_grid_flags_with_report(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from peftkit.bench import build_report, run_bench
     from peftkit.bench.executors import make_executor
+    from peftkit.bench.profiles import profile_stem
 
     if args.report:
         refuse_grid_flags_with_report(args)
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         chosen = f" ({reported} at the chosen learning rates)" if reported != files else ""
         print(f"rebuilt {Path(args.report) / 'results.md'} from {files} cell files{chosen}")
         return 0
-    out = Path(args.out or f"benchmarks/results/{args.profile}")
+    out = Path(args.out or f"benchmarks/results/{profile_stem(args.profile)}")
     executor = make_executor(
         args.executor, out, args.address, args.cpus_per_cell, args.gpus_per_cell, args.slurm_partition
     )
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     )
     retried = f": {counts['retried']} retried after failing before" if counts["retried"] else ""
     print(
-        f"bench {args.profile}: {counts['planned']} cells ({counts['skipped']} already done, "
+        f"bench {profile_stem(args.profile)}: {counts['planned']} cells ({counts['skipped']} already done, "
         f"{counts['ran']} run now{retried}), {counts['failed']} failed; tables: {out / 'results.md'}"
     )
     return 1 if counts["failed"] else 0
