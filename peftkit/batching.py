@@ -45,11 +45,18 @@ class BatchOrder:
         self.num_rows, self.batch_size, self.seed, self.ranks = num_rows, batch_size, seed, ranks
         self.lengths, self.batching = lengths, batching
         self.global_batch = batch_size * ranks.world
+        if ranks.world > 1 and num_rows < self.global_batch:  # ranks would get uneven shares, or copies of rows
+            fits = num_rows // ranks.world
+            lower = f"lower train.batch_size to {fits} or less, or " if fits else ""
+            raise PeftkitError(
+                f"the train split has {num_rows} rows, fewer than one global batch (train.batch_size {batch_size} "
+                f"x {ranks.world} processes = {self.global_batch}); {lower}run fewer processes"
+            )
         # one process keeps the last partial batch; several drop it so every rank steps together
         if ranks.world == 1:
             self.batches_per_epoch = math.ceil(num_rows / self.global_batch)
         else:
-            self.batches_per_epoch = max(1, num_rows // self.global_batch)
+            self.batches_per_epoch = num_rows // self.global_batch
         self._epoch, self._batches = None, None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -82,7 +89,7 @@ class BatchOrder:
         batch = self._batches[min(state.batch_in_epoch, len(self._batches) - 1)]
         state.batch_in_epoch += 1
         start = self.ranks.rank * self.batch_size
-        return batch[start : start + self.batch_size] or batch[: self.batch_size]
+        return batch[start : start + self.batch_size]
 
     def padding_efficiency(self, epoch: int = 0) -> float:
         """Real tokens / padded tokens over one epoch's batches (needs lengths)."""

@@ -10,6 +10,7 @@ import torch
 from peftkit.batching import BatchOrder
 from peftkit.checkpoint import TrainState
 from peftkit.data import EncodedSplit
+from peftkit.errors import PeftkitError
 from peftkit.train import Ranks
 
 _RNG = random.Random(0)
@@ -92,3 +93,11 @@ def test_predictions_come_back_in_input_order_although_batched_by_length():
     logits = predict_logits(LastTokenAndLength(), split, 8, torch.device("cpu"))
     assert logits[:, 0].tolist() == [100 + k for k in range(50)]
     assert logits[:, 1].tolist() == [n + 1 for n in LENGTHS[:50]]
+
+
+def test_a_train_split_smaller_than_one_global_batch_is_refused_under_torchrun():
+    """Fewer rows than batch x ranks kept one partial batch: the ranks got uneven shares (rank 1 a copy of rank 0's
+    rows) and examples_seen counted rank 0's rows once per rank."""
+    with pytest.raises(PeftkitError, match=r"fewer than one global batch .* lower train.batch_size to 5 or less"):
+        BatchOrder(10, 8, 0, Ranks(0, 2, 0), list(range(1, 11)), "bucketed")
+    assert BatchOrder(10, 5, 0, Ranks(1, 2, 1), list(range(1, 11)), "bucketed").batches_per_epoch == 1
