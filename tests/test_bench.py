@@ -314,6 +314,20 @@ def test_a_learning_rate_grid_without_a_dev_split_stops_before_training(toy_task
     assert not (out / "cells").exists()
 
 
+def test_a_profile_override_no_cell_can_take_stops_before_training(toy_task_dir, tmp_path, monkeypatch, capsys):
+    """A misspelt key in a profile's overrides failed every cell in turn, each after loading its model."""
+    import peftkit.bench.profiles as profiles
+
+    (tmp_path / "typo.yaml").write_text("description: typo\nseeds: [0]\noverrides: [train.max_stepz=2]\n")
+    monkeypatch.setattr(profiles, "profiles_dir", lambda: tmp_path)
+    out = tmp_path / "bench"
+    argv = ["bench", "--profile", "typo", "--tasks", str(toy_task_dir), "--methods", "lora,head", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bench profile typo, cell toy__lora__seed0: " in err and "max_stepz" in err
+    assert not (out / "cells").exists()
+
+
 def test_learning_rate_grid_chooses_on_dev_then_runs_the_other_seeds(
     tiny_model_dir, toy_task_dir, tmp_path, monkeypatch, capsys
 ):

@@ -72,7 +72,7 @@ def run_bench(
         raise PeftkitError("two tasks share a name (folder/file stem); rename one so result files do not collide")
     # with a learning-rate grid: the grid first (first seed), then the other seeds at each chosen rate
     first_phase, chosen_later = grid_cells(planned, profile.lr_grid)
-    require_dev_split(first_phase, profile, out, model, data_dir)
+    check_planned_cells(first_phase, profile, out, model, data_dir)
     later_count = (
         len(planned) - len(first_phase) - len(chosen_later) + sum(len(profile.lr_grid[c.method]) for c in chosen_later)
     )
@@ -141,16 +141,18 @@ def run_bench(
         return counts
 
 
-def require_dev_split(cells: list[Cell], profile: Profile, out: Path, model: str | None, data_dir: str | None) -> None:
-    """A learning-rate grid chooses on dev; a grid cell without `task.dev_size` has no dev score, so every rate went
-    unchosen and the grid's other seeds never ran, with exit 0. Checked before anything trains (a cell whose config
-    does not resolve is left to fail as a cell, with its own error)."""
+def check_planned_cells(
+    cells: list[Cell], profile: Profile, out: Path, model: str | None, data_dir: str | None
+) -> None:
+    """Before anything trains: every cell's config resolves (a misspelt override in a profile failed every cell, one
+    after another), and a learning-rate grid has a dev split to choose on (without `task.dev_size` no grid cell had a
+    dev score, so every rate went unchosen and the grid's other seeds never ran, with exit 0)."""
     for cell in cells:
         try:
-            dev_size = cell.lr is not None and cell_job(cell, profile, out, model, data_dir).config["task"]["dev_size"]
-        except PeftkitError:
-            continue
-        if dev_size is None:
+            config = cell_job(cell, profile, out, model, data_dir).config
+        except PeftkitError as e:
+            raise PeftkitError(f"bench profile {profile.name}, cell {cell.id}: {e}") from None
+        if cell.lr is not None and config["task"]["dev_size"] is None:
             raise PeftkitError(
                 f"bench profile {profile.name} gives {cell.method} an lr_grid, which is chosen on a dev split carved "
                 f"from train, but task {cell.task_label} sets no task.dev_size: add e.g. task.dev_size=0.1 to the "
