@@ -145,6 +145,15 @@ def test_overrides_after_a_flag_are_kept_in_order(capsys):
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
+def test_dry_run_prints_local_paths_as_the_run_records_them(tmp_path, monkeypatch, capsys):
+    """The run records task files made absolute; --dry-run printed them as typed, relative to nothing."""
+    (tmp_path / "mine.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "sst2-lora", "task.name=mine.jsonl", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"name: {tmp_path / 'mine.jsonl'}" in printed
+
+
 @pytest.mark.parametrize(
     "argv, line",
     [

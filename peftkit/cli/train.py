@@ -46,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(recipe=args.recipe, overrides=overrides)
     if args.data_dir:
         config.task.data_dir = args.data_dir
-    if args.dry_run:
-        print(config.to_yaml(), end="")
+    if args.dry_run:  # as the run would record it: local paths absolute
+        from peftkit.config import resolve_local_paths
+
+        print(resolve_local_paths(config).to_yaml(), end="")
         return 0
 
     from peftkit.train import train
