@@ -169,43 +169,6 @@ def check_budget_overrides(train: TrainConfig, given: set[str]) -> None:
         )
 
 
-# the keys that may hold a user's local path; made absolute when a run starts (resolve_local_paths)
-LOCAL_PATH_KEYS = ("task.name", "task.data_dir", "task.validation_file", "task.test_file", "model.name_or_path")
-
-
-def absolute_local_path(key: str, value: Any) -> Any:
-    """`value` of a LOCAL_PATH_KEYS key made absolute when it is a local path, else as it is: a task name is a path
-    by load_task's own rule (data.is_path_task), a model by a path prefix or an existing folder; 'default', a
-    built-in task ('sst2') and a Hub id ('org/model') stay names."""
-    import os
-
-    if not isinstance(value, str) or not value or key not in LOCAL_PATH_KEYS:
-        return value
-    if key == "task.name":
-        from peftkit.data import is_path_task
-
-        is_path = is_path_task(value)
-    elif key == "model.name_or_path":
-        from pathlib import Path
-
-        is_path = value != "default" and (
-            value.startswith(("/", "./", "../", "~")) or Path(value).expanduser().is_dir()
-        )
-    else:
-        is_path = True
-    return os.path.abspath(os.path.expanduser(value)) if is_path else value
-
-
-def resolve_local_paths(config: RunConfig) -> RunConfig:
-    """Make the config's local paths absolute (in place), so the run's config.yaml, checkpoint manifests and adapter
-    meta name the files it read, and eval, --resume and predict read the same ones from any working folder."""
-    for key in LOCAL_PATH_KEYS:
-        section, name = key.split(".")
-        part = getattr(config, section)
-        setattr(part, name, absolute_local_path(key, getattr(part, name)))
-    return config
-
-
 def check_plain_name(name: str, where: str) -> str:
     """A folder name that stays inside its parent: no separators, not '.', '..', empty or absolute."""
     if not name or name.strip() in (".", "..") or "/" in name or "\\" in name or "\0" in name:

@@ -46,9 +46,20 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")  # how a model written as a path starts; a Hub id (org/name) never does
+
+
 def is_missing_local_path(name_or_path: str) -> bool:
     """A local path (not a Hub id like org/name) that does not exist."""
-    return name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists()
+    return name_or_path.startswith(LOCAL_PATH_PREFIXES) and not Path(name_or_path).expanduser().exists()
+
+
+def is_local_model(name_or_path: str) -> bool:
+    """True when the model is read from disk: written as a path, or naming an existing folder ('default' and a Hub
+    id are names, resolved where the run starts)."""
+    return name_or_path != "default" and (
+        name_or_path.startswith(LOCAL_PATH_PREFIXES) or Path(name_or_path).expanduser().is_dir()
+    )
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

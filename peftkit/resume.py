@@ -124,9 +124,9 @@ def changed_keys(
 ) -> list[str]:
     """The flat keys whose values differ, `ignored` keys (or sections) aside. A key older records lack compares as
     the value every run had before it was added (ADDED_KEYS), so an upgrade alone changes nothing. Local paths
-    compare as absolute paths (config.absolute_local_path): an older record's relative `st_tr.jsonl` is the same
+    compare as absolute paths (local_paths.absolute_local_path): an older record's relative `st_tr.jsonl` is the same
     file as a run's absolute one, read from the same folder."""
-    from peftkit.config import absolute_local_path
+    from peftkit.local_paths import absolute_local_path
 
     if saved is None:
         return []

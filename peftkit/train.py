@@ -27,7 +27,7 @@ from peftkit.adapters.base import is_head_parameter, trainable_state
 from peftkit.artifacts import save_adapter
 from peftkit.batching import BatchOrder, first_batches
 from peftkit.checkpoint import TrainState
-from peftkit.config import RunConfig, TrainConfig, resolve_local_paths
+from peftkit.config import RunConfig, TrainConfig
 from peftkit.console import progress_bar
 from peftkit.data import collate, encode, load_task
 from peftkit.distributed import Ranks
@@ -38,6 +38,7 @@ from peftkit.formats import RunSummary, TaskInfo
 from peftkit.guards import DivergenceGuard
 from peftkit.inference import evaluate
 from peftkit.io import atomic_write_text
+from peftkit.local_paths import resolve_local_paths
 from peftkit.loggers import MetricsLog, RunLog, check_report_to
 from peftkit.measure import MemoryMeter, environment
 from peftkit.modeling import (
@@ -57,7 +58,7 @@ __all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
 
 def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunSummary:
     """Train `config` and return its summary (also written to RUN_DIR/summary.json). Its local paths are made
-    absolute first (config.resolve_local_paths): the run then reads the same files from any working folder."""
+    absolute first (local_paths.resolve_local_paths): the run then reads the same files from any working folder."""
     resolve_local_paths(config)
     tcfg = config.train
     ranks = Ranks.from_env(tcfg.distributed)
