@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from _common import out_flag
+
 from peftkit.io import atomic_write_text
 
 BUDGET = {
@@ -102,15 +104,13 @@ def main() -> None:
                 rows.append(run(task, args.key, value, seed, Path(args.runs)))
                 print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out or f"benchmarks/results/accuracy_{args.key.split('.')[-1]}")
-    out_flag = f" --out {args.out}" if args.out else ""
     atomic_write_text(out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     text = [
         f"# `{args.key}` = {' vs '.join(values)}: validation accuracy (LoRA, full validation split)",
         "",
         f"Command: `python benchmarks/loop_accuracy.py --key {args.key} --values {args.values} --tasks {args.tasks} "
-        f"--seeds {args.seeds}{out_flag}`; each run's exact command is in {out.with_suffix('.json').name}. Budgets: "
-        + "; ".join(f"{t}: `{BUDGET[t]}`" for t in tasks)
-        + f"; all: `{COMMON}`.",
+        f"--seeds {args.seeds}{out_flag(args.out)}`; each run's exact command is in {out.with_suffix('.json').name}. "
+        "Budgets: " + "; ".join(f"{t}: `{BUDGET[t]}`" for t in tasks) + f"; all: `{COMMON}`.",
         "",
         *table(rows, tasks, values),
     ]
