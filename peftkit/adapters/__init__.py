@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
+from typing import Any
 
 from peftkit.adapters.base import Method, MethodContext
 from peftkit.errors import PeftkitError, short_error, unknown_choice
@@ -68,8 +69,7 @@ def get_method_class(name: str) -> type[Method]:
     if name in _registered:
         return _registered[name]
     if name in BUILTIN_METHODS:
-        module_name, _, attr = BUILTIN_METHODS[name].partition(":")
-        cls = getattr(importlib.import_module(module_name), attr)
+        cls = _import_target(BUILTIN_METHODS[name])
     elif name in (plugins := _plugin_targets()):
         cls = _load_plugin(name, plugins[name])
     else:
@@ -81,14 +81,19 @@ def _load_plugin(name: str, target: str) -> type[Method]:
     """Import a third-party method: its package's own bug (an import error, a wrong target) is one line naming the
     entry point, so the user knows which installed package to fix or uninstall."""
     where = f"third-party method {name!r} (entry point {target!r} in group {ENTRY_POINT_GROUP!r})"
-    module_name, _, attr = target.partition(":")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
+        cls = _import_target(target)
     except Exception as e:  # a plugin's module may raise anything while importing
         raise PeftkitError(f"{where} could not be loaded: {short_error(e)}") from None
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise PeftkitError(f"{where} is {cls!r}, not a peftkit.adapters.Method subclass")
     return cls
+
+
+def _import_target(target: str) -> Any:
+    """The object a `module:attribute` target names (a built-in method's, or an entry point's value)."""
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def build_method(name: str, options=None) -> Method:

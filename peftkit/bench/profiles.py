@@ -86,6 +86,7 @@ def profile_stem(profile: str) -> str:
 
 
 def is_profile_file(profile: str) -> bool:
+    """True when --profile names a user's own YAML file (by its suffix) rather than a built-in profile."""
     return isinstance(profile, str) and profile.lower().endswith((".yaml", ".yml"))
 
 
