@@ -236,10 +236,9 @@ def main() -> int:
             "Each run is killed with SIGKILL, continued with `peftkit train --resume RUN`, and compared with an "
             "uninterrupted run: every adapter file byte for byte, summary.json without timing/memory/path fields, "
             "metrics.jsonl without throughput and training time. Every process runs with PYTHONHASHSEED=0 as a "
-            "precaution (peft keeps "
-            "`target_modules` as a set). Earlier attempts found adapter_config.json and peftkit.json differing "
-            "(weights, summaries and metrics equal): a fresh run wrote lora_alpha 16, a resumed one 16.0 (read back "
-            "from config.yaml); config.py now stores float defaults as floats.",
+            "precaution (peft keeps `target_modules` as a set). Earlier attempts found adapter_config.json and "
+            "peftkit.json differing (weights, summaries and metrics equal): a fresh run wrote lora_alpha 16, a "
+            "resumed one 16.0 (read back from config.yaml); config.py now stores float defaults as floats.",
             "",
             f"**{matches}/{args.trials} match bitwise.** Control (a second uninterrupted run, same command) matches "
             f"the first: {control_note}.",
