@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir:
         config.task.data_dir = args.data_dir
     if args.dry_run:  # as the run would record it: local paths absolute
-        from peftkit.config import resolve_local_paths
+        from peftkit.local_paths import resolve_local_paths
 
         print(resolve_local_paths(config).to_yaml(), end="")
         return 0
