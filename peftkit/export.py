@@ -102,6 +102,8 @@ def export_merged(
     merged.config.id2label = dict(enumerate(names))
     merged.config.label2id = {n: i for i, n in enumerate(names)}
     merged.config.name_or_path = base
+    # a plain `tokenizer(text, truncation=True)` must cut where training, eval, predict and serve cut
+    loaded.tokenizer.model_max_length = meta.task.max_length
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(tmp))

@@ -140,6 +140,22 @@ def test_merged_export_matches_adapter_via_plain_transformers(method, runs, tmp_
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in out.iterdir())
 
 
+def test_merged_export_tokenizer_truncates_at_the_trained_max_length(runs, tmp_path):
+    """The merged folder's tokenizer kept the base's 512-token limit: a plain load scored long rows on tokens the
+    adapter never saw (training, eval, predict and serve cut at task.max_length)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    adapted = load(runs.run("lora") / "adapter")
+    out = export_merged(runs.run("lora"), tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.model_max_length == adapted.meta.task.max_length == 32
+    long_row = [" ".join(["great"] * 80)]
+    enc = tokenizer(long_row, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        got = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()(**enc).logits
+    assert torch.allclose(got, logits_of(adapted.model, adapted.tokenizer, long_row), atol=1e-5)
+
+
 @pytest.mark.parametrize("pooling", ["pooler", "cls", "mean", "last"])
 @pytest.mark.parametrize("method", ["head", "lora"])
 def test_merge_and_card_offer_stock_loads_only_for_a_pooling_stock_classes_compute(
