@@ -54,7 +54,7 @@ class TaskConfig:
     name: str = "sst2"  # built-in task (sst2, banking77, ...), a task folder, or a .jsonl/.csv train file
     data_dir: str | None = None  # folder holding <task>/ folders; default $PEFTKIT_DATA, else the Hugging Face Hub
     text_field: str = "text"
-    text_pair_field: str | None = None  # second sentence of pair tasks; built-in tasks and meta.json set it
+    text_pair_field: str | None = None  # second sentence of pair tasks; default: meta.json's, or a text_pair column
     label_field: str = "label"
     label_names: list[str] | None = None  # for user files without meta.json; default: sorted distinct labels
     validation_file: str | None = None  # for a file task; default: 10% of the train file, drawn by dev_seed

@@ -152,11 +152,16 @@ def _folder_task(cfg: TaskConfig, folder: Path, bad: list[str] | None) -> Task:
     missing = [f"{s}.jsonl" for s in ("train", "validation") if s not in raw]
     if missing:
         raise PeftkitError(f"task folder {folder} has no {' and no '.join(missing)} (a task folder needs both)")
-    if pair_field is None and raw["train"] and "text_pair" in raw["train"][0]:
-        pair_field = "text_pair"
+    pair_field = pair_field or data_pair_field(raw["train"])
     label_names = cfg.label_names if cfg.label_names is not None else meta.get("label_names")  # None: the data's
     builtin = BUILTIN_TASKS.get(folder.name)
     return _normalise(folder.name, raw, cfg, pair_field, label_names, builtin.metrics if builtin else None, bad)
+
+
+def data_pair_field(train: list[dict[str, Any]]) -> str | None:
+    """`text_pair` when the data's rows carry one and no task.text_pair_field was given: a pair task, read as pairs
+    (a task file's second sentence was dropped without a word, the rows scored as single texts)."""
+    return "text_pair" if train and "text_pair" in train[0] else None
 
 
 def _file_task(cfg: TaskConfig, path: Path, bad: list[str] | None) -> Task:
@@ -170,7 +175,8 @@ def _file_task(cfg: TaskConfig, path: Path, bad: list[str] | None) -> Task:
         raw, label_splits = {"train": rest, "validation": held}, ("train", "validation")  # one file's labels
     if cfg.test_file:
         raw["test"] = read_rows(Path(cfg.test_file), cfg, bad)
-    return _normalise(path.stem, raw, cfg, cfg.text_pair_field, cfg.label_names, None, bad, label_splits)
+    pair_field = cfg.text_pair_field or data_pair_field(raw["train"])
+    return _normalise(path.stem, raw, cfg, pair_field, cfg.label_names, None, bad, label_splits)
 
 
 def _hub_task(cfg: TaskConfig, spec: BuiltinTask, bad: list[str] | None) -> Task:

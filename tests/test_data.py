@@ -65,6 +65,21 @@ def test_user_jsonl_pairs_and_bad_label(tmp_path):
         load_task(TaskConfig(name=str(path), text_field="txt", label_field="y"))
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_a_task_files_text_pair_column_makes_it_a_pair_task(tmp_path, suffix):
+    """A task folder read text_pair from its rows, a task file dropped it silently: rte's train.jsonl trained as
+    single texts."""
+    rows = [{"text": f"a{i}", "text_pair": f"b{i}", "label": i % 2} for i in range(20)]
+    path = tmp_path / f"pairs.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        lines = "".join(f"{r['text']},{r['text_pair']},{r['label']}\n" for r in rows)
+        path.write_text("text,text_pair,label\n" + lines)
+    task = load_task(TaskConfig(name=str(path)))
+    assert task.is_pair and all(row["text_pair"].startswith("b") for row in task.splits["train"])
+
+
 def test_numbers_as_label_names_are_names_never_positions(tmp_path):
     """Ratings 1..3 in train make the names "1".."3": a 0 in validation is an unknown label, not position 0."""
     train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
