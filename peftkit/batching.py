@@ -76,7 +76,7 @@ class BatchOrder:
             full, tail = [b for b in batches if len(b) == size], [b for b in batches if len(b) < size]
             shuffle = torch.randperm(len(full), generator=generator).tolist()
             batches = [full[i] for i in shuffle] + tail
-        if self.ranks.world > 1 and len(batches) > 1 and len(batches[-1]) < size:
+        if self.ranks.world > 1 and len(batches[-1]) < size:  # __init__ ensured one full batch at least
             batches = batches[:-1]  # the partial batch: ranks could not split it evenly
         return batches[: self.batches_per_epoch]
 

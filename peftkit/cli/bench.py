@@ -63,12 +63,16 @@ def parse_seeds(value: str | None) -> list[int] | None:
         raise PeftkitError(f"--seeds must be comma-separated integers, got {value!r}") from None
 
 
+def given_grid_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(--flag, value) for each grid flag the user gave, in GRID_FLAGS order."""
+    return [(f"--{flag.replace('_', '-')}", getattr(args, flag)) for flag in GRID_FLAGS if getattr(args, flag)]
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The bench command as typed (flags in a fixed order), for the manifest and results.md."""
     parts = ["peftkit", "bench", "--profile", args.profile]
-    for flag in GRID_FLAGS:
-        if getattr(args, flag):
-            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for flag, value in given_grid_flags(args):
+        parts += [flag, str(value)]
     if args.executor != "local":
         parts += ["--executor", args.executor]
     for spec in args.metric:
@@ -79,7 +83,7 @@ def command_line(args: argparse.Namespace) -> str:
 def refuse_grid_flags_with_report(args: argparse.Namespace) -> None:
     """--report rebuilds DIR's tables in DIR from DIR's cells: a flag it would ignore (--out above all, which reads
     as "write the report there") is refused rather than silently dropped."""
-    ignored = [f"--{flag.replace('_', '-')}" for flag in GRID_FLAGS if getattr(args, flag)]
+    ignored = [flag for flag, _ in given_grid_flags(args)]
     ignored += ["--executor"] if args.executor != "local" else []
     ignored += ["--metric"] if args.metric else []
     if ignored:
