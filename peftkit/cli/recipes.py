@@ -14,13 +14,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peftkit.console import print_table
-    from peftkit.modeling import trainable_pct_without_weights
     from peftkit.recipe_files import list_recipes, load_config
+    from peftkit.trainable_table import read_table, trainable_pct
 
+    table = {} if args.no_params else read_table()
     rows = []
     for name in list_recipes():
         cfg = load_config(recipe=name)
-        pct = "" if args.no_params else trainable_pct_without_weights(cfg)
+        pct = "" if args.no_params else trainable_pct(cfg, table)
         rows.append((name, cfg.task.name, cfg.method.name, pct, expected_text(cfg.expected)))
     print_table(("recipe", "task", "method", "trainable %", "expected (mean ± std, profile)"), rows)
     return 0
