@@ -303,3 +303,8 @@ def compute_metrics(predictions: list[int], labels: list[int], num_labels: int) 
     if num_labels == 2:
         out["f1"] = float(f1_score(labels, predictions, average="binary", pos_label=1, zero_division=0))
     return out
+
+
+def majority_rate(labels: list[int]) -> float:
+    """The accuracy of always answering the most frequent label: the floor every method must clear."""
+    return max(labels.count(label) for label in set(labels)) / len(labels)

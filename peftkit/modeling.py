@@ -308,6 +308,16 @@ class ParameterCount:
         }
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing in the base model (recompute each layer's activations in the backward pass)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise PeftkitError(
+            f"{type(model).__name__} does not support gradient checkpointing; unset train.gradient_checkpointing"
+        )
+    # non-reentrant: works with frozen embeddings (no input that requires grad) and keeps dropout's RNG exact
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def count_parameters(model: nn.Module) -> ParameterCount:
     """The same count for every method: parameters that require grad, over all parameters of the adapted model."""
     seen, trainable, total = set(), 0, 0

@@ -29,7 +29,7 @@ from peftkit.batching import BatchOrder, first_batches
 from peftkit.checkpoint import TrainState
 from peftkit.config import RunConfig, TrainConfig
 from peftkit.console import progress_bar
-from peftkit.data import collate, encode, load_task
+from peftkit.data import collate, encode, load_task, majority_rate
 from peftkit.distributed import Ranks
 from peftkit.dropout import attention_keeps_torch_dropout, use_hash_dropout
 from peftkit.embedding_grads import EmbeddingGradBuffers
@@ -43,6 +43,7 @@ from peftkit.loggers import MetricsLog, RunLog, check_report_to
 from peftkit.measure import MemoryMeter, environment
 from peftkit.modeling import (
     count_parameters,
+    enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -378,21 +379,6 @@ def can_fuse(params: list[torch.Tensor]) -> bool:
     return all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params
     )
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing in the base model (recompute each layer's activations in the backward pass)."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise PeftkitError(
-            f"{type(model).__name__} does not support gradient checkpointing; unset train.gradient_checkpointing"
-        )
-    # non-reentrant: works with frozen embeddings (no input that requires grad) and keeps dropout's RNG exact
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def majority_rate(labels: list[int]) -> float:
-    """The accuracy of always answering the most frequent label: the floor every method must clear."""
-    return max(labels.count(label) for label in set(labels)) / len(labels)
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from peftkit.config import RunConfig, TaskConfig
-from peftkit.data import load_task
+from peftkit.data import load_task, majority_rate
 from peftkit.errors import PeftkitError
-from peftkit.train import majority_rate, train
+from peftkit.train import train
 
 
 def evaluations(run_dir):
