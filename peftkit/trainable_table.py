@@ -3,7 +3,7 @@
 Counting a recipe means importing transformers and peft and building its model with the method applied: the
 listing took 10-25 s on 2 cores for numbers that only change when a recipe, a method or peft does. So the counts
 ship in recipes/trainable.json, each beside a key of everything it was counted from (model, pooling, task,
-method and options, peft and transformers versions). An entry whose key no longer matches (an edited recipe, a
+method and options) and the peft and transformers versions. An entry whose key no longer matches (an edited recipe, a
 new one, another peft) is counted afresh, never shown stale. After changing how a method builds, rewrite it:
 
     python -m peftkit.trainable_table
@@ -23,17 +23,17 @@ TABLE_FILE = "trainable.json"
 
 
 def count_key(cfg: RunConfig) -> str:
-    """A digest of what modeling.trainable_pct_without_weights reads from a config, and the libraries it counts
-    with: equal keys give equal counts."""
+    """A digest of what modeling.trainable_pct_without_weights reads from a config: equal keys (under the same
+    libraries, see `libraries`) give equal counts."""
     data = cfg.to_dict()
-    inputs = {
-        "model": data["model"],
-        "task": cfg.task.name,
-        "method": data["method"],
-        "peft": version("peft"),
-        "transformers": version("transformers"),
-    }
+    inputs = {"model": data["model"], "task": cfg.task.name, "method": data["method"]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def libraries() -> str:
+    """The libraries a count was made with. Kept apart from the key: another peft makes the listing count afresh,
+    while the repository's own check (recipes against table) does not depend on which peft CI installs."""
+    return f"peft {version('peft')}, transformers {version('transformers')}"
 
 
 def read_table() -> dict[str, dict[str, str]]:
@@ -44,7 +44,7 @@ def read_table() -> dict[str, dict[str, str]]:
 def trainable_pct(cfg: RunConfig, table: dict[str, dict[str, str]]) -> str:
     """The recipe's entry in the table when it was counted from this very config; otherwise counted now."""
     entry = table.get(cfg.recipe or "")
-    if entry and entry.get("key") == count_key(cfg):
+    if entry and entry.get("key") == count_key(cfg) and entry.get("libraries") == libraries():
         return entry["pct"]
     from peftkit.modeling import trainable_pct_without_weights
 
@@ -63,7 +63,7 @@ def write_table() -> None:
         pct = trainable_pct_without_weights(cfg)
         if pct == "?":
             raise PeftkitError(f"recipe {name}: its trainable share could not be counted (is its model installed?)")
-        table[name] = {"key": count_key(cfg), "pct": pct}
+        table[name] = {"key": count_key(cfg), "libraries": libraries(), "pct": pct}
     atomic_write_json(recipes_dir() / TABLE_FILE, table)
 
 
