@@ -103,6 +103,23 @@ def test_gradient_accumulation_equals_the_bigger_batch(tiny_run_config, tiny_mod
     assert any(not torch.equal(big[k], torch.zeros_like(big[k])) for k in big if "lora_B" in k)
 
 
+def test_an_accumulation_ends_with_its_epoch(tiny_run_config, tiny_model_dir, tmp_path):
+    """12 batches of 8 in 5s: the epoch's last step takes the 2 batches left (their mean, not /5), so one epoch
+    sees each row once and equals 3 steps of 40 rows (random batching cuts one permutation either way)."""
+    still = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    runs = {}
+    for name, train_opts in (("big", dict(batch_size=40)), ("accum", dict(batch_size=8, grad_accum_steps=5))):
+        config = tiny_run_config(
+            "lora", method_options={"dropout": 0.0}, max_steps=None, batching="random", bf16=False, **train_opts
+        )
+        config.model.name_or_path = still
+        summary = train(config, run_dir=tmp_path / name)
+        assert (summary.steps, summary.examples_seen) == (3, 96)
+        runs[name] = adapter_weights(tmp_path / name)
+    big, accum = runs["big"], runs["accum"]
+    assert all(torch.allclose(big[k], accum[k], atol=1e-5) for k in big)
+
+
 def test_batch_order_is_a_permutation_and_ranks_do_not_overlap():
     from peftkit.checkpoint import TrainState
 
