@@ -91,15 +91,15 @@ class BatchOrder:
         start = self.ranks.rank * self.batch_size
         return batch[start : start + self.batch_size]
 
-    def micro_batches(self, state, accum: int) -> int:
-        """How many micro-batches the next optimizer step accumulates: `accum`, or the fewer left in the epoch.
+    def step_batches(self, state, accum: int) -> list[list[int]]:
+        """This rank's micro-batches for the next optimizer step: `accum` of them, or the fewer left in the epoch.
 
         Why: an accumulation never spans two epochs (as in HF's Trainer), so an epoch is exactly
         ceil(batches_per_epoch / accum) steps, `train.epochs` trains each row that many times, and an evaluation
         every epoch falls on the epoch's end.
         """
         left = self.batches_per_epoch - state.batch_in_epoch
-        return min(accum, left if left > 0 else self.batches_per_epoch)
+        return [self.next(state) for _ in range(min(accum, left if left > 0 else self.batches_per_epoch))]
 
     def padding_efficiency(self, epoch: int = 0) -> float:
         """Real tokens / padded tokens over one epoch's batches (needs lengths)."""

@@ -172,17 +172,18 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     stopped_early = tcfg.patience is not None and state.evals_since_best >= tcfg.patience
     metrics = None
     while state.step < total_steps and not stopped_early:
-        micro_batches = order.micro_batches(state, tcfg.grad_accum_steps)  # fewer at an epoch's end
-        for _ in range(micro_batches):
-            indices = order.next(state)
+        step_batches = order.step_batches(state, tcfg.grad_accum_steps)  # fewer at an epoch's end
+        step_rows = sum(map(len, step_batches))
+        for indices in step_batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in collate(splits["train"], indices).items()}
             with autocast(device, bf16):
                 out = wrapped(**batch)  # computes the loss once (and a method's regulariser with it)
             loss = out.loss if out.loss is not None else cross_entropy(out.logits.float(), batch["labels"])
-            (loss / micro_batches).backward()
-            loss = loss.detach() / micro_batches
+            share = len(indices) / step_rows  # every row of the step weighs the same, a partial batch's too
+            (loss * share).backward()
+            loss = loss.detach() * share
             if regularised:  # the task loss apart from the regulariser, for the log (no graph)
-                task_loss = cross_entropy(out.logits.detach().float(), batch["labels"]) / micro_batches
+                task_loss = cross_entropy(out.logits.detach().float(), batch["labels"]) * share
             else:
                 task_loss = loss
             window_task_loss, window_total_loss = window_task_loss + task_loss, window_total_loss + loss

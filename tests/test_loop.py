@@ -104,11 +104,12 @@ def test_gradient_accumulation_equals_the_bigger_batch(tiny_run_config, tiny_mod
 
 
 def test_an_accumulation_ends_with_its_epoch(tiny_run_config, tiny_model_dir, tmp_path):
-    """12 batches of 8 in 5s: the epoch's last step takes the 2 batches left (their mean, not /5), so one epoch
-    sees each row once and equals 3 steps of 40 rows (random batching cuts one permutation either way)."""
+    """14 batches of 7 (the last of 5 rows) in 5s: the epoch's last step takes the 4 batches left, each row weighing
+    the same, so one epoch sees each row once and equals 3 steps of 35 rows (random batching cuts one permutation
+    either way)."""
     still = str(tiny_model_dir("bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     runs = {}
-    for name, train_opts in (("big", dict(batch_size=40)), ("accum", dict(batch_size=8, grad_accum_steps=5))):
+    for name, train_opts in (("big", dict(batch_size=35)), ("accum", dict(batch_size=7, grad_accum_steps=5))):
         config = tiny_run_config(
             "lora", method_options={"dropout": 0.0}, max_steps=None, batching="random", bf16=False, **train_opts
         )
