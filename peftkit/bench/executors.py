@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from peftkit.bench.grid import CellJob
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, short_error
 
 EXECUTORS = ("local", "ray", "slurm")
 Outcome = dict[str, Any]
@@ -108,7 +108,7 @@ class RayExecutor:
                     job,
                     {
                         "kind": "crash",
-                        "payload": f"the cell's Ray worker died (retried once): {_first_line(e)}",
+                        "payload": f"the cell's Ray worker died (retried once): {short_error(e)}",
                         "seconds": None,
                     },
                 )
@@ -166,7 +166,7 @@ class SlurmExecutor:
                             job,
                             {
                                 "kind": "crash",
-                                "payload": f"the cell's Slurm job died (retried once): {_first_line(e)}",
+                                "payload": f"the cell's Slurm job died (retried once): {short_error(e)}",
                                 "seconds": None,
                             },
                         )
@@ -202,8 +202,3 @@ def require(module: str, extra: str):
         raise PeftkitError(
             f"--executor {'slurm' if extra == 'slurm' else extra} needs {module}: pip install 'peftkit[{extra}]'"
         ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
