@@ -203,6 +203,17 @@ def test_a_second_bench_on_a_folder_in_use_stops_naming_the_holder(toy_task_dir,
     assert not (out / "cells").exists()
 
 
+def test_without_fcntl_the_bench_runs_unlocked_and_warns(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from peftkit.bench.processes import folder_lock
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` fails, as on Windows
+    with folder_lock(tmp_path / "out"):
+        pass
+    assert "no fcntl file locks, so nothing stops a second bench" in capsys.readouterr().err
+
+
 def test_report_of_an_empty_folder_is_a_user_error(tmp_path, capsys):
     assert main(["bench", "--report", str(tmp_path)]) == 2
     assert "no cell results" in capsys.readouterr().err

@@ -29,10 +29,17 @@ def folder_lock(out: Path) -> Iterator[None]:
 
     Two benches on one folder would train into the same run folders and delete each other's adapters; the second
     one stops at once, naming the holder. The lock is the kernel's (flock), so a killed bench leaves none behind.
+    Without fcntl (Windows) the bench runs unlocked and says so: a lock file of our own would outlive a killed bench
+    and block its rerun.
     """
     try:
         import fcntl
-    except ImportError:  # not POSIX: no advisory locks to take
+    except ImportError:
+        print(
+            f"peftkit bench: warning: this platform has no fcntl file locks, so nothing stops a second bench on "
+            f"{out}: run one bench per results folder at a time",
+            file=sys.stderr,
+        )
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
