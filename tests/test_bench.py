@@ -203,6 +203,24 @@ def test_a_second_bench_on_a_folder_in_use_stops_naming_the_holder(toy_task_dir,
     assert not (out / "cells").exists()
 
 
+def test_an_interrupted_bench_writes_the_tables_of_the_cells_done(toy_task_dir, tmp_path, monkeypatch, capsys):
+    class InterruptedAfterOneCell:  # the first cell finishes (failed, to stay fast), then Ctrl-C
+        def run(self, jobs):
+            yield jobs[0], {"kind": "peftkit", "payload": "boom", "seconds": 0.0}
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("peftkit.bench.executors.make_executor", lambda *a: InterruptedAfterOneCell())
+    out = tmp_path / "out"
+    argv = ["bench", "--profile", "smoke", "--tasks", str(toy_task_dir), "--methods", "lora,bitfit", "--out", str(out)]
+    assert main([*argv, "--seeds", "0,1"]) == 130
+    assert len(list((out / "cells").glob("*.json"))) == 1
+    assert json.loads((out / "results.json").read_text())["missing_cells"] == 3
+    markdown = (out / "results.md").read_text()
+    assert "so 3 planned cells have no result" in markdown and "toy__lora__seed0" in markdown
+    assert "so 3 planned cells have no result" in (out / "index.html").read_text()
+    assert "stopped with 3 planned cells missing" in capsys.readouterr().err
+
+
 def test_without_fcntl_the_bench_runs_unlocked_and_warns(tmp_path, monkeypatch, capsys):
     import sys
 

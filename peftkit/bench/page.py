@@ -21,6 +21,7 @@ from peftkit.bench.tables import (
     budget_table,
     machine_line,
     main_metrics_line,
+    missing_line,
     selection_table,
     summary_table,
     task_notes,
@@ -108,6 +109,8 @@ def render_page(
     body = [f"<h1>{escape(title)}</h1>", navigation(tasks)]
     body.append(commands_html(env.get("commands") or []))
     body.append(f"<p>{escape(machine_line(env))} Generated {escape(report['generated_at'])}.</p>")
+    if missing_line(report):
+        body.append(f"<p><strong>{escape(missing_line(report))}</strong></p>")
     if report.get("protocol"):
         body += ['<h2 id="protocol">Protocol</h2>', paragraphs(report["protocol"])]
     body += ['<h2 id="summary">Summary: main validation metric (%), mean ± std over seeds</h2>']

@@ -46,9 +46,10 @@ def load_cells(out: str | Path) -> list[dict[str, Any]]:
     return [read_cell(f) for f in files]
 
 
-def build_report(out: str | Path) -> dict[str, Any]:
+def build_report(out: str | Path, missing_cells: int = 0) -> dict[str, Any]:
     """Rebuild results.json, results.csv, results.md, index.html and plots/ from OUT/cells/*.json alone
-    (plus OUT/selection.json, the learning-rate selection, where one was written)."""
+    (plus OUT/selection.json, the learning-rate selection, where one was written). `missing_cells`: how many planned
+    cells a grid that stopped early lacks (the runner knows the plan; the cell files alone do not)."""
     out = Path(out)
     every_run = load_cells(out)
     cells = reported_cells(every_run, read_selection(out))  # a grid's cells at the chosen learning rate only
@@ -61,6 +62,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
         "profiles": sorted({c["manifest"]["profile"] for c in cells}),
         "protocol": protocol_text(cells, selection),
         "environment": environment_summary(every_run),  # commands and machines count every run, grid included
+        "missing_cells": missing_cells,
         "budgets": budgets(cells),
         "summary": {m: {t: main_metric_summary(rows, t, m) for t in tasks} for m in methods},
         "selection": selection,

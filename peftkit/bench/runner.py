@@ -10,6 +10,7 @@ and a failing cell is recorded as `failed` with its error while the others go on
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from peftkit.bench.profiles import Profile, load_profile
 from peftkit.bench.report import build_report
 from peftkit.bench.selection import choose, grid_cells, seed_cells, write_selection
 from peftkit.config import RunConfig
-from peftkit.errors import PeftkitError, short_value
+from peftkit.errors import PeftkitError, short_error, short_value
 from peftkit.io import atomic_write_json
 from peftkit.loggers import read_metrics
 from peftkit.measure import LoadMeter, machine_manifest
@@ -121,24 +122,47 @@ def run_bench(
             for job, outcome in (executor or LocalExecutor()).run(jobs):
                 write(job.cell, finish_record(records.pop(job.cell.id), outcome))
 
-        run_cells(first_phase, done)
         cells = list(first_phase)
-        if chosen_later:
-            choices = choose(out, chosen_later, profile.lr_grid)
-            write_selection(out, choices, sorted({c.seed for c in planned}))
-            later, unchosen = seed_cells(chosen_later, planned, choices)
-            for first in unchosen:
-                bar.write(f"peftkit bench: {first.task_label} {first.method}: every grid cell failed; no seeds run")
-            done, retried = reusable_cells(later, out, profile, model, data_dir)
-            counts["skipped"] += len(done)
-            counts["retried"] += retried
-            bar.update(len(done))
-            run_cells(later, done)
-            cells += later
+        try:
+            run_cells(first_phase, done)
+            if chosen_later:
+                choices = choose(out, chosen_later, profile.lr_grid)
+                write_selection(out, choices, sorted({c.seed for c in planned}))
+                later, unchosen = seed_cells(chosen_later, planned, choices)
+                for first in unchosen:
+                    bar.write(
+                        f"peftkit bench: {first.task_label} {first.method}: every grid cell failed; no seeds run"
+                    )
+                done, retried = reusable_cells(later, out, profile, model, data_dir)
+                counts["skipped"] += len(done)
+                counts["retried"] += retried
+                bar.update(len(done))
+                run_cells(later, done)
+                cells += later
+        except BaseException:  # Ctrl-C, or the executor raising: the cells done get their tables all the same
+            bar.close()
+            report_cells_done(out, counts["planned"] - counts["skipped"] - counts["ran"])
+            raise
         bar.close()
         build_report(out)
         counts["failed"] = sum(read_cell(cell_path(out, c))["status"] != "ok" for c in cells)  # this grid, any run
         return counts
+
+
+def report_cells_done(out: Path, missing: int) -> None:
+    """The report of a grid that stopped early, naming how many cells it lacks (else the cells on disk had no tables
+    until a rerun or `--report`); a failure here is printed, not raised, so it cannot hide why the grid stopped."""
+    if not any((out / "cells").glob("*.json")):
+        return
+    try:
+        build_report(out, missing_cells=missing)
+    except Exception as e:  # noqa: BLE001 - the error that stopped the grid is the one to raise
+        print(f"peftkit bench: the tables of the cells done could not be written: {short_error(e)}", file=sys.stderr)
+        return
+    print(
+        f"peftkit bench: stopped with {missing} planned cells missing; tables of the cells done: {out / 'results.md'}",
+        file=sys.stderr,
+    )
 
 
 def check_planned_cells(

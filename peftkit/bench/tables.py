@@ -217,6 +217,17 @@ def machine_line(env: dict[str, Any]) -> str:
     )
 
 
+def missing_line(report: dict[str, Any]) -> str | None:
+    """What a grid that stopped early lacks, in words (None for a grid that ran to its end)."""
+    missing = report.get("missing_cells")
+    if not missing:
+        return None
+    return (
+        f"Incomplete: the bench stopped before its end, so {missing} planned cells have no result and are in no "
+        "table or mean below; running the same bench command again runs them (the cells done are kept)."
+    )
+
+
 COMMANDS_HEADING = "Commands (one per sitting; each cell's manifest names its own):"
 
 
@@ -235,6 +246,7 @@ def to_markdown(
     lines = [f"# peftkit bench results ({', '.join(report['profiles'])} profile)", ""]
     lines += [*command_lines(env), ""]
     lines += [f"{machine_line(env)} Generated {report['generated_at']}.", ""]
+    lines += [f"**{missing_line(report)}**", ""] if missing_line(report) else []
     if report.get("protocol"):
         lines += ["## Protocol", "", report["protocol"], ""]
 
