@@ -277,3 +277,19 @@ def test_a_grid_timed_on_two_machines_says_which_rows_each_timed(new_cells, tmp_
     single = write_cells(tmp_path / "one", [c for c in new_cells if c["method"] != "full"])
     build_report(single)
     assert "Timed on more than one machine" not in (single / "results.md").read_text()
+
+
+def test_summary_means_only_tasks_that_share_a_main_metric(tmp_path):
+    from peftkit.bench.tables import summary_table
+
+    shared = [cell(t, "lora", 0, accuracy, 2000) for t, accuracy in (("a", 0.8), ("b", 0.6))]
+    report = build_report(write_cells(tmp_path / "shared", shared))
+    assert summary_table(report, ["a", "b"], ["lora"]) == (
+        ["method", "a", "b", "mean accuracy"],
+        [["lora", "80.0", "60.0", "70.0"]],
+    )
+
+    mixed = [shared[0], {**shared[1], "task_metrics": ["f1", "accuracy"]}]  # b's main metric is F1: 55.0
+    report = build_report(write_cells(tmp_path / "mixed", mixed))
+    assert summary_table(report, ["a", "b"], ["lora"]) == (["method", "a", "b"], [["lora", "80.0", "55.0"]])
+    assert "No mean column: the tasks' main metrics differ" in (tmp_path / "mixed" / "results.md").read_text()

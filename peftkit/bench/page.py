@@ -114,7 +114,7 @@ def render_page(
     if report.get("protocol"):
         body += ['<h2 id="protocol">Protocol</h2>', paragraphs(report["protocol"])]
     body += ['<h2 id="summary">Summary: main validation metric (%), mean ± std over seeds</h2>']
-    body += [html_table(*summary_table(report, tasks, methods)), f"<p>{escape(main_metrics_line(rows, tasks))}</p>"]
+    body += [html_table(*summary_table(report, tasks, methods)), f"<p>{escape(main_metrics_line(report, tasks))}</p>"]
     body += ['<h2 id="budgets">Budgets</h2>', html_table(*budget_table(report))]
     if report.get("selection"):
         body += ['<h2 id="selection">Learning-rate selection</h2>', html_table(*selection_table(report["selection"]))]

@@ -50,25 +50,34 @@ def format_number(value: float | None, digits: int = 1) -> str:
 
 
 def summary_table(report: dict[str, Any], tasks: list[str], methods: list[str]) -> Table:
-    """Methods x tasks on the main validation metric, and the mean over tasks where a method has every task."""
+    """Methods x tasks on the main validation metric, and the mean over tasks where a method has every task, named
+    by its metric; no mean where the tasks' main metrics differ (an average of accuracy and F1 means nothing)."""
+    metric = shared_main_metric(report, tasks)
     rows = []
     for m in methods:
         cells = [report["summary"][m].get(t) for t in tasks]
         values = [c["mean"] for c in cells if c and c["mean"] is not None]
         mean = statistics.fmean(values) if len(values) == len(tasks) else None
-        rows.append(
-            [m, *(format_mean_std(c["mean"], c["std"]) if c else "-" for c in cells), format_mean_std(mean, None)]
-        )
-    return ["method", *tasks, "mean"], rows
+        rows.append([m, *(format_mean_std(c["mean"], c["std"]) if c else "-" for c in cells)])
+        rows[-1] += [format_mean_std(mean, None)] if metric else []
+    return ["method", *tasks, *([f"mean {metric}"] if metric else [])], rows
 
 
-def main_metrics_line(rows: list[dict[str, Any]], tasks: list[str]) -> str:
+def shared_main_metric(report: dict[str, Any], tasks: list[str]) -> str | None:
+    """The main metric every task of the summary reports (None when they differ or none has a result)."""
+    metrics = {c["metric"] for by_task in report["summary"].values() for t in tasks if (c := by_task.get(t))}
+    return metrics.pop() if len(metrics) == 1 else None
+
+
+def main_metrics_line(report: dict[str, Any], tasks: list[str]) -> str:
+    rows = report["rows"]
     mains = {t: next((r["main_metric"] for r in rows if r["task"] == t and r["main_metric"]), "-") for t in tasks}
-    return (
-        "Main metric per task: "
-        + ", ".join(f"{t}: {m}" for t, m in mains.items())
-        + ". The mean column averages tasks only where a method has every task."
+    mean = (
+        "The mean column averages tasks only where a method has every task."
+        if shared_main_metric(report, tasks)
+        else "No mean column: the tasks' main metrics differ, and a mean over different metrics means nothing."
     )
+    return "Main metric per task: " + ", ".join(f"{t}: {m}" for t, m in mains.items()) + ". " + mean
 
 
 def budget_table(report: dict[str, Any]) -> Table:
@@ -252,7 +261,7 @@ def to_markdown(
 
     lines += ["## Summary: main validation metric (%), mean ± std over seeds", ""]
     lines += markdown_table(*summary_table(report, tasks, methods))
-    lines += ["", main_metrics_line(rows, tasks), ""]
+    lines += ["", main_metrics_line(report, tasks), ""]
     lines += ["## Budgets", "", *markdown_table(*budget_table(report)), ""]
     if report.get("selection"):
         lines += ["## Learning-rate selection", "", *markdown_table(*selection_table(report["selection"])), ""]
