@@ -125,10 +125,11 @@ def score_user_metrics(
     return {k: v for m in metrics for k, v in score_user_metric(m, predictions, references).items()}
 
 
-def checked_specs(specs: Iterable[str]) -> tuple[str, ...]:
-    """Load each spec once, before any bench cell trains (a typo costs seconds), and return them as the cells
-    should load them: local paths absolute, so a cell running elsewhere in the tree finds the same folder."""
-    return tuple(m.spec for m in load_user_metrics(specs))
+def unscored_modules(scored: dict[str, Any] | None, names: Iterable[str]) -> list[str]:
+    """The modules among `names` that gave a bench cell's `user_metrics` (None: never scored) no validation score,
+    so a rerun with another --metric can say which scores its done cells lack."""
+    keys = (scored or {}).get("validation") or {}
+    return [n for n in names if not any(k.startswith(f"{n}{SEPARATOR}") for k in keys)]
 
 
 def score_saved_adapter(specs: Sequence[str], adapter_dir: Path, config: Any) -> dict[str, Any]:

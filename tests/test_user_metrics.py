@@ -215,15 +215,19 @@ def test_bench_cells_record_and_report_user_metrics(modules, tiny_model_dir, toy
     markdown = (out / "results.md").read_text()
     assert "## User metrics" in markdown and "| val accuracy:accuracy |" in markdown
 
-    # a cell done before --metric is not scored now (its weights are gone): the run says so
+    # a done cell is not scored now (its weights are gone), whether it ran without --metric or with other modules
+    capsys.readouterr()
+    run_bench(*bench, progress=False, executor=InProcessExecutor(), user_metrics=specs[:1])
+    assert "--metric scores only" not in capsys.readouterr().out  # scored by accuracy already
+    other = write_module(tmp_path, "other", ACCURACY)
+    counts = run_bench(*bench, progress=False, executor=InProcessExecutor(), user_metrics=[*specs[:1], str(other)])
+    assert counts["skipped"] == 1 and counts["ran"] == 0
+    note = "--metric scores only the cells run now; 1 cells already done have no {} scores"
+    assert note.format("other") in capsys.readouterr().out
     del cell["user_metrics"]
     path.write_text(json.dumps(cell))
-    capsys.readouterr()
-    counts = run_bench(*bench, progress=False, executor=InProcessExecutor(), user_metrics=specs[:1])
-    assert counts["skipped"] == 1 and counts["ran"] == 0
-    assert (
-        "--metric scores only the cells run now; 1 cells already done have no user metrics" in capsys.readouterr().out
-    )
+    run_bench(*bench, progress=False, executor=InProcessExecutor(), user_metrics=specs[:1])
+    assert note.format("accuracy") in capsys.readouterr().out
 
 
 def test_bench_rejects_a_bad_metric_before_training(toy_task_dir, tmp_path, capsys):

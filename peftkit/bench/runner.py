@@ -37,7 +37,7 @@ from peftkit.errors import PeftkitError, short_error, short_value
 from peftkit.io import atomic_write_json
 from peftkit.loggers import read_metrics
 from peftkit.measure import LoadMeter, machine_manifest
-from peftkit.user_metrics import checked_specs, score_saved_adapter
+from peftkit.user_metrics import load_user_metrics, score_saved_adapter, unscored_modules
 
 
 def run_bench(
@@ -66,7 +66,9 @@ def run_bench(
     profile = load_profile(profile_name)
     tasks = list(tasks or profile.tasks)
     methods = validate_choices(tasks, list(methods or profile.methods), data_dir)
-    metric_specs = checked_specs(user_metrics or ())
+    # loaded once here, before any cell trains (a typo costs seconds); cells get the specs, local paths made absolute
+    loaded_metrics = load_user_metrics(user_metrics or ())
+    metric_specs = tuple(m.spec for m in loaded_metrics)
     out = Path(out or f"benchmarks/results/{profile.name}")
     planned = plan_cells(profile, tasks, methods, seeds)
     if len({c.id for c in planned}) != len(planned):
@@ -94,11 +96,14 @@ def run_bench(
             unit="cell",
             bar_format="{desc}: {n}/{total} cells |{bar}| [{elapsed}<{remaining}] {postfix}",
         )
-        unscored = sum("user_metrics" not in read_cell(cell_path(out, c)) for c in done) if metric_specs else 0
-        if unscored:
+        names = [m.name for m in loaded_metrics]
+        lacking = [unscored_modules(read_cell(cell_path(out, c)).get("user_metrics"), names) for c in done]
+        if any(lacking):
+            missing = ", ".join(n for n in names if any(n in modules for modules in lacking))
             bar.write(
-                f"peftkit bench: note: --metric scores only the cells run now; {unscored} cells already done have no "
-                f"user metrics (their adapter weights are not kept): remove their cell files to run them again"
+                f"peftkit bench: note: --metric scores only the cells run now; {sum(map(bool, lacking))} cells "
+                f"already done have no {missing} scores (their adapter weights are not kept): remove their cell "
+                "files to run them again"
             )
 
         def write(cell: Cell, record: dict[str, Any]) -> None:
