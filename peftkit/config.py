@@ -198,6 +198,23 @@ class Expected:
     machine: str = ""  # where, e.g. "2-core AMD EPYC (AVX2), fp32"
 
 
+# config keys that cannot change a run's numbers: its label, where it was written, how chatty it was, and the
+# recipe's recorded expectation. Any other key changed by an override makes it another run than the recipe's
+# (recipe_files.load_config drops its `expected`), and a bench cell recorded with another value is not reused.
+RESULT_NEUTRAL_KEYS = frozenset(
+    {
+        "recipe",
+        "expected",
+        "train.output_dir",
+        "train.run_name",
+        "train.progress",
+        "train.log_every",
+        "train.report_to",
+        "train.checkpoint_every",
+    }
+)
+
+
 @dataclass
 class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -280,6 +297,8 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
     for key, value in data.items():
+        if key not in hints and not names:  # e.g. method full: naming 'Valid: ' and nothing after would not help
+            raise PeftkitError(f"{where} has no keys to set, got {key!r}")
         if key not in hints:
             raise unknown_choice(f"key in {where}", str(key), names)
         values[key] = _coerce(value, hints[key], f"{where}.{key}")

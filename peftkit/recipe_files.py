@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
-from peftkit.config import RunConfig, check_budget_overrides, check_section
+from peftkit.config import RESULT_NEUTRAL_KEYS, RunConfig, check_budget_overrides, check_section
 from peftkit.errors import PeftkitError, unknown_choice
+from peftkit.resume import flat_config
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -170,8 +171,12 @@ def merge_sections(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(recipe: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Resolve a recipe name or a user's YAML file, apply overrides and validate everything."""
+def load_config(
+    recipe: str | None = None, config_file: str | None = None, overrides: list[str] = (), notes: bool = True
+) -> RunConfig:
+    """Resolve a recipe name or a user's YAML file, apply overrides and validate everything. `notes`: say on stderr
+    what the overrides made of the recipe (options of another method dropped, its expected result dropped, train
+    settings chosen for another method or task); bench, which overrides on purpose, turns them off."""
     if config_file:
         data = read_recipe(config_file)
         name = data.get("recipe") or Path(config_file).stem  # a run's config.yaml keeps its recipe's name
@@ -187,13 +192,55 @@ def load_config(recipe: str | None = None, config_file: str | None = None, overr
         raise PeftkitError(f"the config's recipe name must be a string, got {name!r}")
     resolved["recipe"] = name
     config = RunConfig.from_dict(resolved)
-    check_budget_overrides(config.train, {item.partition("=")[0].strip() for item in overrides})
-    dropped = [k for k in data.get("method") or {} if k not in resolved["method"]]  # only a method switch drops
-    if dropped:  # said once the config is valid, so a refused one stays a single line
-        new = config.method.name
-        print(
-            f"peftkit: note: method.name={new} drops the recipe's {method_name(data)} options ({', '.join(dropped)}); "
-            f"{new} starts from its own defaults plus any method.KEY=VALUE given",
-            file=sys.stderr,
-        )
+    given = [item.partition("=")[0].strip() for item in overrides]
+    check_budget_overrides(config.train, set(given))
+    said = reconcile_overrides(data, resolved, config, given)
+    for note in said if notes else ():  # said once the config is valid, so a refused one stays a single line
+        print(f"peftkit: note: {note}", file=sys.stderr)
     return config
+
+
+def reconcile_overrides(
+    data: dict[str, Any], resolved: dict[str, Any], config: RunConfig, given: list[str]
+) -> list[str]:
+    """Drop from `config` the recipe's claim that the overrides `given` made untrue, and return one note per thing
+    they changed. `data` is the recipe as written, `resolved` with the overrides, `config` that validated.
+
+    The `expected` result was measured with exactly the recipe's settings: an override that changes a key that can
+    change the numbers (all but RESULT_NEUTRAL_KEYS) drops it, so no run records or shows a claim measured for
+    another method, task, model or budget. A method switch drops the old method's options (apply_overrides); the
+    train settings stay as the recipe chose them for its own method and task, and a note says so."""
+    if not given:
+        return []
+    notes = []
+    dropped = [k for k in data.get("method") or {} if k not in resolved["method"]]  # only a method switch drops
+    try:
+        as_written = RunConfig.from_dict({**data, "recipe": config.recipe})
+    except PeftkitError:  # a file that is valid only with its overrides: every override counts as a change
+        as_written = None
+    before = flat_config(as_written.to_dict()) if as_written else {}
+    after = flat_config(config.to_dict())
+    changed = [
+        k for k in given if k not in RESULT_NEUTRAL_KEYS and (as_written is None or before.get(k) != after.get(k))
+    ]
+    if dropped:
+        new = config.method.name
+        notes.append(
+            f"method.name={new} drops the recipe's {method_name(data)} options ({', '.join(dropped)}); "
+            f"{new} starts from its own defaults plus any method.KEY=VALUE given"
+        )
+    if config.expected is not None and changed:
+        shown = ", ".join(f"{k}={after.get(k)}" for k in dict.fromkeys(changed))
+        notes.append(
+            f"{config.recipe}'s expected result ({config.expected.metric} {config.expected.mean:.4f}) is dropped, "
+            f"not recorded: it was measured with the recipe's own settings, and {shown} changes them"
+        )
+        config.expected = None
+    old = (as_written.method.name, as_written.task.name) if as_written else None
+    if old and "train" in data and old != (config.method.name, config.task.name):
+        lr = "" if "train.lr" in given else f" (train.lr={config.train.lr:g})"
+        notes.append(
+            f"{config.recipe}'s train settings{lr} were chosen for {old[0]} on {old[1]} and are "
+            f"kept as they are for {config.method.name} on {config.task.name}; tune them (train.lr=...) for it"
+        )
+    return notes

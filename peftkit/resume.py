@@ -46,6 +46,7 @@ RESUMABLE_KEYS = frozenset(
         "train.run_name",
         "train.device",
         "task.data_dir",
+        "expected",  # the recipe's measured result, dropped by an override that changes the run (load_config)
     }
 )
 # keys added after checkpoints were first written, with the value every older checkpoint ran with
@@ -55,7 +56,8 @@ _STEP = re.compile(r"^step-\d+$")
 
 def resume_view(config) -> dict[str, Any]:
     """The resolved config as flat `section.key` values, minus RESUMABLE_KEYS: what a checkpoint is tied to."""
-    return {k: v for k, v in sorted(flat_config(config.to_dict()).items()) if k not in RESUMABLE_KEYS}
+    flat = flat_config(config.to_dict())
+    return {k: v for k, v in sorted(flat.items()) if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_KEYS}
 
 
 def flat_config(data: dict[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,7 @@ def test_override_types_are_checked_and_converted():
         (["trian.lr=1"], "unknown config section 'trian'. Did you mean 'train'"),
         (["lr=1"], "must look like section.key=value"),
         (["method.name=lorra"], "unknown method 'lorra'. Did you mean 'lora'"),
+        (["method.name=full", "method.r=8"], "method \\(full\\) has no keys to set, got 'r'"),
     ],
 )
 def test_bad_overrides_name_the_problem(overrides, message):
@@ -73,6 +74,37 @@ def test_overriding_the_method_drops_the_recipes_options_of_the_old_one(capsys):
     same = load_config(recipe="sst2-lora", overrides=["method.name=lora"])  # the same method: options stay
     assert same.method.options.target_modules == ["query", "value"]
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "override", ["method.name=full", "task.name=mrpc", "model.name_or_path=prajjwal1/bert-tiny", "train.lr=1e-3"]
+)
+def test_an_override_that_changes_the_run_drops_the_recipes_expected_result(override, capsys):
+    """sst2-lora's measured accuracy was recorded (config.yaml) and printed for a run of another method, task,
+    model or learning rate."""
+    assert load_config(recipe="sst2-lora").expected is not None
+    config = load_config(recipe="sst2-lora", overrides=[override])
+    assert config.expected is None and "expected" not in config.to_yaml()
+    assert "sst2-lora's expected result (accuracy 0.8448) is dropped, not recorded" in capsys.readouterr().err
+    for same in (["train.progress=false", "train.run_name=x"], ["train.lr=0.003", "method.name=lora"]):
+        assert load_config(recipe="sst2-lora", overrides=same).expected is not None  # nothing the numbers depend on
+    assert capsys.readouterr().err == ""
+
+
+def test_a_method_or_task_switch_says_the_train_settings_are_the_recipes(capsys):
+    from peftkit.resume import resume_view
+
+    config = load_config(recipe="sst2-lora", overrides=["method.name=full", "task.name=mrpc"])
+    assert config.train.lr == 0.003  # kept, never silently changed
+    assert (
+        "sst2-lora's train settings (train.lr=0.003) were chosen for lora on sst2 and are kept as they are for full "
+        "on mrpc; tune them (train.lr=...) for it" in capsys.readouterr().err
+    )
+    load_config(recipe="sst2-lora", overrides=["method.name=full", "train.lr=1e-5"])
+    assert "train settings were chosen for lora on sst2" in capsys.readouterr().err
+    # a resume that raises the budget drops the expected result too, and still continues the same run
+    longer = load_config(recipe="sst2-lora", overrides=["train.max_steps=9"])
+    assert resume_view(longer) == resume_view(load_config(recipe="sst2-lora"))
 
 
 def test_apply_overrides_does_not_mutate_the_recipe():

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.bench.profiles import Profile, canonical_method
-from peftkit.config import RunConfig
+from peftkit.config import RESULT_NEUTRAL_KEYS, RunConfig
 from peftkit.errors import PeftkitError, unknown_choice
 from peftkit.io import read_json
 from peftkit.recipe_files import apply_overrides, list_recipes, load_config
@@ -110,21 +110,6 @@ def read_cell(path: str | Path) -> dict[str, Any]:
     return record
 
 
-# config keys that cannot change a cell's numbers: its label, where it was written, how chatty it was, and the
-# recipe's recorded expectation; every other key of a done cell must equal the planned cell's for it to count
-RESULT_NEUTRAL_KEYS = frozenset(
-    {
-        "recipe",
-        "expected",
-        "train.output_dir",
-        "train.run_name",
-        "train.progress",
-        "train.log_every",
-        "train.checkpoint_every",
-    }
-)
-
-
 def config_differences(recorded: dict[str, Any] | None, planned: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (recorded, planned)} for each `section.key` whose value differs, RESULT_NEUTRAL_KEYS aside: the
     comparison a resume makes (resume.changed_keys), over the keys that can change a cell's numbers."""
@@ -202,7 +187,7 @@ def cell_job(cell: Cell, profile: Profile, out: Path, model: str | None, data_di
         overrides.append(f"task.data_dir={data_dir}")
     recipe = f"{cell.task}-{cell.method}"
     if recipe in list_recipes():
-        config = load_config(recipe=recipe, overrides=overrides)
+        config = load_config(recipe=recipe, overrides=overrides, notes=False)
     else:
         data = apply_overrides({"task": {"name": cell.task}, "method": {"name": cell.method}}, overrides)
         data["recipe"] = f"{cell.task_label}-{cell.method}"
