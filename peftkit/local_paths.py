@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from peftkit.config import RunConfig
-from peftkit.data import is_path_task
+from peftkit.data import DATA_ENV, is_path_task
 from peftkit.modeling import is_local_model
 
 # the keys that may hold a user's local path; made absolute when a run starts (resolve_local_paths)
@@ -33,9 +33,18 @@ def absolute_local_path(key: str, value: Any) -> Any:
 
 
 def resolve_local_paths(config: RunConfig) -> RunConfig:
-    """Make the config's local paths absolute, in place (and return it)."""
+    """Make the config's local paths absolute, in place (and return it). A data folder taken from $PEFTKIT_DATA is
+    recorded as task.data_dir: read again from another folder, or where the variable is unset or relative to
+    elsewhere, the run's config would otherwise name no folder and eval would read another one (or the Hub)."""
+    config.task.data_dir = absolute_data_dir(config.task.data_dir)
     for key in LOCAL_PATH_KEYS:
         section, name = key.split(".")
         part = getattr(config, section)
         setattr(part, name, absolute_local_path(key, getattr(part, name)))
     return config
+
+
+def absolute_data_dir(folder: str | None = None) -> str | None:
+    """The data folder a run reads built-in and named tasks from (`folder`, else $PEFTKIT_DATA), absolute; None
+    when neither is set (the Hub)."""
+    return absolute_local_path("task.data_dir", folder or os.environ.get(DATA_ENV) or None)

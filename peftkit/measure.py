@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.local_paths import absolute_data_dir
+
 
 class MemoryMeter:
     """Peak memory of the training phase: CUDA's max_memory_allocated, or on CPU the process's peak RSS
@@ -131,7 +133,7 @@ def machine_manifest() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "peftkit_data": os.environ.get("PEFTKIT_DATA"),
+        "peftkit_data": absolute_data_dir(),  # absolute: a relative one names no folder once read elsewhere
     }
 
 

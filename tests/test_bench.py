@@ -186,6 +186,30 @@ def test_a_task_folder_in_the_data_dir_is_named_by_its_name(toy_task_dir, tmp_pa
     assert validate_choices(["toy"], ["lora"]) == ["lora"]
 
 
+def test_a_relative_data_dir_is_recorded_absolute_in_the_cells(toy_task_dir, tmp_path, monkeypatch):
+    """bench --data-dir rel/ (and a relative $PEFTKIT_DATA) went into every cell's config and manifest as typed:
+    an executor training in another folder, or a reader of the cell files elsewhere, found another folder."""
+    import shutil
+
+    from peftkit.bench import run_bench
+
+    shutil.copytree(toy_task_dir, tmp_path / "data" / "toy")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PEFTKIT_DATA", "data")
+    jobs = []
+
+    class NotRun:  # records each job, trains nothing
+        def run(self, cells):
+            for job in cells:
+                jobs.append(job)
+                yield job, {"kind": "peftkit", "payload": "not run", "seconds": 0.0}
+
+    run_bench("smoke", ["toy"], ["lora"], [0], "out", data_dir="data", progress=False, executor=NotRun())
+    assert jobs and jobs[0].config["task"]["data_dir"] == str(tmp_path / "data")
+    manifest = json.loads((tmp_path / "out" / "cells" / "toy__lora__seed0.json").read_text())["manifest"]
+    assert manifest["config"]["task"]["data_dir"] == manifest["peftkit_data"] == str(tmp_path / "data")
+
+
 def test_a_second_bench_on_a_folder_in_use_stops_naming_the_holder(toy_task_dir, tmp_path, capsys):
     import fcntl
     import os

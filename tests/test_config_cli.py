@@ -187,6 +187,29 @@ def test_dry_run_prints_local_paths_as_the_run_records_them(tmp_path, monkeypatc
     assert f"name: {tmp_path / 'mine.jsonl'}" in printed
 
 
+def test_a_data_folder_from_a_relative_peftkit_data_is_recorded_absolute(
+    tiny_model_dir, toy_task_dir, tmp_path, monkeypatch, capsys
+):
+    """A run that read its task from a relative $PEFTKIT_DATA recorded data_dir: null, so eval (or --resume) from
+    another folder found no such task, or read another folder's."""
+    import shutil
+
+    project, elsewhere, run = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "run"
+    shutil.copytree(toy_task_dir, project / "data" / "toy")
+    elsewhere.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PEFTKIT_DATA", "data")
+    tiny = [f"model.name_or_path={tiny_model_dir('bert')}", "train.max_steps=1", "train.progress=false"]
+    args = ["train", "sst2-lora", "task.name=toy", *tiny, "task.max_length=32", "task.dev_size=null"]
+    assert main([*args, "--run-dir", str(run)]) == 0
+    assert f"data_dir: {project / 'data'}\n" in (run / "config.yaml").read_text()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("PEFTKIT_DATA")
+    assert main(["eval", str(run)]) == 0
+    assert main(["eval", str(run), "--data-dir", "../project/data"]) == 0  # eval's own, relative to where it runs
+    assert '"examples": 32' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, line",
     [

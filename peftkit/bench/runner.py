@@ -35,6 +35,7 @@ from peftkit.bench.selection import choose, grid_cells, seed_cells, write_select
 from peftkit.config import RunConfig
 from peftkit.errors import PeftkitError, short_error, short_value
 from peftkit.io import atomic_write_json
+from peftkit.local_paths import absolute_local_path
 from peftkit.loggers import read_metrics
 from peftkit.measure import LoadMeter, machine_manifest
 from peftkit.user_metrics import load_user_metrics, score_saved_adapter, unscored_modules
@@ -64,6 +65,8 @@ def run_bench(
     from peftkit.console import progress_bar
 
     profile = load_profile(profile_name)
+    # absolute, as a run records it: each cell's config names it, and an executor may train in another folder
+    data_dir = absolute_local_path("task.data_dir", data_dir)
     tasks = list(tasks or profile.tasks)
     methods = validate_choices(tasks, list(methods or profile.methods), data_dir)
     # loaded once here, before any cell trains (a typo costs seconds); cells get the specs, local paths made absolute
