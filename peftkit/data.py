@@ -305,6 +305,9 @@ def compute_metrics(predictions: list[int], labels: list[int], num_labels: int) 
     return out
 
 
-def majority_rate(labels: list[int]) -> float:
-    """The accuracy of always answering the most frequent label: the floor every method must clear."""
-    return max(labels.count(label) for label in set(labels)) / len(labels)
+def majority_rate(train_labels: list[int], eval_labels: list[int]) -> float:
+    """The accuracy on `eval_labels` of always answering the training split's most frequent label (ties: the lowest
+    id): the floor every method must clear. The training majority, as a constant classifier would learn it; the
+    evaluated split's own commonest label would be a choice made by looking at the answers."""
+    majority = max(sorted(set(train_labels)), key=train_labels.count)
+    return eval_labels.count(majority) / len(eval_labels)

@@ -226,7 +226,7 @@ class RunSummary:
     selection_split: str = "validation"  # where the best step was chosen: validation, or a dev split from train
     validation: dict[str, float] | None = None  # the kept weights on validation when selection_split is dev
     stopped_early: bool = False  # train.patience ended the run before its last step
-    majority_rate: float | None = None  # validation accuracy of always answering the most frequent label
+    majority_rate: float | None = None  # validation accuracy of always answering the training majority label
     extra: dict[str, Any] = field(default_factory=dict)  # anything a newer loop adds before it earns a field
     format_version: str = SUMMARY_FORMAT
 

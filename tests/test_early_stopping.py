@@ -111,15 +111,19 @@ def test_bad_dev_sizes_are_clear_errors(toy_task_dir, dev_size, message):
         load_task(RunConfig.from_dict(data).task)
 
 
-def test_majority_rate_is_the_share_of_the_commonest_label():
-    assert majority_rate([0, 1, 1, 1]) == 0.75
-    assert majority_rate([2]) == 1.0
+def test_majority_rate_scores_the_training_majority_on_the_evaluated_split():
+    assert majority_rate([0, 1, 1, 1], [1, 0, 1, 1]) == 0.75
+    assert majority_rate([1, 1, 0], [0, 0, 0]) == 0.0  # not the evaluated split's own commonest label (1.0)
+    assert majority_rate([2, 1, 2, 1], [1, 2, 2]) == 1 / 3  # a tie goes to the lowest id
 
 
-def test_summary_reports_the_validation_majority_rate(tiny_run_config, tmp_path, toy_task_dir):
+def test_summary_reports_the_majority_rate(tiny_run_config, tmp_path, toy_task_dir):
     summary = train(tiny_run_config("lora", max_steps=1), run_dir=tmp_path / "run")
-    labels = [json.loads(line)["label"] for line in (toy_task_dir / "validation.jsonl").read_text().splitlines()]
-    assert summary.majority_rate == majority_rate(labels)
+    labels = {
+        split: [json.loads(line)["label"] for line in (toy_task_dir / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "validation")
+    }
+    assert summary.majority_rate == majority_rate(labels["train"], labels["validation"])
 
 
 def test_a_run_killed_between_evaluations_without_improvement_stops_where_it_would_have(
