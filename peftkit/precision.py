@@ -45,6 +45,11 @@ def resolve_bf16(setting: bool | None, device: torch.device) -> bool:
     return bf16_pays(device) if setting is None else bool(setting)
 
 
+def precision_name(bf16: bool) -> str:
+    """How a resolved precision is shown to users (serve's start-up line and /healthz)."""
+    return "bf16" if bf16 else "fp32"
+
+
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast when asked (CPU with AVX512-BF16, or CUDA), otherwise a no-op context."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

@@ -92,9 +92,10 @@ class CsvWriter:
 
 
 def predict_rows(
-    loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: int, bf16: bool = False
+    loaded: LoadedAdapter, rows: list[dict[str, Any]], batch_size: int, bf16: bool | None = None
 ) -> list[dict[str, Any]]:
-    """Prediction dicts for already normalised rows: label, label_name, probabilities by label name."""
+    """Prediction dicts for already normalised rows: label, label_name, probabilities by label name. `bf16`:
+    autocast or not; None = where it pays (`precision.resolve_bf16`, the rule serve follows too)."""
     if not rows:
         return []
     split = encode(rows, loaded.tokenizer, loaded.meta.task.max_length)
@@ -127,7 +128,7 @@ def predict_stream(
     source: str,
     out: IO[str],
     batch_size: int = 64,
-    bf16: bool = False,
+    bf16: bool | None = None,
     progress: bool = True,
     stdin: IO[str] | None = None,
     fmt: str = "jsonl",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 
 import pytest
 import torch
 from tiny_runs import TEXTS, TinyRuns, logits_of, three_label_task
 
 from peftkit.artifacts import load
+from peftkit.cli import main
+from peftkit.precision import autocast
 from peftkit.serve import AdapterPool, create_app
 
 TOKEN = "s3cret"
@@ -40,7 +43,7 @@ def adapters(runs):
 def client(runs, adapters):
     from fastapi.testclient import TestClient
 
-    pool = AdapterPool(str(runs.model_dir))
+    pool = AdapterPool(str(runs.model_dir), bf16=False)  # module scope: conftest's "auto is fp32" is not on yet
     app = create_app(
         str(runs.model_dir),
         {k: str(v) for k, v in adapters.items() if k != "bottleneck"},
@@ -53,13 +56,22 @@ def client(runs, adapters):
         yield c
 
 
-def expected_probs(adapter_dir):
+def expected_probs(adapter_dir, bf16=False):
     loaded = load(adapter_dir)
-    return torch.softmax(logits_of(loaded.model, loaded.tokenizer), -1)
+    with autocast(torch.device("cpu"), bf16):
+        return torch.softmax(logits_of(loaded.model, loaded.tokenizer), -1)
+
+
+def probs_of(predictions):
+    return torch.tensor([list(p["probabilities"].values()) for p in predictions])
+
+
+BF16_ATOL = 5e-3  # bf16 keeps 8 bits of mantissa: the tiny model's probabilities move ~3e-4, not 1e-7
 
 
 def test_health_list_and_docs(client):
-    assert client.get("/healthz").json()["status"] == "ok"
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["precision"] == "fp32"
     listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
     assert set(listed) == {"a", "b", "c", "ia3"}
     assert listed["c"]["labels"] == ["negative", "positive", "neutral"] and listed["ia3"]["method"] == "ia3"
@@ -110,14 +122,36 @@ def test_mixed_batch_on_a_head_peft_wraps_whole(tmp_path, monkeypatch, tiny_mode
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
     runs = TinyRuns(tmp_path, tiny_model_dir("roberta"), toy_task_dir)
     adapters = {"a": runs.run("lora", seed=0) / "adapter", "b": runs.run("lora", seed=1) / "adapter"}
-    pool = AdapterPool(str(runs.model_dir))
-    for name, folder in adapters.items():
-        pool.add(name, folder)
-    out = pool.predict([("a", TEXTS, None), ("b", TEXTS, None)])
-    for name, preds in zip("ab", out):
-        got = torch.tensor([list(p["probabilities"].values()) for p in preds])
-        assert torch.allclose(got, expected_probs(adapters[name]), atol=1e-5), name
-    assert not pool.deployments["a"].describe()["mixed_batch"]
+    for bf16, atol in ((False, 1e-5), (True, BF16_ATOL)):
+        pool = AdapterPool(str(runs.model_dir), bf16=bf16)
+        for name, folder in adapters.items():
+            pool.add(name, folder)
+        out = pool.predict([("a", TEXTS, None), ("b", TEXTS, None)])
+        for name, preds in zip("ab", out):
+            assert torch.allclose(probs_of(preds), expected_probs(adapters[name], bf16), atol=atol), (bf16, name)
+        assert not pool.deployments["a"].describe()["mixed_batch"]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_serve_gives_what_predict_gives_in_either_precision(runs, adapters, bf16, tmp_path):
+    """serve ran fp32 always while predict autocasts to bf16 where it pays, so the same adapter and text could get
+    other probabilities (near a tie, another label). serve now follows predict's precision rule; each row of a
+    batch mixing adapters (LoRA in one mixed pass, IA3 grouped) gets what `peftkit predict` gives for it alone."""
+    pool = AdapterPool(str(runs.model_dir), bf16=bf16)
+    names = ("a", "b", "c", "ia3")
+    for name in names:
+        pool.add(name, adapters[name])
+    served = pool.predict([(name, TEXTS, None) for name in names])
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    for name, preds in zip(names, served):
+        out = tmp_path / f"{name}.jsonl"
+        argv = ["predict", str(adapters[name]), "--input", str(src), "--output", str(out)]
+        assert main([*argv, "--bf16" if bf16 else "--no-bf16"]) == 0
+        want = probs_of(json.loads(line) for line in out.read_text().splitlines())
+        assert torch.allclose(probs_of(preds), want, atol=BF16_ATOL if bf16 else 1e-5), name
+    same_as_fp32 = torch.allclose(probs_of(served[0]), expected_probs(adapters["a"]), atol=1e-6)
+    assert same_as_fp32 is not bf16  # bf16 autocast really ran (or really did not)
 
 
 @pytest.mark.parametrize(
@@ -210,6 +244,8 @@ def test_serve_says_what_it_serves_and_where_it_listens(runs, adapters, monkeypa
     args = parser.parse_args(["--base", str(runs.model_dir), "--adapter", f"a={adapters['a']}", "--port", "0"])
     assert serve.run(args) == 0
     out = capsys.readouterr().out
-    assert "adapters: a;" in out and "POST /v1/classify" in out
+    assert "adapters: a;" in out and "POST /v1/classify" in out and "precision: fp32" in out  # auto: fp32 here
     # uvicorn's own "running on" line, and no line per request
     assert started["log_level"] == "info" and started["access_log"] is False
+    assert serve.run(parser.parse_args(["--base", str(runs.model_dir), "--port", "0", "--bf16"])) == 0
+    assert "precision: bf16" in capsys.readouterr().out

@@ -39,7 +39,7 @@ def adapters(runs):
 def client(runs, adapters):
     from fastapi.testclient import TestClient
 
-    pool = AdapterPool(str(runs.model_dir))
+    pool = AdapterPool(str(runs.model_dir), bf16=False)  # module scope: conftest's "auto is fp32" is not on yet
     app = create_app(
         str(runs.model_dir),
         {n: str(adapters[n]) for n in ("a", "b", "ia3")},

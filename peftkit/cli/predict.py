@@ -11,6 +11,16 @@ from peftkit.errors import PeftkitError
 HELP = "label a JSONL/CSV file (or - for stdin) with an adapter"
 
 
+def add_bf16_argument(parser: argparse.ArgumentParser) -> None:
+    """predict's and serve's --bf16/--no-bf16: one flag, one default (peftkit.precision.resolve_bf16)."""
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast on or off (default: on where it pays: a CPU with AMX/AVX512-BF16, or a bf16 GPU)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter_dir")
     parser.add_argument("--input", required=True)
@@ -22,9 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "one of those is kept as input_<name>",
     )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on where it pays"
-    )
+    add_bf16_argument(parser)
     parser.add_argument(
         "--merge",
         action=argparse.BooleanOptionalAction,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from peftkit.cli.predict import add_bf16_argument
 from peftkit.errors import PeftkitError
 
 HELP = "serve many adapters on one base model over HTTP"
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=64, help="most texts in one request")
     parser.add_argument("--max-chars", type=int, default=10000, help="longest text accepted")
     parser.add_argument("--allow-base-mismatch", action="store_true")
+    add_bf16_argument(parser)
 
 
 def parse_adapter_args(values: list[str]) -> dict[str, str]:
@@ -35,6 +37,7 @@ def parse_adapter_args(values: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from peftkit.precision import precision_name
     from peftkit.serve import create_app
 
     if args.max_batch < 1 or args.max_chars < 1:
@@ -48,9 +51,15 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_chars=args.max_chars,
         allow_base_mismatch=args.allow_base_mismatch,
+        bf16=args.bf16,
     )
     adapters = ", ".join(parse_adapter_args(args.adapter)) or "none yet (POST /v1/adapters)"
-    print(f"peftkit serve: base {args.base}; adapters: {adapters}; POST /v1/classify, GET /v1/adapters", flush=True)
+    precision = precision_name(app.state.pool.bf16)
+    print(
+        f"peftkit serve: base {args.base}; adapters: {adapters}; precision: {precision}; "
+        "POST /v1/classify, GET /v1/adapters",
+        flush=True,
+    )
     # uvicorn's own start-up lines say where it listens (the real port, also for --port 0); no line per request
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0

@@ -1,6 +1,6 @@
 """The HTTP app: FastAPI routes and request models over an AdapterPool and its MicroBatcher.
 
-    GET  /healthz                 status, base model, number of deployed adapters
+    GET  /healthz                 status, base model, number of deployed adapters, precision (bf16 or fp32)
     GET  /v1/adapters             what is deployed (method, task, labels, metrics; paths with the admin token)
     POST /v1/classify             {"adapter", "texts", "text_pairs"?} -> predictions
     POST /v1/adapters             hot-load an adapter folder (admin token)
@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from peftkit.errors import PeftkitError, short_error
 from peftkit.modeling import portable_model_name
+from peftkit.precision import precision_name
 from peftkit.predict import BrokenAdapterError
 from peftkit.serve.batcher import MicroBatcher
 from peftkit.serve.pool import AdapterExistsError, AdapterPool, UnknownAdapterError
@@ -48,15 +49,17 @@ def create_app(
     allow_base_mismatch: bool = False,
     max_wait: float = 0.005,
     pool: AdapterPool | None = None,
+    bf16: bool | None = None,
 ):
-    """Build the FastAPI app serving `adapters` ({name: folder}); `pool` lets tests share one loaded base."""
+    """Build the FastAPI app serving `adapters` ({name: folder}); `pool` lets tests share one loaded base (then its
+    precision applies). `bf16`: autocast or not; None = where it pays (as `peftkit predict`)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Header, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    pool = pool or AdapterPool(base, allow_base_mismatch)
+    pool = pool or AdapterPool(base, allow_base_mismatch, bf16)
     for name, path in (adapters or {}).items():
         pool.add(name, path)
     batcher = MicroBatcher(pool, max_batch, max_wait)
@@ -100,7 +103,12 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "base": public_base, "adapters": len(pool.deployments)}
+        return {
+            "status": "ok",
+            "base": public_base,
+            "adapters": len(pool.deployments),
+            "precision": precision_name(pool.bf16),
+        }
 
     @app.get("/v1/adapters")
     async def list_adapters(authorization: str | None = Header(default=None)):

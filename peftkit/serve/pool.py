@@ -9,6 +9,9 @@ prompt methods, peftkit bottleneck adapters; LoRA with another label count) gets
 body *shares the same tensors* as the base (only its head and adapter weights are new), and is run as its own
 grouped forward. Only methods whose weights overwrite base parameters (full fine-tuning, BitFit) need a private
 copy of the base: one full model per such adapter.
+
+Precision: the pool runs on the CPU in the precision `peftkit predict` would use (`precision.resolve_bf16`: bf16
+autocast where it pays, unless told), decided once at start-up, for the mixed and the grouped forwards alike.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from peftkit.modeling import (
     resolve_model_path,
 )
 from peftkit.pooling import apply_pooling
+from peftkit.precision import autocast, resolve_bf16
 from peftkit.predict import BrokenAdapterError, check_finite
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # peft adapter names become ModuleDict keys: no dots
@@ -87,12 +91,15 @@ class HostModel:
 
 class AdapterPool:
     """Loads the base once and attaches, detaches and runs adapters on it. Not async; thread-safe: add/remove
-    take `admin_lock` and `lock` themselves, predict callers hold `lock`."""
+    take `admin_lock` and `lock` themselves, predict callers hold `lock`. `bf16`: autocast or not; None = where it
+    pays on this CPU (the rule predict follows), resolved here into `self.bf16`."""
 
-    def __init__(self, base: str = "default", allow_base_mismatch: bool = False):
+    def __init__(self, base: str = "default", allow_base_mismatch: bool = False, bf16: bool | None = None):
         from peftkit.config import ModelConfig
 
         self.base = base
+        self.device = torch.device("cpu")
+        self.bf16 = resolve_bf16(bf16, self.device)
         self.allow_base_mismatch = allow_base_mismatch
         self.model_cfg = ModelConfig(name_or_path=base, pooling="pooler")  # stock body; adapters apply their pooling
         self.model_path = resolve_model_path(base)
@@ -254,9 +261,10 @@ class AdapterPool:
             joined = _concat(splits)
             if host.mixed:
                 names = [jobs[i][0] for i, s in zip(indices, splits) for _ in range(len(s))]
-                logits = _mixed_logits(host.model, joined, names, batch_size)
+                with autocast(self.device, self.bf16):
+                    logits = _mixed_logits(host.model, joined, names, batch_size)
             else:
-                logits = predict_logits(host.model, joined, batch_size, torch.device("cpu"))
+                logits = predict_logits(host.model, joined, batch_size, self.device, self.bf16)
             start = 0
             for i, split in zip(indices, splits):
                 chunk = logits[start : start + len(split)]
