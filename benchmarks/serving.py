@@ -1,11 +1,12 @@
 """Serving benchmark (a script, not a test): latency, memory and HTTP throughput of shipped adapters.
 
-    python benchmarks/serving.py [--steps 15] [--examples 256] [--requests 320] [RUN_DIR ...]
+    python benchmarks/serving.py [--steps 15] [--examples 256] [--requests 320] [--bf16/--no-bf16] [RUN_DIR ...]
 
 On the real default MiniLM it (1) trains tiny LoRA / IA3 / bottleneck runs on sst2 (unless run folders are
 given), (2) prints per-example latency of the base alone vs the unmerged adapter vs the merged model,
 (3) RSS of serving 1 vs 10 adapters on one base, (4) throughput and p50/p99 latency of the HTTP server with 16
-concurrent clients on 127.0.0.1, single-adapter vs mixed-adapter traffic. Bounded: stops by itself.
+concurrent clients on 127.0.0.1, single-adapter vs mixed-adapter traffic. Bounded: stops by itself. Precision as
+`peftkit serve` picks it (bf16 autocast where it pays) unless --bf16/--no-bf16 says.
 """
 
 from __future__ import annotations
@@ -50,19 +51,19 @@ def train_runs(root: Path, steps: int) -> list[Path]:
     return out
 
 
-def time_per_example(model, split, repeats: int = 2) -> float:
+def time_per_example(model, split, bf16: bool, repeats: int = 2) -> float:
     from peftkit.inference import predict_logits
 
-    predict_logits(model, split, 32, torch.device("cpu"))  # warm-up
+    predict_logits(model, split, 32, torch.device("cpu"), bf16)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        predict_logits(model, split, 32, torch.device("cpu"))
+        predict_logits(model, split, 32, torch.device("cpu"), bf16)
         best = min(best, time.perf_counter() - start)
     return best / len(split) * 1000
 
 
-def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
+def latency_table(run_dirs: list[Path], texts: list[str], bf16: bool) -> None:
     from peftkit.artifacts import load
     from peftkit.config import ModelConfig
     from peftkit.data import encode
@@ -77,12 +78,12 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
         base = load_model(
             ModelConfig(name_or_path=loaded.meta.base_model), len(loaded.label_names), loaded.tokenizer.pad_token_id
         ).eval()
-        t_base = time_per_example(base, split)
-        t_adapter = time_per_example(loaded.model, split)
+        t_base = time_per_example(base, split, bf16)
+        t_adapter = time_per_example(loaded.model, split, bf16)
         if loaded.method.merge_blocker is None:
             merged = loaded.method.merge(loaded.model).eval()
-            t_merged = time_per_example(merged, split)
-            t_base = min(t_base, time_per_example(base, split))  # re-measure: the CPU is shared
+            t_merged = time_per_example(merged, split, bf16)
+            t_base = min(t_base, time_per_example(base, split, bf16))  # re-measure: the CPU is shared
             merged_cells = f"{t_merged:.3f} | {t_merged / t_base:.3f}x"
         else:
             merged_cells = "cannot merge | -"
@@ -91,14 +92,14 @@ def latency_table(run_dirs: list[Path], texts: list[str]) -> None:
     print()
 
 
-def memory_table(lora_adapter: Path, n: int = 10) -> None:
+def memory_table(lora_adapter: Path, bf16: bool, n: int = 10) -> None:
     import gc
 
     from peftkit.serve import AdapterPool
 
     gc.collect()
     before = rss_mb()
-    pool = AdapterPool("default")
+    pool = AdapterPool("default", bf16=bf16)
     pool.add("lora0", lora_adapter)
     pool.predict([("lora0", ["warm up"], None)])
     gc.collect()
@@ -143,7 +144,7 @@ async def load_test(port: int, adapters: list[str], texts: list[str], requests: 
     }
 
 
-def server_table(lora_adapter: Path, ia3_adapter: Path, texts: list[str], requests: int) -> None:
+def server_table(lora_adapter: Path, ia3_adapter: Path, texts: list[str], requests: int, bf16: bool) -> None:
     import socket
 
     import uvicorn
@@ -151,7 +152,7 @@ def server_table(lora_adapter: Path, ia3_adapter: Path, texts: list[str], reques
     from peftkit.serve import create_app
 
     adapters = {f"lora{i}": str(lora_adapter) for i in range(8)} | {"ia3": str(ia3_adapter)}
-    app = create_app("default", adapters, max_batch=64)
+    app = create_app("default", adapters, max_batch=64, bf16=bf16)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -186,24 +187,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--requests", type=int, default=320)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: where it pays")
     args = parser.parse_args()
     from peftkit.console import quiet_libraries
     from peftkit.data import read_rows
+    from peftkit.precision import precision_name, resolve_bf16
 
     quiet_libraries()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data = Path(os.environ.get("PEFTKIT_DATA", "/work/shared/data"))
     texts = [r["text"] for r in read_rows(data / "sst2" / "validation.jsonl")[: args.examples]]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+    bf16 = resolve_bf16(args.bf16, torch.device("cpu"))
+    threads = f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+    print(f"torch {torch.__version__}, {threads}, {precision_name(bf16)}\n")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         runs = [Path(r) for r in args.runs] or train_runs(Path(tmp), args.steps)
         print(f"(trained/loaded {len(runs)} runs in {time.perf_counter() - start:.0f} s)\n")
-        latency_table(runs, texts)
+        latency_table(runs, texts, bf16)
         lora = next(r for r in runs if "lora" in r.name) / "adapter"
         ia3 = next(r for r in runs if "ia3" in r.name) / "adapter"
-        memory_table(lora)
-        server_table(lora, ia3, texts, args.requests)
+        memory_table(lora, bf16)
+        server_table(lora, ia3, texts, args.requests, bf16)
     sys.stdout.flush()
 
 
