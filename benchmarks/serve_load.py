@@ -173,6 +173,8 @@ def admin_loop(
 
 
 def main() -> int:
+    from peftkit.cli.predict import add_bf16_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--clients", type=int, default=16)
@@ -186,11 +188,13 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load"))
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--note", default="", help="a line to add to the report (e.g. how busy the machine was)")
+    add_bf16_argument(parser)  # the committed results ran before serve took bf16: fp32, i.e. --no-bf16
     args = parser.parse_args()
 
     import uvicorn
 
     from peftkit.console import quiet_libraries
+    from peftkit.precision import precision_name
     from peftkit.serve import create_app
 
     quiet_libraries()
@@ -213,7 +217,7 @@ def main() -> int:
     plan = build_plan(args.requests, args.malformed, texts)
     token = "load-test-token"
     rss_start = rss_mb()
-    app = create_app("default", {n: str(folders[n]) for n in STABLE}, admin_token=token)
+    app = create_app("default", {n: str(folders[n]) for n in STABLE}, admin_token=token, bf16=args.bf16)
     batcher = app.state.batcher
     batcher.trim_every = args.trim_every
     if args.executor == "to_thread":
@@ -286,6 +290,7 @@ def main() -> int:
         },
         "note": args.note,
         "executor": args.executor,
+        "precision": precision_name(app.state.pool.bf16),
         "trim_every": args.trim_every,
         "requests_planned": len(plan),
         "requests_sent": results.done,
@@ -333,7 +338,8 @@ def report(s: dict) -> str:
         f"{s['machine']['loadavg_after'][0]:.1f} after (shared with other jobs); {s['machine']['platform']}.",
         *([f"Note: {s['note']}"] if s["note"] else []),
         "",
-        f"Batcher: executor `{s['executor']}`, malloc_trim every {s['trim_every'] or 'never'} batches; "
+        f"Batcher: executor `{s['executor']}`, precision {s.get('precision') or 'fp32'}, "
+        f"malloc_trim every {s['trim_every'] or 'never'} batches; "
         f"{s['batches']} batches, {s['retried_batches']} retried one by one.",
         "",
         f"**{s['requests_sent']} requests** ({s['requests_planned']} planned) from {s['clients']} clients in "
