@@ -26,14 +26,17 @@ def _offline_home(tmp_path_factory):
     yield
 
 
-@pytest.fixture(autouse=True)
-def _auto_precision_is_fp32(monkeypatch):
-    """`train.bf16: null` and predict's default turn bf16 on where the CPU has AMX / AVX512-BF16. The suite's exact
-    comparisons (reloaded adapters, predictions, FSDP against one process) are fp32 ones, so in this process "auto"
-    means fp32 on every machine; tests of bf16 set it explicitly or patch `cpu_has_bf16` back."""
+@pytest.fixture(autouse=True, scope="session")
+def _auto_precision_is_fp32():
+    """`train.bf16: null` and predict's/serve's default turn bf16 on where the CPU has AMX / AVX512-BF16. The suite's
+    exact comparisons (reloaded adapters, predictions, FSDP against one process) are fp32 ones, so in this process
+    "auto" means fp32 on every machine; tests of bf16 set it explicitly or patch `cpu_has_bf16` back. Session-wide,
+    so module-scoped fixtures (runs trained once per file, a serving pool) see it too."""
     import peftkit.precision as precision
 
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "cpu_has_bf16", lambda: False)
+        yield
 
 
 # tiny configs of other architectures, each for what it does differently: (model_type, its own settings)
