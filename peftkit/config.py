@@ -51,7 +51,7 @@ METRIC_NAMES: tuple[str, ...] = typing.get_args(MetricName)  # what compute_metr
 class TaskConfig:
     """Which data to train on and how to read it."""
 
-    name: str = "sst2"  # built-in task (sst2, banking77, ...), a task folder, or a .jsonl/.csv train file
+    name: str = "sst2"  # built-in task (sst2, banking77, ...), a task folder, or a .jsonl/.csv/.tsv train file
     data_dir: str | None = None  # folder holding <task>/ folders; default $PEFTKIT_DATA, else the Hugging Face Hub
     text_field: str = "text"
     text_pair_field: str | None = None  # second sentence of pair tasks; default: meta.json's, or a text_pair column

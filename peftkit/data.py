@@ -1,4 +1,4 @@
-"""Tasks: where rows come from (a data folder, a user's JSONL/CSV file, or the Hugging Face Hub), tokenised once.
+"""Tasks: where rows come from (a data folder, a user's JSONL/CSV/TSV file, or the Hugging Face Hub), tokenised once.
 
 A task folder holds train.jsonl, validation.jsonl, optional test.jsonl and meta.json (label_names), with rows
 {"text": ..., "label": ...} or, for sentence pairs, {"text": ..., "text_pair": ..., "label": ...}.
@@ -20,7 +20,7 @@ from peftkit.errors import PeftkitError, unknown_choice
 
 DATA_ENV = "PEFTKIT_DATA"
 SPLITS = ("train", "validation", "test")
-TASK_FILE_SUFFIXES = (".jsonl", ".csv")
+TASK_FILE_SUFFIXES = (".jsonl", *validation.TABLE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Task:
 
 
 def is_task_source(name: str, folder: str | None = None) -> bool:
-    """True when `name` is an existing task folder or JSONL/CSV file rather than a built-in task name, or a task
+    """True when `name` is an existing task folder or JSONL/CSV/TSV file rather than a built-in task name, or a task
     folder in the data folder (`folder`, else $PEFTKIT_DATA), where load_task finds it by name too."""
     path = Path(name).expanduser()
     root = data_dir(TaskConfig(data_dir=folder))
@@ -91,8 +91,8 @@ def is_task_source(name: str, folder: str | None = None) -> bool:
 
 
 def is_path_task(name: str) -> bool:
-    """True when load_task reads `name` as a path (a .jsonl/.csv file, or a folder with train/validation.jsonl), not
-    as a built-in task's name: the one rule for both, so a path made absolute is read as the same task."""
+    """True when load_task reads `name` as a path (a .jsonl/.csv/.tsv file, or a folder with train/validation.jsonl),
+    not as a built-in task's name: the one rule for both, so a path made absolute is read as the same task."""
     path = Path(name).expanduser()
     return path.suffix.lower() in TASK_FILE_SUFFIXES or (
         path.is_dir() and any((path / f"{split}.jsonl").exists() for split in ("train", "validation"))
@@ -121,13 +121,16 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
         task = _folder_task(cfg, root / cfg.name, bad)
     elif cfg.name in BUILTIN_TASKS and root is None:
         task = _hub_task(cfg, BUILTIN_TASKS[cfg.name], bad)
+    elif path.is_file():
+        suffixes = ", ".join(TASK_FILE_SUFFIXES)
+        raise PeftkitError(f"task file {path} has suffix {path.suffix or '(none)'}; a task file is one of: {suffixes}")
     elif cfg.name in BUILTIN_TASKS:
         raise PeftkitError(
             f"task {cfg.name!r} is not in the data folder {root} (from --data-dir / ${DATA_ENV}); "
             f"expected {root / cfg.name}/train.jsonl"
         )
     else:
-        raise unknown_choice("task (or a .jsonl/.csv path, or a task folder)", cfg.name, BUILTIN_TASKS)
+        raise unknown_choice("task (or a .jsonl/.csv/.tsv path, or a task folder)", cfg.name, BUILTIN_TASKS)
     if cfg.dev_size is not None:  # before subsampling: the same dev rows whatever the seed or train budget
         task.splits["train"], task.splits["dev"] = carve_dev(task.splits["train"], cfg.dev_size, cfg.dev_seed)
         after = f" after task.dev_size={cfg.dev_size:g} took its dev rows"

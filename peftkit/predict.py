@@ -1,4 +1,4 @@
-"""`peftkit predict`: label a JSONL/CSV file (or stdin) with an adapter, streaming in constant memory.
+"""`peftkit predict`: label a JSONL/CSV/TSV file (or stdin) with an adapter, streaming in constant memory.
 
 Rows are read lazily and processed `--batch-size` at a time through the same `data.encode` and
 `inference.predict_logits` the training loop evaluates with, so predictions match evaluation exactly.

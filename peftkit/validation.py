@@ -16,6 +16,9 @@ from typing import IO, Any
 from peftkit.errors import PeftkitError, did_you_mean, short_value, unknown_choice
 
 CSV_DELIMITERS = ",;\t|"
+# files read as delimited tables, with the delimiter their suffix implies (None: sniffed from the file); any other
+# file is JSON lines. A .tsv is a table like a .csv, not JSON lines read line by line into 'not valid JSON'
+TABLE_SUFFIXES: dict[str, str | None] = {".csv": None, ".tsv": "\t"}
 
 
 class Row(dict):
@@ -45,7 +48,7 @@ def iter_rows(
     delimiter: str | None = None,
     bad_rows: list[str] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (`file:line`, row) from a JSONL or CSV file, or '-' for JSONL on stdin, one row at a time.
+    """Yield (`file:line`, row) from a JSONL or CSV/TSV file, or '-' for JSONL on stdin, one row at a time.
 
     A row that cannot be parsed raises BadRow, unless `bad_rows` is a list: then its location is appended there
     and reading continues. Undecodable bytes always stop with the file, line and the encoding that was tried.
@@ -57,15 +60,16 @@ def iter_rows(
         return
     path = Path(source)
     if path.is_dir():
-        raise PeftkitError(f"{what} file {path} is a directory, not a JSONL/CSV file")
+        raise PeftkitError(f"{what} file {path} is a directory, not a JSONL/CSV/TSV file")
     if not path.is_file():
         raise PeftkitError(f"{what} file {path} does not exist")
     # utf-8-sig: the same decoding, minus the byte-order mark spreadsheet programs put in front of the header
     opened_as = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    table = path.suffix.lower() in TABLE_SUFFIXES
     try:
-        with path.open(newline="" if path.suffix.lower() == ".csv" else None, encoding=opened_as) as f:
-            if path.suffix.lower() == ".csv":
-                yield from _csv_rows(f, str(path), delimiter, bad_rows)
+        with path.open(newline="" if table else None, encoding=opened_as) as f:
+            if table:
+                yield from _csv_rows(f, str(path), delimiter or TABLE_SUFFIXES[path.suffix.lower()], bad_rows)
             else:
                 yield from _jsonl_rows(f, str(path), bad_rows)
     except UnicodeDecodeError as e:

@@ -1,4 +1,4 @@
-"""Tasks from folders, user JSONL/CSV files and string labels; dynamic padding; metrics."""
+"""Tasks from folders, user JSONL/CSV/TSV files and string labels; dynamic padding; metrics."""
 
 from __future__ import annotations
 
@@ -121,6 +121,16 @@ def test_a_byte_order_mark_is_read_past_and_a_folder_needs_train(tmp_path):
     (folder / "validation.jsonl").write_text(json.dumps({"text": "a", "label": 0}) + "\n")
     with pytest.raises(PeftkitError, match="has no train.jsonl"):
         load_task(TaskConfig(name=str(folder)))
+
+
+def test_a_tsv_file_is_a_tab_table_and_another_suffix_is_named(tmp_path):
+    path = tmp_path / "glue.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"a, b; c {i}\t{'ab'[i % 2]}\n" for i in range(20)))
+    task = load_task(TaskConfig(name=str(path), text_field="sentence"))
+    assert task.label_names == ["a", "b"] and task.splits["train"][0]["text"].startswith("a, b; c")
+    (tmp_path / "rows.json").write_text("[]")
+    with pytest.raises(PeftkitError, match=r"rows.json has suffix .json; a task file is one of: .jsonl, .csv, .tsv"):
+        load_task(TaskConfig(name=str(tmp_path / "rows.json")))
 
 
 def test_broken_jsonl_names_the_line(tmp_path):

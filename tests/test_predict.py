@@ -61,6 +61,14 @@ def test_predict_csv_and_bf16(adapter, tmp_path):
     assert [p["label"] for p in read_preds(tmp_path / "b.jsonl")] and len(read_preds(tmp_path / "b.jsonl")) == 4
 
 
+def test_predict_reads_a_tsv_input_as_a_tab_table(adapter, tmp_path):
+    src = tmp_path / "in.tsv"
+    src.write_text("text\tid\n" + "".join(f"{t}\tr{i}\n" for i, t in enumerate(TEXTS)))
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "p.jsonl")]) == 0
+    check(read_preds(tmp_path / "p.jsonl"), adapter)
+    assert [p["id"] for p in read_preds(tmp_path / "p.jsonl")] == ["r0", "r1", "r2", "r3"]
+
+
 def test_predict_stdin_to_stdout(adapter, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(json.dumps({"text": t}) + "\n" for t in TEXTS)))
     assert main(["predict", str(adapter), "--input", "-", "--batch-size", "2"]) == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 
-HELP = "label a JSONL/CSV file (or - for stdin) with an adapter"
+HELP = "label a JSONL/CSV/TSV file (or - for stdin) with an adapter"
 
 
 def add_bf16_argument(parser: argparse.ArgumentParser) -> None:
