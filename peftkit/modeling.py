@@ -130,6 +130,8 @@ def load_model(
     kwargs = {"num_labels": num_labels, "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}
     if cfg.quantization:
         kwargs.update(quantization_kwargs(cfg.quantization, full_precision_modules(path, **kwargs)))
+    else:  # transformers 5 loads config.json's dtype: a bf16 folder trained bf16 adapters whatever train.bf16 said,
+        kwargs["dtype"] = torch.float32  # and an fp16 one failed in the CPU's layer norm. train.bf16 alone decides
     torch.manual_seed(seed)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)

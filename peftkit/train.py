@@ -52,7 +52,7 @@ from peftkit.modeling import (
 )
 from peftkit.precision import autocast, hold_frozen_linears_in_bf16, resolve_bf16
 from peftkit.resume import ResumePlan, check_output_dir, new_run_dir, refuse_to_replace_a_run, resume_view
-from peftkit.validation import check_max_length
+from peftkit.validation import check_model_inputs
 
 __all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
 
@@ -102,7 +102,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if config.model.quantization and method.quantization_error():
         raise PeftkitError(method.quantization_error())
     model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, tcfg.seed, method.frozen_body)
-    check_max_length(config.task.max_length, model, tokenizer)
+    check_model_inputs(config.task.max_length, model, tokenizer)
     heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(

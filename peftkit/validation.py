@@ -381,8 +381,10 @@ def _checked_row(row: dict, where: str, split: str, cfg, pair_field: str | None)
     return item
 
 
-def check_max_length(max_length: int, model, tokenizer) -> None:
-    """task.max_length may not exceed what the model can embed: a clear error, not a position-embedding crash."""
+def check_model_inputs(max_length: int, model, tokenizer) -> None:
+    """What the tokenizer hands the model must fit it, or the first batch dies in an embedding lookup with an
+    IndexError: task.max_length within the positions (an error, not a silent clamp), token ids within the vocabulary
+    (a folder whose tokenizer is not the model's own)."""
     limits = [getattr(model.config, k, None) for k in ("max_position_embeddings", "n_positions")]
     limits = [v for v in limits if isinstance(v, int) and v > 0]
     tok_max = getattr(tokenizer, "model_max_length", None)
@@ -392,4 +394,10 @@ def check_max_length(max_length: int, model, tokenizer) -> None:
         raise PeftkitError(
             f"task.max_length={max_length} exceeds the model's {min(limits)} positions; "
             f"set task.max_length={min(limits)} or less"
+        )
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise PeftkitError(
+            f"the tokenizer has {len(tokenizer):,} tokens but the model embeds only {rows:,}: the model folder's "
+            "tokenizer is not the model's own; save the tokenizer the model was trained with beside it"
         )

@@ -182,6 +182,40 @@ def test_max_length_beyond_the_models_positions_and_unknown_target_modules_are_o
     assert "\n" not in str(e.value)
 
 
+def test_a_base_saved_in_half_precision_trains_in_float32_and_a_foreign_tokenizer_is_one_line(
+    tiny_run_config, tiny_model_dir, tmp_path
+):
+    """transformers 5 loads a folder in its config.json dtype: an fp16 base failed in the CPU's layer norm, a bf16
+    one trained bf16 adapters under train.bf16=false. A tokenizer with more tokens than the model embeds died in the
+    first batch's embedding lookup (IndexError)."""
+    import shutil
+
+    from transformers import AutoModel
+
+    def base_like_tiny_bert(name, change):
+        folder = tmp_path / name
+        change(AutoModel.from_pretrained(tiny_model_dir("bert"))).save_pretrained(folder)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny_model_dir("bert") / file, folder / file)
+        config = tiny_run_config("lora", bf16=False)
+        config.model.name_or_path = str(folder)
+        return config
+
+    for dtype in (torch.float16, torch.bfloat16):
+        config = base_like_tiny_bert(str(dtype), lambda model, dtype=dtype: model.to(dtype))
+        train(config, run_dir=tmp_path / f"run-{dtype}")
+        weights = load_tensors(tmp_path / f"run-{dtype}" / "adapter" / "adapter_model.safetensors")
+        assert {t.dtype for t in weights.values()} == {torch.float32}
+
+    def small_vocabulary(model):
+        model.resize_token_embeddings(1000)
+        return model
+
+    config = base_like_tiny_bert("small-vocab", small_vocabulary)
+    with pytest.raises(PeftkitError, match="the tokenizer has 30,522 tokens but the model embeds only 1,000"):
+        train(config, run_dir=tmp_path / "foreign")
+
+
 @pytest.mark.parametrize(
     "train_opts, recipe",
     [({"run_name": "../../x"}, "r"), ({"run_name": "/tmp/x"}, "r"), ({}, "../../x"), ({}, "/abs/recipe")],
