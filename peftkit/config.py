@@ -57,8 +57,8 @@ class TaskConfig:
     text_pair_field: str | None = None  # second sentence of pair tasks; default: meta.json's, or a text_pair column
     label_field: str = "label"
     label_names: list[str] | None = None  # for user files without meta.json; default: sorted distinct labels
-    validation_file: str | None = None  # for a file task; default: 10% of the train file, drawn by dev_seed
-    test_file: str | None = None
+    validation_file: str | None = None  # replaces the task's own; a file task's default: 10% of it, by dev_seed
+    test_file: str | None = None  # replaces the task's own test split (a task file or folder)
     max_length: Annotated[int, Range(ge=8, le=1_000_000)] = 128  # tokens; also capped by the model's positions
     max_train_examples: Positive | None = None  # seeded subsample of train, for CPU-sized budgets
     max_eval_examples: Positive | None = None  # a sample (drawn by dev_seed) of N rows of validation, test and dev

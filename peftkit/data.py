@@ -121,6 +121,8 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
         task = _folder_task(cfg, root / cfg.name, bad)
     elif cfg.name in BUILTIN_TASKS and root is None:
         task = _hub_task(cfg, BUILTIN_TASKS[cfg.name], bad)
+    elif path.is_dir():  # not a task folder: _folder_task names what it lacks
+        task = _folder_task(cfg, path, bad)
     elif path.is_file():
         suffixes = ", ".join(TASK_FILE_SUFFIXES)
         raise PeftkitError(f"task file {path} has suffix {path.suffix or '(none)'}; a task file is one of: {suffixes}")
@@ -152,9 +154,12 @@ def _folder_task(cfg: TaskConfig, folder: Path, bad: list[str] | None) -> Task:
     meta = validation.read_meta(folder)
     pair_field = cfg.text_pair_field or ("text_pair" if "text_pair" in meta.get("fields", {}) else None)
     raw = {s: read_rows(folder / f"{s}.jsonl", cfg, bad) for s in SPLITS if (folder / f"{s}.jsonl").exists()}
+    raw.update(split_files(cfg, bad))
     missing = [f"{s}.jsonl" for s in ("train", "validation") if s not in raw]
     if missing:
-        raise PeftkitError(f"task folder {folder} has no {' and no '.join(missing)} (a task folder needs both)")
+        found = ", ".join(sorted(f.name for f in folder.iterdir() if f.suffix.lower() in TASK_FILE_SUFFIXES))
+        hint = f"; it holds {found}: a CSV/TSV task is task.name=FILE task.validation_file=FILE" if found else ""
+        raise PeftkitError(f"task folder {folder} has no {' and no '.join(missing)} (a task folder needs both{hint})")
     pair_field = pair_field or data_pair_field(raw["train"])
     label_names = cfg.label_names if cfg.label_names is not None else meta.get("label_names")  # None: the data's
     builtin = BUILTIN_TASKS.get(folder.name)
@@ -167,23 +172,31 @@ def data_pair_field(train: list[dict[str, Any]]) -> str | None:
     return "text_pair" if train and "text_pair" in train[0] else None
 
 
+def split_files(cfg: TaskConfig, bad: list[str] | None) -> dict[str, list[dict[str, Any]]]:
+    """The splits task.validation_file and task.test_file give: they replace a task file's or folder's own (a
+    folder task dropped them without a word, its test split left unscored)."""
+    files = {"validation": cfg.validation_file, "test": cfg.test_file}
+    return {split: read_rows(Path(file), cfg, bad) for split, file in files.items() if file}
+
+
 def _file_task(cfg: TaskConfig, path: Path, bad: list[str] | None) -> Task:
     train = read_rows(path, cfg, bad)
-    raw = {"train": train}
+    raw = {"train": train, **split_files(cfg, bad)}
     label_splits: tuple[str, ...] = ("train",)  # where the labels of a task without label names are read
-    if cfg.validation_file:
-        raw["validation"] = read_rows(Path(cfg.validation_file), cfg, bad)
-    else:  # hold out 10% (by task.dev_seed: the same rows whatever train.seed) so the loop can pick its best step
+    if "validation" not in raw:  # hold out 10% (by task.dev_seed: the same rows whatever train.seed) to pick a step
         rest, held = holdout(train, cfg.dev_seed)
-        raw, label_splits = {"train": rest, "validation": held}, ("train", "validation")  # one file's labels
-    if cfg.test_file:
-        raw["test"] = read_rows(Path(cfg.test_file), cfg, bad)
+        raw, label_splits = {**raw, "train": rest, "validation": held}, ("train", "validation")  # one file's labels
     pair_field = cfg.text_pair_field or data_pair_field(raw["train"])
     return _normalise(path.stem, raw, cfg, pair_field, cfg.label_names, None, bad, label_splits)
 
 
 def _hub_task(cfg: TaskConfig, spec: BuiltinTask, bad: list[str] | None) -> Task:
     """Fallback for a user online with no data folder: the task's Hugging Face `datasets` id."""
+    if cfg.validation_file or cfg.test_file:  # the Hub rows' fields are the Hub's: refused, never dropped unread
+        raise PeftkitError(
+            f"task.validation_file / task.test_file replace the splits of a task file or folder, not of the Hub's "
+            f"{cfg.name!r}; point --data-dir at the data (or task.name at a folder) to use them"
+        )
     try:
         import datasets
     except ImportError:

@@ -133,6 +133,26 @@ def test_a_tsv_file_is_a_tab_table_and_another_suffix_is_named(tmp_path):
         load_task(TaskConfig(name=str(tmp_path / "rows.json")))
 
 
+def test_split_files_replace_a_folder_tasks_own_and_a_folder_of_csv_files_is_named(tmp_path, monkeypatch):
+    """task.test_file on a task folder was dropped without a word (no test split scored); a folder of train.csv /
+    validation.csv was an 'unknown task'."""
+    folder = tmp_path / "tickets"
+    folder.mkdir()
+    rows = "".join(json.dumps({"text": f"t {i}", "label": "ab"[i % 2]}) + "\n" for i in range(10))
+    for name in ("train.jsonl", "validation.jsonl", "mine.jsonl"):
+        (folder / name).write_text(rows)
+    task = load_task(TaskConfig(name=str(folder), test_file=str(folder / "mine.jsonl")))
+    assert len(task.splits["test"]) == 10
+    with pytest.raises(PeftkitError, match="not of the Hub's 'sst2'"):
+        monkeypatch.delenv("PEFTKIT_DATA", raising=False)
+        load_task(TaskConfig(name="sst2", test_file=str(folder / "mine.jsonl")))
+    for name in ("train", "validation"):
+        (folder / f"{name}.jsonl").rename(folder / f"{name}.csv")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PeftkitError, match="tickets has no train.jsonl .*holds mine.jsonl, train.csv, validation.csv"):
+        load_task(TaskConfig(name="tickets"))
+
+
 def test_broken_jsonl_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "a", "label": 0}\n{oops\n')
