@@ -275,6 +275,10 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.features["input_ids"])
 
+    def largest_token_id(self) -> int:
+        """The largest id its batches carry (the pad's included), for the check that the model embeds them all."""
+        return max([self.pad_token_id, *(max(ids, default=0) for ids in self.features["input_ids"])])
+
     def lengths(self) -> list[int]:
         """Tokens per row (what length-bucketed batching and length-sorted inference sort by)."""
         return [len(ids) for ids in self.features["input_ids"]]

@@ -102,7 +102,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
     if config.model.quantization and method.quantization_error():
         raise PeftkitError(method.quantization_error())
     model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, tcfg.seed, method.frozen_body)
-    check_model_inputs(config.task.max_length, model, tokenizer)
+    check_model_inputs(config.task.max_length, model, tokenizer, max(s.largest_token_id() for s in splits.values()))
     heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
     if tcfg.checkpoint_every and not method.resumable:
         raise PeftkitError(
