@@ -426,6 +426,19 @@ def test_ia3_all_linear_scales_the_inputs_of_the_down_projections(tiny_model_dir
     assert feedforward == {f"base_model.model.electra.encoder.layer.{i}.output.dense" for i in range(L)}
 
 
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_ia3_all_linear_on_a_model_in_peft_s_table_saves_an_adapter_that_loads(tiny_run_config, tmp_path, kind):
+    """peft saved all-linear's targets as full names and its table's feed-forward entries as suffixes
+    ('output.dense'), then refused its own folder on load (not a subset): export, eval and predict all failed."""
+    train(tiny_run_config("ia3", kind, method_options={"target_modules": ["all-linear"]}), run_dir=tmp_path / "run")
+    model = load(tmp_path / "run" / "adapter").model
+    feedforward = {n for n, m in model.named_modules() if getattr(m, "is_feedforward", False)}
+    # peft's table, matched as peft matches: BERT's 'output.dense' is also the attention's output.dense
+    bert = {f"bert.encoder.layer.{i}.{part}output.dense" for i in range(L) for part in ("", "attention.")}
+    gpt2 = {f"transformer.h.{i}.mlp.c_proj" for i in range(L)}
+    assert {n.removeprefix("base_model.model.") for n in feedforward} == (gpt2 if kind == "gpt2" else bert)
+
+
 @pytest.mark.parametrize("method", ["adalora", "ia3"])
 def test_no_default_target_modules_names_the_models_own(tiny_model_dir, method):
     """Where peft has no default targets for the architecture, one line with its linear layers and the fix."""

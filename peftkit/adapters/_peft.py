@@ -156,14 +156,18 @@ def peft_has_default_targets(config: Any, model: nn.Module) -> bool:
 def choose_feedforward_modules(config: Any, model: nn.Module, targeted: list[str]) -> None:
     """IA3 scales a feed-forward layer's input, every other layer's output. Where peft has no feed-forward table
     for the architecture and none is given, the feed-forward layers are the targeted linear layers that narrow
-    (in_features > out_features: the FFN's down projection, as in the IA3 paper and peft's own tables)."""
+    (in_features > out_features: the FFN's down projection, as in the IA3 paper and peft's own tables).
+    Under all-linear, peft saves target_modules as full names but its table's feed-forward entries as suffixes
+    ('output.dense'), which its own load then refuses (not a subset): the table's entries become full names too."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
 
     if not hasattr(config, "feedforward_modules") or config.feedforward_modules is not None:
         return
-    if getattr(model.config, "model_type", None) in FEEDFORWARD:
-        return
-    config.feedforward_modules = [name for name in targeted if narrows(model.get_submodule(name))]
+    table = FEEDFORWARD.get(getattr(model.config, "model_type", None))
+    if table is None:
+        config.feedforward_modules = [name for name in targeted if narrows(model.get_submodule(name))]
+    elif config.target_modules == "all-linear":
+        config.feedforward_modules = [name for name in targeted if any(names_module(t, name) for t in table)]
 
 
 def narrows(layer: nn.Module) -> bool:
