@@ -234,7 +234,10 @@ def carve_dev(train: list, size: float, seed: int) -> tuple[list, list]:
     """(train without dev, dev): a seeded share (size < 1) or count (size >= 1) of train, leaving train non-empty."""
     count = int(size) if size >= 1 else max(1, int(len(train) * size))
     if count >= len(train):
-        raise PeftkitError(f"task.dev_size={size:g} leaves no training rows (train has {len(train)})")
+        raise PeftkitError(
+            f"task.dev_size={size:g} leaves no training rows (train has {len(train)}); give a share of train "
+            "(e.g. task.dev_size=0.1) or a smaller count, or task.dev_size=null to select on validation"
+        )
     return holdout(train, seed, count=count)
 
 

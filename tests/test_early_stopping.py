@@ -103,7 +103,11 @@ def test_dev_rows_are_the_same_for_every_seed_and_never_in_train(toy_task_dir):
 
 @pytest.mark.parametrize(
     "dev_size, message",
-    [(0.0, "task.dev_size must be above 0"), (2.5, "whole number of rows"), (96, "leaves no training rows")],
+    [
+        (0.0, "task.dev_size must be above 0"),
+        (2.5, "whole number of rows"),
+        (96, r"leaves no training rows \(train has 96\); give a share of train \(e.g. task.dev_size=0.1\)"),
+    ],
 )
 def test_bad_dev_sizes_are_clear_errors(toy_task_dir, dev_size, message):
     with pytest.raises(PeftkitError, match=message):
