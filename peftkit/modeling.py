@@ -367,3 +367,26 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise PeftkitError(f"unknown train.device {name!r}; valid: auto, cpu, cuda")
     return torch.device(name)
+
+
+def check_model_inputs(max_length: int, model, tokenizer, largest_token_id: int) -> None:
+    """What the batches hand the model must fit it, or the first batch dies in an embedding lookup (IndexError):
+    task.max_length within the positions (an error, not a silent clamp), and the largest token id the batches carry
+    (`largest_token_id`: the data's and the pad's) within the vocabulary, as when a folder's tokenizer is not the
+    model's own. The ids, not the tokenizer's size: an added token the data never produces is no harm."""
+    limits = [getattr(model.config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    limits = [v for v in limits if isinstance(v, int) and v > 0]
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 10**7 and limits:
+        limits.append(tok_max)
+    if limits and max_length > min(limits):
+        raise PeftkitError(
+            f"task.max_length={max_length} exceeds the model's {min(limits)} positions; "
+            f"set task.max_length={min(limits)} or less"
+        )
+    rows = model.get_input_embeddings().num_embeddings
+    if largest_token_id >= rows:
+        raise PeftkitError(
+            f"the tokenizer gives token id {largest_token_id:,} but the model embeds only {rows:,} tokens: the model "
+            "folder's tokenizer is not the model's own; save the tokenizer the model was trained with beside it"
+        )

@@ -42,6 +42,7 @@ from peftkit.local_paths import resolve_local_paths
 from peftkit.loggers import MetricsLog, RunLog, check_report_to
 from peftkit.measure import MemoryMeter, environment
 from peftkit.modeling import (
+    check_model_inputs,
     count_parameters,
     enable_gradient_checkpointing,
     load_model,
@@ -52,7 +53,6 @@ from peftkit.modeling import (
 )
 from peftkit.precision import autocast, hold_frozen_linears_in_bf16, resolve_bf16
 from peftkit.resume import ResumePlan, check_output_dir, new_run_dir, refuse_to_replace_a_run, resume_view
-from peftkit.validation import check_model_inputs
 
 __all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
 
