@@ -182,9 +182,7 @@ def test_merge_and_card_offer_stock_loads_only_for_a_pooling_stock_classes_compu
     assert (f"Not as is: it pools with {pooling!r}" in card) == (method == "lora")  # head: peftkit weights only
 
 
-@pytest.mark.parametrize(
-    "method,why", [("prompt", "virtual tokens"), ("bottleneck", "non-linear"), ("bitfit", "biases")]
-)
+@pytest.mark.parametrize("method,why", [("prompt", "virtual tokens"), ("bottleneck", "non-linear")])
 def test_merge_refused_with_reason(method, why, runs, tmp_path, capsys):
     run = runs.run(method)
     assert main(["export", str(run), "--out", str(tmp_path / "m"), "--merge"]) == 2

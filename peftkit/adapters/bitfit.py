@@ -19,7 +19,7 @@ class BitFit(Method):
     name = "bitfit"
     options_class = BitFitOptions
     frozen_linears_in_bf16 = True
-    merge_blocker = "BitFit changes base biases in place; its folder already holds the full set of trained biases"
+    merge_blocker = None  # the trained biases and head sit in the base model itself: merging is saving it whole
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         freeze(model)
@@ -29,4 +29,7 @@ class BitFit(Method):
         for p in biases:
             p.requires_grad_(True)
         unfreeze_head(model, ctx.head_modules)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
         return model

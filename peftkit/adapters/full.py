@@ -17,9 +17,12 @@ class FullOptions:
 class FullFineTuning(Method):
     name = "full"
     options_class = FullOptions
-    merge_blocker = "a fully fine-tuned model is already a whole model; its adapter folder holds all weights"
+    merge_blocker = None  # the run trained the whole model: merging is saving it as a plain transformers folder
 
     def apply(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
         return model
