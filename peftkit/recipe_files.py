@@ -194,14 +194,14 @@ def load_config(
     config = RunConfig.from_dict(resolved)
     given = [item.partition("=")[0].strip() for item in overrides]
     check_budget_overrides(config.train, set(given))
-    said = reconcile_overrides(data, resolved, config, given)
+    said = reconcile_overrides(data, resolved, config, given, built_in=not config_file)
     for note in said if notes else ():  # said once the config is valid, so a refused one stays a single line
         print(f"peftkit: note: {note}", file=sys.stderr)
     return config
 
 
 def reconcile_overrides(
-    data: dict[str, Any], resolved: dict[str, Any], config: RunConfig, given: list[str]
+    data: dict[str, Any], resolved: dict[str, Any], config: RunConfig, given: list[str], built_in: bool = True
 ) -> list[str]:
     """Drop from `config` the recipe's claim that the overrides `given` made untrue, and return one note per thing
     they changed. `data` is the recipe as written, `resolved` with the overrides, `config` that validated.
@@ -209,7 +209,8 @@ def reconcile_overrides(
     The `expected` result was measured with exactly the recipe's settings: an override that changes a key that can
     change the numbers (all but RESULT_NEUTRAL_KEYS) drops it, so no run records or shows a claim measured for
     another method, task, model or budget. A method switch drops the old method's options (apply_overrides); the
-    train settings stay as the recipe chose them for its own method and task, and a note says so."""
+    train settings stay as the recipe chose them for its own method and task, and a note says so (for a built-in
+    recipe: a user's own file's settings are the user's)."""
     if not given:
         return []
     notes = []
@@ -237,7 +238,7 @@ def reconcile_overrides(
         )
         config.expected = None
     old = (as_written.method.name, as_written.task.name) if as_written else None
-    if old and "train" in data and old != (config.method.name, config.task.name):
+    if built_in and old and "train" in data and old != (config.method.name, config.task.name):
         lr = "" if "train.lr" in given else f" (train.lr={config.train.lr:g})"
         notes.append(
             f"{config.recipe}'s train settings{lr} were chosen for {old[0]} on {old[1]} and are "

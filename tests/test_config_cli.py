@@ -91,7 +91,7 @@ def test_an_override_that_changes_the_run_drops_the_recipes_expected_result(over
     assert capsys.readouterr().err == ""
 
 
-def test_a_method_or_task_switch_says_the_train_settings_are_the_recipes(capsys):
+def test_a_method_or_task_switch_says_the_train_settings_are_the_recipes(capsys, tmp_path):
     from peftkit.resume import resume_view
 
     config = load_config(recipe="sst2-lora", overrides=["method.name=full", "task.name=mrpc"])
@@ -102,6 +102,10 @@ def test_a_method_or_task_switch_says_the_train_settings_are_the_recipes(capsys)
     )
     load_config(recipe="sst2-lora", overrides=["method.name=full", "train.lr=1e-5"])
     assert "train settings were chosen for lora on sst2" in capsys.readouterr().err
+    mine = tmp_path / "mine.yaml"  # a user's own file: its train settings are the user's, no such note
+    mine.write_text("task: {name: sst2}\nmethod: {name: lora}\ntrain: {lr: 0.003}\n")
+    load_config(config_file=str(mine), overrides=["method.name=full"])
+    assert "were chosen for" not in capsys.readouterr().err
     # a resume that raises the budget drops the expected result too, and still continues the same run
     longer = load_config(recipe="sst2-lora", overrides=["train.max_steps=9"])
     assert resume_view(longer) == resume_view(load_config(recipe="sst2-lora"))
