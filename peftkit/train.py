@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 from peftkit.adapters import MethodContext, apply_method, build_method
-from peftkit.adapters.base import is_head_parameter, trainable_state
+from peftkit.adapters.base import Method, is_head_parameter, trainable_state
 from peftkit.artifacts import save_adapter
 from peftkit.batching import BatchOrder, first_batches
 from peftkit.checkpoint import TrainState
@@ -99,16 +99,10 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Pa
 
     # Model and method.
     method = build_method(config.method.name, config.method.options)
-    if config.model.quantization and method.quantization_error():
-        raise PeftkitError(method.quantization_error())
+    check_method_fits(config, method)
     model = load_model(config.model, task.num_labels, tokenizer.pad_token_id, tcfg.seed, method.frozen_body)
     check_model_inputs(config.task.max_length, model, tokenizer, max(s.largest_token_id() for s in splits.values()))
     heads = trained_head_modules(model)  # classifier, plus the pooler when the model pools with it
-    if tcfg.checkpoint_every and not method.resumable:
-        raise PeftkitError(
-            f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); "
-            "unset train.checkpoint_every"
-        )
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     calibration = first_batches(splits["train"], tcfg.batch_size)  # the batches LoRA's eva init reads
@@ -381,6 +375,17 @@ def can_fuse(params: list[torch.Tensor]) -> bool:
     return all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params
     )
+
+
+def check_method_fits(config: RunConfig, method: Method) -> None:
+    """Settings the method cannot honour, refused before anything loads (and by `peftkit train --dry-run`)."""
+    if config.model.quantization and method.quantization_error():
+        raise PeftkitError(method.quantization_error())
+    if config.train.checkpoint_every and not method.resumable:
+        raise PeftkitError(
+            f"method {method.name!r} cannot be checkpointed for an exact resume ({method.resume_blocker}); "
+            "unset train.checkpoint_every"
+        )
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:

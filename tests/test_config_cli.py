@@ -191,6 +191,21 @@ def test_dry_run_prints_local_paths_as_the_run_records_them(tmp_path, monkeypatc
     assert f"name: {tmp_path / 'mine.jsonl'}" in printed
 
 
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["train.checkpoint_every=50"], "cannot be checkpointed for an exact resume"),
+        (["model.quantization=8bit"], "cannot train on a quantized base"),
+    ],
+)
+def test_dry_run_refuses_settings_the_method_cannot_honour(overrides, fragment, capsys):
+    """They were refused only once train had tokenised the data and loaded the model; --dry-run passed them."""
+    method = "adalora" if "checkpoint" in overrides[0] else "prompt"
+    assert main(["train", f"sst2-{method}", *overrides, "--dry-run"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("peftkit: note:")]
+    assert len(errors) == 1 and fragment in errors[0]
+
+
 def test_a_data_folder_from_a_relative_peftkit_data_is_recorded_absolute(
     tiny_model_dir, toy_task_dir, tmp_path, monkeypatch, capsys
 ):

@@ -47,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir:
         config.task.data_dir = args.data_dir
     if args.dry_run:  # as the run would record it: local paths absolute
+        from peftkit.adapters import build_method
         from peftkit.local_paths import resolve_local_paths
+        from peftkit.train import check_method_fits
 
+        check_method_fits(config, build_method(config.method.name, config.method.options))
         print(resolve_local_paths(config).to_yaml(), end="")
         return 0
 
