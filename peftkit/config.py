@@ -215,6 +215,18 @@ RESULT_NEUTRAL_KEYS = frozenset(
 )
 
 
+def flat_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping (RunConfig.to_dict, a cell's recorded config) as flat `section.key` values, top-level
+    scalars such as `recipe` as they are: the one form overrides, resume and bench compare configs in."""
+    flat: dict[str, Any] = {}
+    for section, values in data.items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
 @dataclass
 class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)

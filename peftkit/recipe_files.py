@@ -12,9 +12,8 @@ from typing import Any
 
 import yaml
 
-from peftkit.config import RESULT_NEUTRAL_KEYS, RunConfig, check_budget_overrides, check_section
+from peftkit.config import RESULT_NEUTRAL_KEYS, RunConfig, check_budget_overrides, check_section, flat_config
 from peftkit.errors import PeftkitError, unknown_choice
-from peftkit.resume import flat_config
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):

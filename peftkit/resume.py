@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from peftkit.config import flat_config
 from peftkit.errors import PeftkitError, short_error
 
 MANIFEST = "manifest.json"
@@ -58,17 +59,6 @@ def resume_view(config) -> dict[str, Any]:
     """The resolved config as flat `section.key` values, minus RESUMABLE_KEYS: what a checkpoint is tied to."""
     flat = flat_config(config.to_dict())
     return {k: v for k, v in sorted(flat.items()) if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_KEYS}
-
-
-def flat_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A config mapping as flat `section.key` values (top-level scalars such as `recipe` as they are)."""
-    flat: dict[str, Any] = {}
-    for section, values in data.items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            flat[section] = values
-    return flat
 
 
 def config_hash(view: dict[str, Any]) -> str:

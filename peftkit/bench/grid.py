@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.bench.profiles import Profile, canonical_method
-from peftkit.config import RESULT_NEUTRAL_KEYS, RunConfig
+from peftkit.config import RESULT_NEUTRAL_KEYS, RunConfig, flat_config
 from peftkit.errors import PeftkitError, unknown_choice
 from peftkit.io import read_json
 from peftkit.recipe_files import apply_overrides, list_recipes, load_config
@@ -113,7 +113,7 @@ def read_cell(path: str | Path) -> dict[str, Any]:
 def config_differences(recorded: dict[str, Any] | None, planned: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (recorded, planned)} for each `section.key` whose value differs, RESULT_NEUTRAL_KEYS aside: the
     comparison a resume makes (resume.changed_keys), over the keys that can change a cell's numbers."""
-    from peftkit.resume import changed_keys, flat_config
+    from peftkit.resume import changed_keys
 
     old, new = flat_config(recorded or {}), flat_config(planned)
     return {k: (old.get(k), new.get(k)) for k in changed_keys(old, new, RESULT_NEUTRAL_KEYS)}
