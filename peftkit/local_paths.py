@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from peftkit.config import RunConfig
-from peftkit.data import DATA_ENV, is_path_task
+from peftkit.config import RunConfig, TaskConfig
+from peftkit.data import data_dir, is_path_task
 from peftkit.modeling import is_local_model
 
 # the keys that may hold a user's local path; made absolute when a run starts (resolve_local_paths)
@@ -45,6 +45,7 @@ def resolve_local_paths(config: RunConfig) -> RunConfig:
 
 
 def absolute_data_dir(folder: str | None = None) -> str | None:
-    """The data folder a run reads built-in and named tasks from (`folder`, else $PEFTKIT_DATA), absolute; None
-    when neither is set (the Hub)."""
-    return absolute_local_path("task.data_dir", folder or os.environ.get(DATA_ENV) or None)
+    """The data folder a run reads built-in and named tasks from (data.data_dir's rule: `folder`, else
+    $PEFTKIT_DATA), absolute; None when neither is set (the Hub)."""
+    root = data_dir(TaskConfig(data_dir=folder))
+    return absolute_local_path("task.data_dir", str(root)) if root else None
