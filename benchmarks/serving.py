@@ -182,12 +182,14 @@ def server_table(lora_adapter: Path, ia3_adapter: Path, texts: list[str], reques
 
 
 def main() -> None:
+    from peftkit.cli.predict import add_bf16_argument
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", help="run folders (lora, ia3, bottleneck); default: train tiny ones")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--requests", type=int, default=320)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: where it pays")
+    add_bf16_argument(parser)  # serve's flag and default, as serve_load.py
     args = parser.parse_args()
     from peftkit.console import quiet_libraries
     from peftkit.data import read_rows
