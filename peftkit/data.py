@@ -157,8 +157,11 @@ def _folder_task(cfg: TaskConfig, folder: Path, bad: list[str] | None) -> Task:
     raw.update(split_files(cfg, bad))
     missing = [f"{s}.jsonl" for s in ("train", "validation") if s not in raw]
     if missing:
-        found = ", ".join(sorted(f.name for f in folder.iterdir() if f.suffix.lower() in TASK_FILE_SUFFIXES))
-        hint = f"; it holds {found}: a CSV/TSV task is task.name=FILE task.validation_file=FILE" if found else ""
+        found = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in TASK_FILE_SUFFIXES)
+        tables = any(Path(name).suffix.lower() in validation.TABLE_SUFFIXES for name in found)
+        hint = ""  # a folder of .jsonl files only lacks a split; one holding a CSV/TSV file is told how to name it
+        if tables:
+            hint = f"; it holds {', '.join(found)}: a CSV/TSV task is task.name=FILE task.validation_file=FILE"
         raise PeftkitError(f"task folder {folder} has no {' and no '.join(missing)} (a task folder needs both{hint})")
     pair_field = pair_field or data_pair_field(raw["train"])
     label_names = cfg.label_names if cfg.label_names is not None else meta.get("label_names")  # None: the data's
