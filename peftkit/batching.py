@@ -12,11 +12,14 @@ overlap, each sees rows of the same length bucket, and every rank takes the same
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:  # the loop's state, for its type only
+    from peftkit.checkpoint import TrainState
 
 Batching = Literal["bucketed", "random"]
 CHUNK_BATCHES = 50  # global batches per sorted chunk: long enough to bucket well, short enough to stay random
@@ -80,7 +83,7 @@ class BatchOrder:
             batches = batches[:-1]  # the partial batch: ranks could not split it evenly
         return batches[: self.batches_per_epoch]
 
-    def next(self, state) -> list[int]:
+    def next(self, state: TrainState) -> list[int]:
         """This rank's rows of the next micro-batch; advances state.epoch / state.batch_in_epoch."""
         if state.batch_in_epoch >= self.batches_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -91,7 +94,7 @@ class BatchOrder:
         start = self.ranks.rank * self.batch_size
         return batch[start : start + self.batch_size]
 
-    def step_batches(self, state, accum: int) -> list[list[int]]:
+    def step_batches(self, state: TrainState, accum: int) -> list[list[int]]:
         """This rank's micro-batches for the next optimizer step: `accum` of them, or the fewer left in the epoch.
 
         Why: an accumulation never spans two epochs (as in HF's Trainer), so an epoch is exactly
@@ -99,7 +102,9 @@ class BatchOrder:
         every epoch falls on the epoch's end.
         """
         left = self.batches_per_epoch - state.batch_in_epoch
-        return [self.next(state) for _ in range(min(accum, left if left > 0 else self.batches_per_epoch))]
+        if left <= 0:  # the epoch is done: `next` starts the next one, with all its batches left
+            left = self.batches_per_epoch
+        return [self.next(state) for _ in range(min(accum, left))]
 
     def padding_efficiency(self, epoch: int = 0) -> float:
         """Real tokens / padded tokens over one epoch's batches (needs lengths)."""
