@@ -194,8 +194,9 @@ def load_config(
     given = [item.partition("=")[0].strip() for item in overrides]
     check_budget_overrides(config.train, set(given))
     said = reconcile_overrides(data, resolved, config, given, built_in=not config_file)
-    for note in said if notes else ():  # said once the config is valid, so a refused one stays a single line
-        print(f"peftkit: note: {note}", file=sys.stderr)
+    if notes:  # said once the config is valid, so a refused one stays a single line
+        for note in said:
+            print(f"peftkit: note: {note}", file=sys.stderr)
     return config
 
 
@@ -212,35 +213,45 @@ def reconcile_overrides(
     recipe: a user's own file's settings are the user's)."""
     if not given:
         return []
-    notes = []
-    dropped = [k for k in data.get("method") or {} if k not in resolved["method"]]  # only a method switch drops
     try:
-        as_written = RunConfig.from_dict({**data, "recipe": config.recipe})
+        as_written: RunConfig | None = RunConfig.from_dict({**data, "recipe": config.recipe})
     except PeftkitError:  # a file that is valid only with its overrides: every override counts as a change
         as_written = None
-    before = flat_config(as_written.to_dict()) if as_written else {}
-    after = flat_config(config.to_dict())
-    changed = [
-        k for k in given if k not in RESULT_NEUTRAL_KEYS and (as_written is None or before.get(k) != after.get(k))
-    ]
+    notes = []
+    dropped = [k for k in data.get("method") or {} if k not in resolved["method"]]  # only a method switch drops
     if dropped:
         new = config.method.name
         notes.append(
             f"method.name={new} drops the recipe's {method_name(data)} options ({', '.join(dropped)}); "
             f"{new} starts from its own defaults plus any method.KEY=VALUE given"
         )
+    changed = changed_settings(as_written, config, given)
     if config.expected is not None and changed:
-        shown = ", ".join(f"{k}={after.get(k)}" for k in dict.fromkeys(changed))
+        shown = ", ".join(f"{k}={v}" for k, v in changed.items())
         notes.append(
             f"{config.recipe}'s expected result ({config.expected.metric} {config.expected.mean:.4f}) is dropped, "
             f"not recorded: it was measured with the recipe's own settings, and {shown} changes them"
         )
         config.expected = None
-    old = (as_written.method.name, as_written.task.name) if as_written else None
-    if built_in and old and "train" in data and old != (config.method.name, config.task.name):
-        lr = "" if "train.lr" in given else f" (train.lr={config.train.lr:g})"
-        notes.append(
-            f"{config.recipe}'s train settings{lr} were chosen for {old[0]} on {old[1]} and are "
-            f"kept as they are for {config.method.name} on {config.task.name}; tune them (train.lr=...) for it"
-        )
+    if built_in and as_written and "train" in data:
+        chosen_for = (as_written.method.name, as_written.task.name)
+        if chosen_for != (config.method.name, config.task.name):
+            lr = "" if "train.lr" in given else f" (train.lr={config.train.lr:g})"
+            notes.append(
+                f"{config.recipe}'s train settings{lr} were chosen for {chosen_for[0]} on {chosen_for[1]} and are "
+                f"kept as they are for {config.method.name} on {config.task.name}; tune them (train.lr=...) for it"
+            )
     return notes
+
+
+def changed_settings(as_written: RunConfig | None, config: RunConfig, given: list[str]) -> dict[str, Any]:
+    """{key: value now} for each overridden key in `given` that can change a run's numbers (not RESULT_NEUTRAL_KEYS)
+    and now differs from the recipe as written: setting a key to the value it had changes nothing. Without a
+    recipe as written to compare with (`None`), every such key counts."""
+    before = flat_config(as_written.to_dict()) if as_written else {}
+    after = flat_config(config.to_dict())
+    return {
+        k: after.get(k)
+        for k in given
+        if k not in RESULT_NEUTRAL_KEYS and (as_written is None or before.get(k) != after.get(k))
+    }
