@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftkit.config import ModelConfig
+from peftkit.config import ModelConfig, RunConfig
 from peftkit.errors import PeftkitError
 from peftkit.pooling import apply_pooling, native_pooling, pooling_modules, resolve_pooling
 
@@ -332,7 +332,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(trainable, total)
 
 
-def trainable_pct_without_weights(cfg) -> str:
+def trainable_pct_without_weights(cfg: RunConfig) -> str:
     """A recipe's trainable share of parameters, from its method applied to a weightless (meta-device) model; on a
     randomly initialised one for a method whose set-up reads weight values (peft's BOFT calls .item())."""
     from transformers import AutoConfig, AutoModelForSequenceClassification

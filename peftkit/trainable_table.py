@@ -16,10 +16,12 @@ import json
 from importlib.metadata import version
 
 from peftkit.config import RunConfig
+from peftkit.errors import PeftkitError
 from peftkit.io import atomic_write_json, read_json
 from peftkit.recipe_files import list_recipes, load_config, recipes_dir
 
 TABLE_FILE = "trainable.json"
+Table = dict[str, dict[str, str]]  # recipe name -> {"key": count_key, "libraries": libraries(), "pct": "0.123"}
 
 
 def count_key(cfg: RunConfig) -> str:
@@ -36,12 +38,13 @@ def libraries() -> str:
     return f"peft {version('peft')}, transformers {version('transformers')}"
 
 
-def read_table() -> dict[str, dict[str, str]]:
+def read_table() -> Table:
+    """The shipped table; empty where it is not shipped (every recipe is then counted)."""
     path = recipes_dir() / TABLE_FILE
     return read_json(path) if path.is_file() else {}
 
 
-def trainable_pct(cfg: RunConfig, table: dict[str, dict[str, str]]) -> str:
+def trainable_pct(cfg: RunConfig, table: Table) -> str:
     """The recipe's entry in the table when it was counted from this very config; otherwise counted now."""
     entry = table.get(cfg.recipe or "")
     if entry and entry.get("key") == count_key(cfg) and entry.get("libraries") == libraries():
@@ -54,10 +57,9 @@ def trainable_pct(cfg: RunConfig, table: dict[str, dict[str, str]]) -> str:
 def write_table() -> None:
     """Count every built-in recipe afresh and write the table (atomically). A recipe that cannot be counted here
     (its model not available offline) is refused rather than written as '?'."""
-    from peftkit.errors import PeftkitError
-    from peftkit.modeling import trainable_pct_without_weights
+    from peftkit.modeling import trainable_pct_without_weights  # torch: imported only to count
 
-    table = {}
+    table: Table = {}
     for name in list_recipes():
         cfg = load_config(recipe=name)
         pct = trainable_pct_without_weights(cfg)
