@@ -101,12 +101,13 @@ def run_bench(
         )
         names = [m.name for m in loaded_metrics]
         lacking = [unscored_modules(read_cell(cell_path(out, c)).get("user_metrics"), names) for c in done]
-        if any(lacking):
-            missing = ", ".join(n for n in names if any(n in modules for modules in lacking))
+        lacking = [modules for modules in lacking if modules]  # one list of unscored modules per such done cell
+        if lacking:
+            unscored = ", ".join(n for n in names if any(n in modules for modules in lacking))
             bar.write(
-                f"peftkit bench: note: --metric scores only the cells run now; {sum(map(bool, lacking))} cells "
-                f"already done have no {missing} scores (their adapter weights are not kept): remove their cell "
-                "files to run them again"
+                f"peftkit bench: note: --metric scores only the cells run now; {len(lacking)} cells already done "
+                f"have no {unscored} scores (their adapter weights are not kept): remove their cell files to run "
+                "them again"
             )
 
         def write(cell: Cell, record: dict[str, Any]) -> None:
