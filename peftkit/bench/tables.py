@@ -58,8 +58,8 @@ def summary_table(report: dict[str, Any], tasks: list[str], methods: list[str]) 
         cells = [report["summary"][m].get(t) for t in tasks]
         values = [c["mean"] for c in cells if c and c["mean"] is not None]
         mean = statistics.fmean(values) if len(values) == len(tasks) else None
-        rows.append([m, *(format_mean_std(c["mean"], c["std"]) if c else "-" for c in cells)])
-        rows[-1] += [format_mean_std(mean, None)] if metric else []
+        row = [m, *(format_mean_std(c["mean"], c["std"]) if c else "-" for c in cells)]
+        rows.append([*row, format_mean_std(mean, None)] if metric else row)
     return ["method", *tasks, *([f"mean {metric}"] if metric else [])], rows
 
 
