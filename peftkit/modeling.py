@@ -6,6 +6,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -369,7 +370,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_model_inputs(max_length: int, model, tokenizer, largest_token_id: int) -> None:
+def check_model_inputs(max_length: int, model: nn.Module, tokenizer: Any, largest_token_id: int) -> None:
     """What the batches hand the model must fit it, or the first batch dies in an embedding lookup (IndexError):
     task.max_length within the positions (an error, not a silent clamp), and the largest token id the batches carry
     (`largest_token_id`: the data's and the pad's) within the vocabulary, as when a folder's tokenizer is not the
