@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit.adapters import get_method_class
@@ -25,7 +26,7 @@ from peftkit.errors import PeftkitError, short_error
 from peftkit.fingerprint import model_fingerprint, short
 from peftkit.formats import ADAPTER_META_FILE, SUMMARY_FILE, AdapterMeta
 from peftkit.io import atomic_directory, atomic_write_json, atomic_write_text, default_file_mode, read_json
-from peftkit.modeling import head_pad_token_id, head_wrappers, portable_model_name
+from peftkit.modeling import head_pad_token_id, head_wrappers, portable_model_name, resolve_model_path
 from peftkit.pooling import is_stock
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -104,6 +105,9 @@ def export_merged(
     merged.config.name_or_path = base
     # a plain `tokenizer(text, truncation=True)` must cut where training, eval, predict and serve cut
     loaded.tokenizer.model_max_length = meta.task.max_length
+    half = saved_half_dtype(resolve_model_path(meta.base_model))
+    if half is not None:  # loaded (and merged) in float32 for training; shipped as the base was: same size
+        merged = merged.to(half)
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(tmp))
@@ -212,6 +216,17 @@ def model_card(meta: AdapterMeta, stock_blocker: str | None, pad_token_id: int |
 
 def _or_na(value: Any) -> Any:
     return "n/a" if value is None else value
+
+
+def saved_half_dtype(model_path: str) -> torch.dtype | None:
+    """float16 / bfloat16 where a local base folder's config.json says it was saved so, else None (float32, or a
+    Hub id not on disk). peftkit loads every base in float32, so a merged export would be twice the base's size."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    saved = read_json(config)
+    name = saved.get("dtype") or saved.get("torch_dtype")  # transformers 5 / 4 spell it differently
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name) if isinstance(name, str) else None
 
 
 def _merged_card(meta: AdapterMeta) -> str:

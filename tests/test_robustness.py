@@ -14,6 +14,7 @@ from peftkit.adapters.lora import LoRA
 from peftkit.config import RunConfig, TaskConfig
 from peftkit.data import load_task
 from peftkit.errors import PeftkitError
+from peftkit.export import export_merged
 from peftkit.io import load_tensors
 from peftkit.train import train
 
@@ -206,6 +207,9 @@ def test_a_base_saved_in_half_precision_trains_in_float32_and_a_foreign_tokenize
         train(config, run_dir=tmp_path / f"run-{dtype}")
         weights = load_tensors(tmp_path / f"run-{dtype}" / "adapter" / "adapter_model.safetensors")
         assert {t.dtype for t in weights.values()} == {torch.float32}
+        merged = export_merged(tmp_path / f"run-{dtype}", tmp_path / f"merged-{dtype}")  # shipped as the base was
+        assert {t.dtype for t in load_tensors(merged / "model.safetensors").values()} == {dtype}
+        assert json.loads((merged / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
 
     config = base_like_tiny_bert("added-token", lambda model: model)  # a token the data never produces: no harm
     tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
