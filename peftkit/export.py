@@ -211,6 +211,8 @@ def model_card(meta: AdapterMeta, stock_blocker: str | None, pad_token_id: int |
             "model = PeftModel.from_pretrained(base, 'THIS_FOLDER').eval()",
             "```",
         ]
+        note = get_method_class(meta.method).stock_peft_note
+        lines += ["", f"Note: {note}."] if note else []
     return "\n".join(lines) + "\n"
 
 

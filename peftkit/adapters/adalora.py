@@ -42,6 +42,10 @@ class AdaLoRA(PeftMethod):
     frozen_linears_in_bf16 = True
     restore_best = False  # pruned ranks change over the run; an earlier snapshot would not match the final pattern
     resume_blocker = "peft keeps its rank allocator's importance scores and rank pattern outside the weights"
+    stock_peft_note = (
+        "peft may warn that the saved rank_pattern keys 'did not match any targeted module and were ignored'; they "
+        "are applied (its check does not read AdaLoRA's `.lora_E` names), and the loaded model gives peftkit's outputs"
+    )
 
     def peft_config(self, ctx: MethodContext) -> Any:
         from peft import AdaLoraConfig

@@ -44,6 +44,7 @@ class Method:
     resume_blocker: ClassVar[str | None] = None  # why checkpoints of this method would not resume exactly, if so
     # why stock `PeftModel.from_pretrained` cannot load its PEFT-format folder as is, if so: the model card says it
     stock_peft_blocker: ClassVar[str | None] = None
+    stock_peft_note: ClassVar[str | None] = None  # a harmless message that load prints: the model card explains it
     quantizable: ClassVar[bool] = False  # peft has bitsandbytes (8-bit/4-bit) layers for it: model.quantization works
     frozen_body: ClassVar[bool] = False  # trains no body weight (the head probe): `model.pooling: auto` then differs
     # its frozen nn.Linear weights enter only their layer's product, so a bf16 run may store them in bf16
