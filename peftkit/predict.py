@@ -21,7 +21,7 @@ from peftkit.data import encode
 from peftkit.errors import PeftkitError
 from peftkit.inference import format_predictions, predict_logits
 from peftkit.io import atomic_open
-from peftkit.validation import iter_rows, row_texts
+from peftkit.validation import TABLE_SUFFIXES, iter_rows, row_texts
 
 
 def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str | None) -> dict[str, Any]:
@@ -41,15 +41,15 @@ def normalise(where: str, row: dict[str, Any], text_field: str, pair_field: str 
 
 
 PREDICTION_FIELDS = ("label", "label_name", "probabilities")  # what format_predictions gives each row
-OUTPUT_SUFFIXES = (".jsonl", ".csv")
+OUTPUT_SUFFIXES = (".jsonl", *TABLE_SUFFIXES)  # the suffixes predict reads, written the same way
 
 
 def output_format(path: str) -> str:
-    """'jsonl' or 'csv', by the --output suffix ('-', stdout, is JSONL); any other suffix is refused."""
+    """'jsonl', 'csv' or 'tsv', by the --output suffix ('-', stdout, is JSONL); any other suffix is refused."""
     suffix = ".jsonl" if path == "-" else Path(path).suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise PeftkitError(
-            f"--output {path}: predictions are written as {' or '.join(OUTPUT_SUFFIXES)} (by the file's suffix), "
+            f"--output {path}: predictions are written as {', '.join(OUTPUT_SUFFIXES)} (by the file's suffix), "
             f"got {suffix or 'no suffix'}"
         )
     return suffix[1:]
@@ -71,14 +71,14 @@ class CsvWriter:
     """Output rows as CSV: the first row's fields are the header, probabilities one column per label name
     (probabilities.<name>); a later row with a field the header lacks is refused, never dropped."""
 
-    def __init__(self, out: IO[str]):
-        self.out, self.writer = out, None
+    def __init__(self, out: IO[str], delimiter: str = ","):
+        self.out, self.writer, self.delimiter = out, None, delimiter
 
     def write(self, where: str, row: dict[str, Any]) -> None:
         flat = {k: v for k, v in row.items() if k != "probabilities"}
         flat.update({f"probabilities.{name}": p for name, p in row["probabilities"].items()})
         if self.writer is None:
-            self.writer = csv.DictWriter(self.out, fieldnames=list(flat), restval="")
+            self.writer = csv.DictWriter(self.out, fieldnames=list(flat), restval="", delimiter=self.delimiter)
             self.writer.writeheader()
         extra = [k for k in flat if k not in self.writer.fieldnames]
         if extra:
@@ -137,7 +137,7 @@ def predict_stream(
     written. An input without rows is refused: an empty output would look like a result."""
     from tqdm.auto import tqdm
 
-    csv_writer = CsvWriter(out) if fmt == "csv" else None
+    csv_writer = CsvWriter(out, TABLE_SUFFIXES[f".{fmt}"] or ",") if f".{fmt}" in TABLE_SUFFIXES else None
 
     text_field, pair_field = loaded.meta.task.input_fields
     written = 0

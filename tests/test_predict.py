@@ -67,6 +67,10 @@ def test_predict_reads_a_tsv_input_as_a_tab_table(adapter, tmp_path):
     assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "p.jsonl")]) == 0
     check(read_preds(tmp_path / "p.jsonl"), adapter)
     assert [p["id"] for p in read_preds(tmp_path / "p.jsonl")] == ["r0", "r1", "r2", "r3"]
+    # and written as one: a tab table with the input's columns, then the prediction's
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "p.tsv")]) == 0
+    lines = (tmp_path / "p.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:4] == ["text", "id", "label", "label_name"] and len(lines) == 5
 
 
 def test_predict_stdin_to_stdout(adapter, monkeypatch, capsys):
@@ -196,4 +200,4 @@ def test_predict_refuses_an_output_suffix_it_does_not_write(adapter, tmp_path, c
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"text": "ok"}) + "\n")
     assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "p.txt")]) == 2
-    assert "predictions are written as .jsonl or .csv (by the file's suffix), got .txt" in capsys.readouterr().err
+    assert "predictions are written as .jsonl, .csv, .tsv (by the file's suffix), got .txt" in capsys.readouterr().err

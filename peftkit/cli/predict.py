@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
         default="-",
-        help="PREDS.jsonl or PREDS.csv (default: JSON lines on stdout); each row keeps the input's fields and adds "
-        "label, label_name and probabilities (CSV: a probabilities.<label> column each); an input field named like "
+        help="PREDS.jsonl, PREDS.csv or PREDS.tsv (default: JSON lines on stdout); each row keeps the input's fields "
+        "and adds label, label_name and probabilities (CSV/TSV: a probabilities.<label> column each); an input field "
+        "named like "
         "one of those is kept as input_<name>",
     )
     parser.add_argument("--batch-size", type=int, default=64)
