@@ -100,7 +100,7 @@ def run_bench(
             bar_format="{desc}: {n}/{total} cells |{bar}| [{elapsed}<{remaining}] {postfix}",
         )
         names = [m.name for m in loaded_metrics]
-        lacking = [unscored_modules(read_cell(cell_path(out, c)).get("user_metrics"), names) for c in done]
+        lacking = [unscored_modules(read_cell(cell_path(out, c)).get("user_metrics"), names) for c in done if names]
         lacking = [modules for modules in lacking if modules]  # one list of unscored modules per such done cell
         if lacking:
             unscored = ", ".join(n for n in names if any(n in modules for modules in lacking))
