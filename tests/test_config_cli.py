@@ -389,15 +389,22 @@ def test_the_recipe_listing_is_quiet_and_counts_without_weights():
 def test_recipes_listing_reads_the_shipped_counts_and_recounts_a_changed_recipe(monkeypatch, capsys):
     """`peftkit recipes` imported transformers and peft and built every recipe's model (10-25 s on 2 cores) for
     counts that change only with a recipe, a method or peft: it reads recipes/trainable.json, and counts only a
-    recipe whose entry no longer matches it."""
+    recipe whose entry no longer matches it or was counted under other library versions."""
     import peftkit.modeling as modeling
+    import peftkit.trainable_table as trainable_table
 
+    # As if the installed peft and transformers were the ones the table was counted with (CI may install newer).
+    shipped_libraries = read_table()["sst2-lora"]["libraries"]
+    monkeypatch.setattr(trainable_table, "libraries", lambda: shipped_libraries)
     counted = []
     monkeypatch.setattr(modeling, "trainable_pct_without_weights", lambda cfg: counted.append(cfg) or "1.234")
     assert main(["recipes"]) == 0
     pcts = {line.split()[0]: line.split()[3] for line in capsys.readouterr().out.splitlines()[2:]}
     assert counted == [] and pcts["sst2-boft"] == "0.750" and pcts["financial_phrasebank-boft"] == "0.752"
     assert trainable_pct(load_config(recipe="sst2-lora", overrides=["method.r=16"]), read_table()) == "1.234"
+    # Another peft or transformers counts afresh rather than trusting the table.
+    monkeypatch.setattr(trainable_table, "libraries", lambda: "peft 99.0, transformers 99.0")
+    assert trainable_pct(load_config(recipe="sst2-lora"), read_table()) == "1.234"
 
 
 def test_the_shipped_trainable_table_matches_every_recipe():
