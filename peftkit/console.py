@@ -13,7 +13,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes, imported by peft, asks `kernels` (a transformers dependency since 5.25) for a Hub kernel on CPUs
+    # with AVX512-BF16; both log a warning on every command when that fails (offline), which peftkit never needs.
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "", unit: str = "step", **kwargs):

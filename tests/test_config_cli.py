@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -412,3 +413,12 @@ def test_the_shipped_trainable_table_matches_every_recipe():
     table = read_table()
     assert sorted(table) == sorted(list_recipes())
     assert [name for name in table if table[name]["key"] != count_key(load_config(recipe=name))] == []
+
+
+def test_importing_bitsandbytes_under_the_cli_prints_nothing():
+    """peft imports bitsandbytes, which on an AVX512-BF16 CPU asks `kernels` for a Hub kernel and logs two warnings
+    when it cannot have it (offline); every peftkit command printed them before its own output."""
+    code = "from peftkit.console import quiet_libraries; quiet_libraries(); import peft, bitsandbytes"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stderr == ""
