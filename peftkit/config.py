@@ -227,6 +227,9 @@ def flat_config(data: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+FROM_DICT_HINT = "RunConfig.from_dict builds a config from mappings"
+
+
 @dataclass
 class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -237,16 +240,35 @@ class RunConfig:
     expected: Expected | None = None  # a built-in recipe's measured result (recipes/<task>-<method>.yaml)
 
     def to_dict(self) -> dict[str, Any]:
+        options = dataclasses.asdict(self.method.options) if self.method.options is not None else {}  # None: defaults
         data = {
             "recipe": self.recipe,
             "task": dataclasses.asdict(self.task),
             "model": dataclasses.asdict(self.model),
-            "method": {"name": self.method.name, **dataclasses.asdict(self.method.options)},
+            "method": {"name": self.method.name, **options},
             "train": dataclasses.asdict(self.train),
         }
         if self.expected is not None:
             data["expected"] = dataclasses.asdict(self.expected)
         return data
+
+    def check(self) -> RunConfig:
+        """Check, in place, a config built or edited in code as from_dict checks one read from a file ("3e-4" read
+        as 3e-4): train() starts with it, so a bad value is one line naming the field, not an error deep in torch.
+        Method options None are the method's defaults."""
+        sections = {"task": TaskConfig, "model": ModelConfig, "method": MethodSpec, "train": TrainConfig}
+        for section, cls in sections.items():
+            if not isinstance(getattr(self, section), cls):
+                got = type(getattr(self, section)).__name__
+                raise PeftkitError(f"RunConfig.{section} must be a {cls.__name__}, got {got} ({FROM_DICT_HINT})")
+        options = self.method.options
+        if options is not None and (isinstance(options, type) or not dataclasses.is_dataclass(options)):
+            raise PeftkitError(
+                "RunConfig.method.options must be the method's options dataclass or None (its defaults), got "
+                f"{type(options).__name__} ({FROM_DICT_HINT})"
+            )
+        vars(self).update(vars(RunConfig.from_dict(self.to_dict())))
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -59,8 +59,11 @@ __all__ = ["BatchOrder", "MetricsLog", "Ranks", "build_optimizer", "train"]
 
 def train(config: RunConfig, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunSummary:
     """Train `config` and return its summary (also written to RUN_DIR/summary.json). Its local paths are made
-    absolute first (local_paths.resolve_local_paths): the run then reads the same files from any working folder."""
-    resolve_local_paths(config)
+    absolute first (local_paths.resolve_local_paths): the run then reads the same files from any working folder.
+    A config built or edited in code is checked first as a recipe's is (RunConfig.check)."""
+    if not isinstance(config, RunConfig):
+        raise PeftkitError(f"train() takes a RunConfig (peftkit.load_config builds one), got {type(config).__name__}")
+    resolve_local_paths(config.check())
     tcfg = config.train
     ranks = Ranks.from_env(tcfg.distributed)
     device = resolve_device(tcfg.device)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from peftkit.cli import main
-from peftkit.config import RunConfig
+from peftkit.config import MethodSpec, RunConfig, TaskConfig, TrainConfig
 from peftkit.errors import PeftkitError
 from peftkit.recipe_files import apply_overrides, list_recipes, load_config
 from peftkit.trainable_table import count_key, read_table, trainable_pct
@@ -61,6 +61,34 @@ def test_override_types_are_checked_and_converted():
 def test_bad_overrides_name_the_problem(overrides, message):
     with pytest.raises(PeftkitError, match=message):
         load_config(recipe="sst2-lora", overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"train": TrainConfig(batch_size=0)}, "train.batch_size must be at least 1, got 0"),
+        ({"train": TrainConfig(lr=float("nan"))}, "train.lr must be a finite number, got nan"),
+        ({"train": TrainConfig(batching="shuffled")}, "unknown train.batching 'shuffled'. Valid: bucketed, random"),
+        ({"task": TaskConfig(max_length="long")}, "task.max_length must be an integer"),
+        ({"train": {"lr": 1e-3}}, "RunConfig.train must be a TrainConfig, got dict"),
+        ({"method": MethodSpec("lora", {"r": 4})}, "RunConfig.method.options must be the method's options dataclass"),
+        ({"method": MethodSpec("lorra", None)}, "unknown method 'lorra'. Did you mean 'lora'"),
+        (None, "train\\(\\) takes a RunConfig \\(peftkit.load_config builds one\\), got dict"),
+    ],
+)
+def test_a_config_built_in_code_is_checked_before_training(sections, message, tmp_path):
+    from peftkit.train import train
+
+    config = RunConfig(**sections) if sections is not None else {"train": {"lr": 1e-3}}
+    with pytest.raises(PeftkitError, match=message):  # before anything loads: no model, no data, no run folder
+        train(config, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_checking_a_config_built_in_code_converts_as_a_recipe_does():
+    config = RunConfig(train=TrainConfig(lr="3e-4", epochs=2), method=MethodSpec("lora", None)).check()
+    assert config.train.lr == 3e-4 and config.train.epochs == 2.0 and config.method.options.r == 8
+    assert RunConfig.from_dict(config.to_dict()) == config
 
 
 def test_overriding_the_method_drops_the_recipes_options_of_the_old_one(capsys):
