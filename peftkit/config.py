@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -410,6 +411,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(number)
         raise PeftkitError(f"{where} must be a number, got {value!r}")
     if hint is str:
+        if isinstance(value, os.PathLike):  # a pathlib.Path given in code, where files and folders are named
+            return os.fspath(value)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise PeftkitError(f"{where} must be a string, got {value!r}")

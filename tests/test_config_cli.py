@@ -85,9 +85,11 @@ def test_a_config_built_in_code_is_checked_before_training(sections, message, tm
     assert not (tmp_path / "run").exists()
 
 
-def test_checking_a_config_built_in_code_converts_as_a_recipe_does():
-    config = RunConfig(train=TrainConfig(lr="3e-4", epochs=2), method=MethodSpec("lora", None)).check()
+def test_checking_a_config_built_in_code_converts_as_a_recipe_does(tmp_path):
+    train = TrainConfig(lr="3e-4", epochs=2, output_dir=tmp_path)  # a Path: was AttributeError deep in the run
+    config = RunConfig(task=TaskConfig(name=tmp_path / "t.csv"), train=train, method=MethodSpec("lora", None)).check()
     assert config.train.lr == 3e-4 and config.train.epochs == 2.0 and config.method.options.r == 8
+    assert config.train.output_dir == str(tmp_path) and config.task.name == str(tmp_path / "t.csv")
     assert RunConfig.from_dict(config.to_dict()) == config
 
 
