@@ -1,5 +1,5 @@
 """Shared by the small benchmark scripts: one training run per subprocess (clean peak-memory numbers), through
-`peftkit.train.train` (the function users call), and results written as markdown + JSON with the exact command."""
+`peftkit.loop.train` (the function users call), and results written as markdown + JSON with the exact command."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def _child(payload: str) -> None:
 
     hf_logging.set_verbosity_error()
     from peftkit.config import RunConfig
+    from peftkit.loop import train
     from peftkit.recipe_files import apply_overrides
-    from peftkit.train import train
 
     spec = json.loads(payload)
     data = apply_overrides({"method": spec["method"]}, spec["overrides"])

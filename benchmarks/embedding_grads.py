@@ -30,7 +30,7 @@ WAYS = ("dense", "rows")
 def child(recipe: str, way: str, steps: int, run_dir: str, profiled: bool) -> dict:
     import contextlib
 
-    import peftkit.train as loop
+    import peftkit.loop as loop
     from peftkit.embedding_grads import EmbeddingGradBuffers
     from peftkit.recipe_files import load_config
 

@@ -46,7 +46,7 @@ def rss_mb() -> float:
 def train_adapters(root: Path, steps: int) -> dict[str, Path]:
     """Tiny sst2 runs on the default MiniLM (cached in `root` between invocations)."""
     from peftkit.config import RunConfig
-    from peftkit.train import train
+    from peftkit.loop import train
 
     out = {}
     for name, method, seed in (("lora0", "lora", 0), ("lora1", "lora", 1), ("ia3", "ia3", 0), ("lora4", "lora", 2)):

@@ -33,7 +33,7 @@ def rss_mb() -> float:
 
 def train_runs(root: Path, steps: int) -> list[Path]:
     from peftkit.config import RunConfig
-    from peftkit.train import train
+    from peftkit.loop import train
 
     out = []
     for method in ("lora", "ia3", "bottleneck"):

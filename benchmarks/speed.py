@@ -76,8 +76,8 @@ def run_peftkit(
     task: str, method: str, train_rows: int, overrides: list[str], keep: str | None, eval_rows: int | None
 ) -> dict:
     from peftkit.data import encode
+    from peftkit.loop import train
     from peftkit.modeling import load_tokenizer
-    from peftkit.train import train
 
     data, config = rows_and_config(task, method, train_rows, overrides, eval_rows)
     lengths = encode(data.splits["train"], load_tokenizer(config.model), config.task.max_length).lengths()

@@ -11,7 +11,7 @@ from peftkit.batching import BatchOrder
 from peftkit.checkpoint import TrainState
 from peftkit.data import EncodedSplit
 from peftkit.errors import PeftkitError
-from peftkit.train import Ranks
+from peftkit.loop import Ranks
 
 _RNG = random.Random(0)
 LENGTHS = [_RNG.choice([3, 5, 8, 13, 21, 40, 64]) for _ in range(1003)]

@@ -77,7 +77,7 @@ def test_bad_overrides_name_the_problem(overrides, message):
     ],
 )
 def test_a_config_built_in_code_is_checked_before_training(sections, message, tmp_path):
-    from peftkit.train import train
+    from peftkit.loop import train
 
     config = RunConfig(**sections) if sections is not None else {"train": {"lr": 1e-3}}
     with pytest.raises(PeftkitError, match=message):  # before anything loads: no model, no data, no run folder

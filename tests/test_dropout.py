@@ -106,8 +106,8 @@ def test_a_model_that_checks_the_attention_name_keeps_its_sdpa_path(tiny_model_d
     from peftkit.config import ModelConfig
     from peftkit.data import encode
     from peftkit.inference import predict_logits
+    from peftkit.loop import train
     from peftkit.modeling import load_model, load_tokenizer
-    from peftkit.train import train
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir("falcon")))
     tokenizer = load_tokenizer(cfg)
@@ -145,7 +145,7 @@ def test_switched_model_trains_reproducibly_and_evaluates_unchanged():
 def test_gradient_checkpointing_replays_the_same_masks(tiny_run_config, tmp_path):
     """Dropout on (model 0.1 + LoRA 0.1): a checkpointed run recomputes with the same masks, so the update matches."""
     from peftkit.io import load_tensors
-    from peftkit.train import train
+    from peftkit.loop import train
 
     weights = {}
     for name, ckpt in (("plain", False), ("ckpt", True)):
@@ -156,7 +156,7 @@ def test_gradient_checkpointing_replays_the_same_masks(tiny_run_config, tmp_path
 
 
 def test_the_loop_uses_hash_masks_by_default_and_torch_on_request(tiny_run_config, tmp_path, monkeypatch):
-    import peftkit.train as loop
+    import peftkit.loop as loop
 
     calls = []
     monkeypatch.setattr(loop, "use_hash_dropout", lambda model: calls.append(model) or 0)

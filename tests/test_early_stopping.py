@@ -10,7 +10,7 @@ import pytest
 from peftkit.config import RunConfig, TaskConfig
 from peftkit.data import load_task, majority_rate
 from peftkit.errors import PeftkitError
-from peftkit.train import train
+from peftkit.loop import train
 
 
 def evaluations(run_dir):

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from peftkit.loop import train
 from peftkit.recipe_files import load_config
-from peftkit.train import train
 
 pytestmark = pytest.mark.integration
 

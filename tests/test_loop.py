@@ -9,7 +9,7 @@ import torch
 
 from peftkit.adapters.lora import LoRA
 from peftkit.io import load_tensors
-from peftkit.train import BatchOrder, Ranks, build_optimizer, train
+from peftkit.loop import BatchOrder, Ranks, build_optimizer, train
 
 
 def adapter_weights(run_dir):
@@ -49,6 +49,16 @@ def test_same_seed_same_weights_other_seed_differs(tiny_run_config, tmp_path):
     a, b, c = (adapter_weights(tmp_path / x) for x in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_peftkit_train_stays_the_function_once_the_loop_module_is_imported(tiny_run_config, tmp_path):
+    """The loop lived in peftkit/train.py: importing it bound the module over the function `peftkit.train`, so a
+    second `peftkit.train(config)` in one process was TypeError: 'module' object is not callable."""
+    import peftkit
+    import peftkit.loop  # noqa: F401  (binds the submodule on the package, as any import of it does)
+
+    for name in "ab":
+        assert peftkit.train(tiny_run_config("lora", max_steps=1), run_dir=tmp_path / name).steps == 1
 
 
 def test_resume_after_crash_is_bitwise_identical(tiny_run_config, tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ from peftkit.artifacts import load
 from peftkit.config import ModelConfig
 from peftkit.data import encode, load_task
 from peftkit.errors import PeftkitError
+from peftkit.loop import train
 from peftkit.modeling import count_parameters, head_modules, load_model, trained_head_modules
-from peftkit.train import train
 
 H, L, FF, LABELS = 32, 2, 64, 2  # the tiny BERT of conftest
 HEAD = H * LABELS + LABELS

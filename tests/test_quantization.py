@@ -14,8 +14,8 @@ from peftkit.artifacts import load
 from peftkit.config import ModelConfig
 from peftkit.errors import PeftkitError
 from peftkit.export import model_card
+from peftkit.loop import train
 from peftkit.modeling import head_modules, load_model
-from peftkit.train import train
 
 
 @pytest.fixture(scope="module")

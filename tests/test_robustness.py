@@ -16,7 +16,7 @@ from peftkit.data import load_task
 from peftkit.errors import PeftkitError
 from peftkit.export import export_merged
 from peftkit.io import load_tensors
-from peftkit.train import train
+from peftkit.loop import train
 
 
 def write_jsonl(path, rows):

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from peftkit.loop import train
 from peftkit.precision import bf16_pays, resolve_bf16
-from peftkit.train import train
 
 
 def test_bf16_setting_true_false_or_auto():
@@ -32,7 +32,7 @@ def held_by_loop(monkeypatch):
     """Each call the loop makes to hold_frozen_linears_in_bf16, as the number of linear weights it left in bf16."""
     from torch import nn
 
-    import peftkit.train as loop
+    import peftkit.loop as loop
 
     held = []
     hold = loop.hold_frozen_linears_in_bf16
@@ -132,7 +132,7 @@ def test_embedding_row_gradients_add_into_one_kept_buffer(tiny_model_dir):
 def test_embedding_row_gradients_give_the_same_full_fine_tuning(
     tiny_run_config, tiny_model_dir, tmp_path, monkeypatch
 ):
-    import peftkit.train as loop
+    import peftkit.loop as loop
     from peftkit.adapters.base import WEIGHTS_FILE
     from peftkit.embedding_grads import EmbeddingGradBuffers
     from peftkit.io import load_tensors
@@ -206,7 +206,7 @@ def test_report_to_is_off_by_default_and_checked(tiny_run_config, tmp_path):
 def test_evaluation_is_not_training_time(tiny_run_config, tmp_path, monkeypatch):
     import time
 
-    import peftkit.train as loop
+    import peftkit.loop as loop
 
     real = loop.evaluate
 

@@ -116,7 +116,7 @@ def test_save_reload_identical_logits_head_saved_stock_peft_and_merge(name, tiny
 def test_trains_in_the_loop_and_reloads_to_its_numbers(name, tiny_run_config, tmp_path):
     from peftkit.data import encode, load_task
     from peftkit.inference import evaluate
-    from peftkit.train import train
+    from peftkit.loop import train
 
     config = tiny_run_config(name, method_options=TINY_OPTIONS.get(name), seed=7, max_steps=3)
     summary = train(config, run_dir=tmp_path / "run")
@@ -146,7 +146,7 @@ def test_generic_peft_entry_applies_any_type_and_round_trips(tiny_model_dir, tmp
 
 
 def test_generic_peft_entry_from_a_config(tiny_run_config, tmp_path):
-    from peftkit.train import train
+    from peftkit.loop import train
 
     config = tiny_run_config("peft", method_options={"peft_type": "LOHA", "options": {"r": 2}}, max_steps=2)
     assert config.method.options.options == {"r": 2}
@@ -196,7 +196,7 @@ def test_lora_inits_train_and_the_saved_folder_reloads_on_the_original_base(init
 
     from peftkit.data import encode, load_task
     from peftkit.inference import evaluate
-    from peftkit.train import train
+    from peftkit.loop import train
 
     options = {"init": init, "r": 4, "calibration_batches": 2}
     config = tiny_run_config("lora", method_options=options, seed=3, max_steps=4, eval_every=None)

@@ -23,7 +23,7 @@ class TinyRuns:
     ) -> Path:
         """Train `method` (with `model.pooling`) for a few steps and return the RUN folder (adapter in RUN/adapter)."""
         from peftkit.config import RunConfig
-        from peftkit.train import train
+        from peftkit.loop import train
 
         key = (method, seed, str(task), pooling, tuple(sorted(options.items())))
         if key not in self.cache:

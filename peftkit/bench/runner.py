@@ -270,7 +270,7 @@ def finish_record(record: dict[str, Any], outcome: dict[str, Any]) -> dict[str, 
 def measure_cell(job: CellJob) -> dict[str, Any]:
     """Train through `train()`, time inference on the saved adapter, then drop the weights (the tables keep sizes)."""
     from peftkit.formats import AdapterMeta
-    from peftkit.train import train
+    from peftkit.loop import train
 
     config = RunConfig.from_dict(job.config)
     load = LoadMeter()

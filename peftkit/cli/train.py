@@ -49,13 +49,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:  # as the run would record it: local paths absolute
         from peftkit.adapters import build_method
         from peftkit.local_paths import resolve_local_paths
-        from peftkit.train import check_method_fits
+        from peftkit.loop import check_method_fits
 
         check_method_fits(config, build_method(config.method.name, config.method.options))
         print(resolve_local_paths(config).to_yaml(), end="")
         return 0
 
-    from peftkit.train import train
+    from peftkit.loop import train
 
     summary = train(config, run_dir=args.run_dir, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
