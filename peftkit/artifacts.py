@@ -19,7 +19,8 @@ from torch import nn
 
 from peftkit.adapters import Method, MethodContext, build_method, get_method_class
 from peftkit.adapters._peft import peft_state_dict
-from peftkit.config import ModelConfig, build_dataclass
+from peftkit.config import ModelConfig
+from peftkit.config_values import build_dataclass
 from peftkit.errors import PeftkitError, short_error
 from peftkit.fingerprint import model_fingerprint, short
 from peftkit.formats import ADAPTER_META_FILE, AdapterMeta, TaskInfo

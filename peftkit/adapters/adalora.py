@@ -16,7 +16,7 @@ from torch import nn
 
 from peftkit.adapters._peft import PeftMethod, seq_cls_kwargs
 from peftkit.adapters.base import MethodContext
-from peftkit.config import NonNegative, Positive, Probability, Range
+from peftkit.config_values import NonNegative, Positive, Probability, Range
 from peftkit.errors import PeftkitError
 
 

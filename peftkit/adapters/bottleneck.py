@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from peftkit.adapters.base import Method, MethodContext, freeze, unfreeze_head
-from peftkit.config import Positive, Range
+from peftkit.config_values import Positive, Range
 from peftkit.errors import PeftkitError
 
 # model_type -> (attention output projection, feed-forward output projection), relative to one layer.

@@ -27,7 +27,7 @@ from torch import nn
 
 from peftkit.adapters._peft import PeftMethod, peft_state_dict, seq_cls_kwargs
 from peftkit.adapters.base import MethodContext
-from peftkit.config import Positive, Probability, Range
+from peftkit.config_values import Positive, Probability, Range
 from peftkit.errors import PeftkitError
 
 CHANGES_BASE = ("pissa", "olora", "corda")  # saved converted to a plain LoRA against the original base

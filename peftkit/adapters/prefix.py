@@ -26,7 +26,7 @@ from torch import nn
 
 from peftkit.adapters._peft import PeftMethod
 from peftkit.adapters.base import MethodContext
-from peftkit.config import Positive
+from peftkit.config_values import Positive
 from peftkit.errors import PeftkitError
 
 

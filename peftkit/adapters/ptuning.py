@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from peftkit.adapters._peft import PeftMethod
 from peftkit.adapters.base import MethodContext
-from peftkit.config import Positive
+from peftkit.config_values import Positive
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftkit.config import build_dataclass
+from peftkit.config_values import build_dataclass
 from peftkit.errors import PeftkitError, unknown_choice
 from peftkit.recipe_files import read_yaml, recipes_dir
 
