@@ -113,6 +113,16 @@ class LoadedAdapter:
     def label_names(self) -> list[str]:
         return self.meta.label_names
 
+    def predict(
+        self, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 64, bf16: bool | None = None
+    ) -> list[dict[str, Any]]:
+        """`peftkit predict` from Python: one dict per text, in order, as the CLI writes its prediction fields
+        (label, label_name, probabilities by label name). `bf16` None = autocast where it pays, as the CLI.
+        Predicts with the adapter as loaded; `merged()` first folds it in, as the CLI does by default."""
+        from peftkit.predict import predict_texts
+
+        return predict_texts(self, texts, text_pairs, batch_size, bf16)
+
     def merged(self) -> LoadedAdapter:
         """The adapter folded into its base where the method allows (LoRA, IA3, ...: no adapter matmuls left, the
         same logits to ~1e-6), else itself. Takes over `self.model`: merging rewrites the base weights in place."""

@@ -105,6 +105,38 @@ def predict_rows(
     return format_predictions(logits, loaded.label_names)
 
 
+def predict_texts(
+    loaded: LoadedAdapter,
+    texts: list[str],
+    text_pairs: list[str] | None = None,
+    batch_size: int = 64,
+    bf16: bool | None = None,
+) -> list[dict[str, Any]]:
+    """`LoadedAdapter.predict`: `peftkit predict` for texts given in code, through the same normalise and
+    predict_rows, so each dict equals the CLI's prediction fields for that row (label, label_name, probabilities),
+    in input order. A list of texts is checked as a whole before anything runs: one line names the bad one."""
+    adapter = str(loaded.directory or loaded.meta.task.name)
+    for name, values in (("texts", texts), ("text_pairs", text_pairs)):
+        if values is not None and (isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple))):
+            one = f" (one text: [{name[:-1]}])" if isinstance(values, str) else ""
+            raise PeftkitError(f"{name} must be a list of strings{one}, got {type(values).__name__}")
+    text_field, pair_field = loaded.meta.task.input_fields
+    if pair_field and text_pairs is None:
+        raise PeftkitError(f"adapter {adapter} classifies sentence pairs: pass text_pairs, one per text")
+    if text_pairs is not None and not pair_field:
+        raise PeftkitError(f"adapter {adapter} classifies single texts: drop text_pairs, or use a pair adapter")
+    if text_pairs is not None and len(text_pairs) != len(texts):
+        raise PeftkitError(f"text_pairs has {len(text_pairs)} entries and texts {len(texts)}; give one pair per text")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PeftkitError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+    if bf16 is not None and not isinstance(bf16, bool):
+        raise PeftkitError(f"bf16 must be true, false or None (where it pays), got {bf16!r}")
+    pairs = [{} for _ in texts] if text_pairs is None else [{"text_pair": p} for p in text_pairs]
+    rows = [{"text": text, **pair} for text, pair in zip(texts, pairs)]
+    items = [normalise(f"text {i}", row, text_field, pair_field) for i, row in enumerate(rows)]
+    return predict_rows(loaded, items, batch_size, bf16)
+
+
 class BrokenAdapterError(PeftkitError):
     """The adapter produced NaN or infinite outputs: its weights are broken, not the input."""
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import re
 import shutil
 import sys
 
@@ -14,6 +16,7 @@ from tiny_runs import TEXTS, TinyRuns, logits_of, three_label_task
 
 from peftkit.artifacts import load
 from peftkit.cli import main
+from peftkit.errors import PeftkitError
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +204,37 @@ def test_predict_refuses_an_output_suffix_it_does_not_write(adapter, tmp_path, c
     src.write_text(json.dumps({"text": "ok"}) + "\n")
     assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "p.txt")]) == 2
     assert "predictions are written as .jsonl, .csv, .tsv (by the file's suffix), got .txt" in capsys.readouterr().err
+
+
+def test_python_predict_equals_the_cli_rows_in_input_order(adapter, tmp_path):
+    texts = [*TEXTS, TEXTS[0]]  # lengths differ: predict_logits batches longest first, then restores the order
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert main(["predict", str(adapter), "--input", str(src), "--output", str(tmp_path / "p.jsonl")]) == 0
+    cli = read_preds(tmp_path / "p.jsonl")
+    got = load(adapter).merged().predict(texts, batch_size=2)  # the CLI folds a mergeable adapter in by default
+    assert [p["label_name"] for p in got] == [p["label_name"] for p in cli] and got[0] == got[-1]
+    for mine, theirs in zip(got, cli):
+        assert set(mine) == {"label", "label_name", "probabilities"} and mine["label"] == theirs["label"]
+        assert all(abs(mine["probabilities"][k] - v) <= 1e-6 for k, v in theirs["probabilities"].items())
+    check(load(adapter).predict(TEXTS, bf16=False), adapter)
+    assert load(adapter).predict([]) == []
+
+
+def test_python_predict_refuses_bad_texts_in_one_line(adapter):
+    loaded = load(adapter)
+    pair_task = dataclasses.replace(loaded.meta.task, is_pair=True)
+    pair = dataclasses.replace(loaded, meta=dataclasses.replace(loaded.meta, task=pair_task))
+    for call, message in [
+        (lambda: loaded.predict(["ok", None]), "text 1: 'text' is null"),
+        (lambda: loaded.predict(["ok", 3]), "text 1: 'text' must be a string, got int 3"),
+        (lambda: loaded.predict("ok"), "texts must be a list of strings (one text: [text]), got str"),
+        (lambda: loaded.predict(["a"], text_pairs=["b"]), "classifies single texts: drop text_pairs"),
+        (lambda: pair.predict(["a", "b"], text_pairs=["c"]), "text_pairs has 1 entries and texts 2"),
+        (lambda: pair.predict(["a"]), "classifies sentence pairs: pass text_pairs"),
+        (lambda: pair.predict(["a"], text_pairs=[None]), "text 0: 'text_pair' is null"),
+        (lambda: loaded.predict(["a"], batch_size=0), "batch_size must be an integer of at least 1, got 0"),
+    ]:
+        with pytest.raises(PeftkitError, match=re.escape(message)) as e:
+            call()
+        assert "\n" not in str(e.value)
