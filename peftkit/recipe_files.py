@@ -7,13 +7,14 @@ and the checks on every value, are in config.py.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from peftkit.config import RESULT_NEUTRAL_KEYS, RunConfig, check_budget_overrides, check_section, flat_config
-from peftkit.errors import PeftkitError, unknown_choice
+from peftkit.errors import PeftkitError, short_value, unknown_choice
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -37,12 +38,27 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def override_list(overrides: str | Iterable[str] | None) -> list[str]:
+    """Overrides as given in code: a list of `section.key=value` strings, one such string alone (one override, never
+    read as a sequence of one-character overrides), or None for none."""
+    if overrides is None:
+        return []
+    items = [overrides] if isinstance(overrides, str) else list(overrides)
+    for item in items:
+        if not isinstance(item, str):
+            raise PeftkitError(
+                f"an override must be a string section.key=value (e.g. train.lr=1e-4), got {type(item).__name__} "
+                f"{short_value(item)}"
+            )
+    return items
+
+
+def apply_overrides(data: dict[str, Any], overrides: str | Iterable[str] | None) -> dict[str, Any]:
     """Apply `section.key=value` overrides (values parsed as YAML) to a raw config mapping."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     recipe_method = method_name(data)
     given: set[str] = set()  # method keys set by the overrides
-    for item in overrides:
+    for item in override_list(overrides):
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise PeftkitError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4, method.r=16)")
@@ -171,11 +187,16 @@ def merge_sections(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(
-    recipe: str | None = None, config_file: str | None = None, overrides: list[str] = (), notes: bool = True
+    recipe: str | None = None,
+    config_file: str | None = None,
+    overrides: str | Iterable[str] | None = (),
+    notes: bool = True,
 ) -> RunConfig:
-    """Resolve a recipe name or a user's YAML file, apply overrides and validate everything. `notes`: say on stderr
-    what the overrides made of the recipe (options of another method dropped, its expected result dropped, train
-    settings chosen for another method or task); bench, which overrides on purpose, turns them off."""
+    """Resolve a recipe name or a user's YAML file, apply overrides (a list, or one `section.key=value` string)
+    and validate everything. `notes`: say on stderr what the overrides made of the recipe (options of another method
+    dropped, its expected result dropped, train settings chosen for another method or task); bench, which overrides
+    on purpose, turns them off."""
+    overrides = override_list(overrides)
     if config_file:
         data = read_recipe(config_file)
         name = data.get("recipe") or Path(config_file).stem  # a run's config.yaml keeps its recipe's name
@@ -186,7 +207,7 @@ def load_config(
         data, name = read_recipe(path), path.stem
     else:
         raise PeftkitError("name a recipe (peftkit recipes lists them) or pass --config FILE.yaml")
-    resolved = apply_overrides(data, list(overrides))
+    resolved = apply_overrides(data, overrides)
     if not isinstance(name, str):
         raise PeftkitError(f"the config's recipe name must be a string, got {name!r}")
     resolved["recipe"] = name

@@ -63,6 +63,14 @@ def test_bad_overrides_name_the_problem(overrides, message):
         load_config(recipe="sst2-lora", overrides=overrides)
 
 
+def test_one_override_given_as_a_string_is_one_override():
+    """A str is one override, as HF and torchtune users pass one, not one override per character ("override 't'")."""
+    assert load_config(recipe="sst2-lora", overrides="train.lr=1e-3").train.lr == 1e-3
+    assert load_config(recipe="sst2-lora", overrides=None).train.lr == load_config(recipe="sst2-lora").train.lr
+    with pytest.raises(PeftkitError, match="an override must be a string section.key=value .*, got int 3"):
+        load_config(recipe="sst2-lora", overrides=["train.lr=1e-3", 3])
+
+
 @pytest.mark.parametrize(
     "sections, message",
     [
