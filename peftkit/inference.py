@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from peftkit.data import EncodedSplit, collate, compute_metrics, encode
 from peftkit.errors import PeftkitError
 from peftkit.precision import autocast, resolve_bf16
 
-__all__ = ["autocast", "evaluate", "evaluate_run", "predict_logits", "score_logits"]
+__all__ = ["EvalResult", "autocast", "evaluate", "evaluate_run", "predict_logits", "score_logits"]
 
 
 @torch.inference_mode()
@@ -81,6 +82,21 @@ def score_logits(logits: torch.Tensor, labels: list[int], num_labels: int) -> di
     return metrics
 
 
+@dataclass
+class EvalResult:
+    """What `evaluate_run` (and `peftkit eval`) measured. `metrics` stays a mapping: its keys depend on the task
+    (binary f1) and on the --metric modules (`<module>:<key>`)."""
+
+    split: str
+    examples: int  # rows scored
+    bf16: bool  # the precision it ran in, resolved
+    metrics: dict[str, float]  # accuracy, macro_f1, f1 (binary tasks), loss, then any user metric's keys
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON `peftkit eval` prints: split, examples, bf16, then each metric at the top level."""
+        return {"split": self.split, "examples": self.examples, "bf16": self.bf16, **self.metrics}
+
+
 def evaluate_run(
     run_dir: str | Path,
     split: str = "validation",
@@ -89,7 +105,7 @@ def evaluate_run(
     data_dir: str | None = None,
     user_metrics: Sequence[str] = (),
     bf16: bool | None = None,
-) -> dict[str, Any]:
+) -> EvalResult:
     """Score a finished run's adapter on a split of its task (read again from the run's config.yaml).
 
     `user_metrics`: evaluate module specs (peftkit.user_metrics), scored as `<module>:<key>` beside the built-in
@@ -125,7 +141,7 @@ def evaluate_run(
     logits = predict_logits(loaded.model, encoded, batch_size, target, bf16)
     metrics = score_logits(logits, encoded.labels, task.num_labels)
     metrics.update(score_user_metrics(extra_metrics, logits.argmax(-1).tolist(), encoded.labels))
-    return {"split": split, "examples": len(encoded), "bf16": bf16, **metrics}
+    return EvalResult(split, len(encoded), bf16, metrics)
 
 
 def run_bf16(run_dir: Path, config: Any) -> bool | None:

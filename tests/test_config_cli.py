@@ -331,6 +331,8 @@ def test_expected_section_is_read_checked_and_listed(tmp_path, monkeypatch, caps
 
 
 def test_train_and_eval_commands_on_a_tiny_model(tiny_model_dir, toy_task_dir, tmp_path, capsys):
+    from peftkit.inference import evaluate_run
+
     run = tmp_path / "run"
     code = main(
         [
@@ -348,7 +350,10 @@ def test_train_and_eval_commands_on_a_tiny_model(tiny_model_dir, toy_task_dir, t
     )
     assert code == 0 and "validation accuracy" in capsys.readouterr().out
     assert main(["eval", str(run), "--split", "test"]) == 0
-    assert '"split": "test"' in capsys.readouterr().out
+    printed = json.loads(capsys.readouterr().out)
+    result = evaluate_run(run, "test")  # the Python API: typed fields, the same numbers as the CLI prints
+    assert printed == result.to_dict() and list(printed)[:4] == ["split", "examples", "bf16", "accuracy"]
+    assert result.split == "test" and result.examples == printed["examples"] and "loss" in result.metrics
 
 
 def test_resume_from_the_cli_continues_a_run(tiny_model_dir, toy_task_dir, tmp_path, capsys):

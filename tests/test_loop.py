@@ -296,7 +296,7 @@ def test_a_run_reads_its_relative_paths_from_any_folder(
     (tmp_path / "elsewhere" / "toy").mkdir(parents=True)
     (tmp_path / "elsewhere" / "toy" / "train.jsonl").write_text('{"text": "decoy", "label": "x"}\n')
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert evaluate_run(tmp_path / "run", device="cpu")["examples"] == 32
+    assert evaluate_run(tmp_path / "run", device="cpu").examples == 32
 
 
 def test_resume_compares_local_paths_as_absolute(tmp_path, monkeypatch):

@@ -40,5 +40,5 @@ def run(args: argparse.Namespace) -> int:
         user_metrics=args.metric,
         bf16=args.bf16,
     )
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result.to_dict(), indent=2))
     return 0
