@@ -90,6 +90,14 @@ def is_task_source(name: str, folder: str | None = None) -> bool:
     )
 
 
+def task_names(folder: str | None = None) -> list[str]:
+    """The task names load_task accepts here, for 'unknown task' errors: the built-in ones and the task folders in
+    the data folder (`folder`, else $PEFTKIT_DATA), so a typo of a user's own task folder is named too."""
+    root = data_dir(TaskConfig(data_dir=folder))
+    found = [f.name for f in root.iterdir() if (f / "train.jsonl").is_file()] if root and root.is_dir() else []
+    return sorted({*BUILTIN_TASKS, *found})
+
+
 def is_path_task(name: str) -> bool:
     """True when load_task reads `name` as a path (a .jsonl/.csv/.tsv file, or a folder with train/validation.jsonl),
     not as a built-in task's name: the one rule for both, so a path made absolute is read as the same task."""
@@ -132,7 +140,7 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
             f"expected {root / cfg.name}/train.jsonl"
         )
     else:
-        raise unknown_choice("task (or a .jsonl/.csv/.tsv path, or a task folder)", cfg.name, BUILTIN_TASKS)
+        raise unknown_choice("task (or a .jsonl/.csv/.tsv path, or a task folder)", cfg.name, task_names(cfg.data_dir))
     if cfg.dev_size is not None:  # before subsampling: the same dev rows whatever the seed or train budget
         task.splits["train"], task.splits["dev"] = carve_dev(task.splits["train"], cfg.dev_size, cfg.dev_seed)
         after = f" after task.dev_size={cfg.dev_size:g} took its dev rows"

@@ -182,6 +182,8 @@ def test_a_task_folder_in_the_data_dir_is_named_by_its_name(toy_task_dir, tmp_pa
     with pytest.raises(PeftkitError, match="unknown task"):
         validate_choices(["toy"], ["lora"])
     assert validate_choices(["toy"], ["lora"], str(toy_task_dir.parent)) == ["lora"]  # --data-dir
+    with pytest.raises(PeftkitError, match="Did you mean 'toy'"):  # the folder's tasks are among the choices
+        validate_choices(["toyy"], ["lora"], str(toy_task_dir.parent))
     monkeypatch.setenv("PEFTKIT_DATA", str(toy_task_dir.parent))
     assert validate_choices(["toy"], ["lora"]) == ["lora"]
 

@@ -45,6 +45,15 @@ def test_missing_task_in_data_dir_and_unknown_task(tmp_path):
         load_task(TaskConfig(name="sst3", data_dir=str(tmp_path)))
 
 
+def test_unknown_task_names_the_task_folders_of_the_data_folder(tmp_path):
+    """A typo of a user's own task folder under --data-dir was answered with the built-in names alone, which are not
+    even there: the folder's own tasks are valid choices too."""
+    (tmp_path / "news5").mkdir()
+    (tmp_path / "news5" / "train.jsonl").write_text('{"text": "a", "label": 0}\n')
+    with pytest.raises(PeftkitError, match=r"Did you mean 'news5'\?.*Valid: .*news5"):
+        load_task(TaskConfig(name="news55", data_dir=str(tmp_path)))
+
+
 def test_user_csv_with_string_labels_and_custom_columns(tmp_path):
     path = tmp_path / "tickets.csv"
     path.write_text("body,topic\n" + "".join(f"message {i},{['billing', 'login'][i % 2]}\n" for i in range(40)))

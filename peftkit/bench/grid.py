@@ -140,14 +140,14 @@ def validate_choices(tasks: list[str], methods: list[str], data_dir: str | None 
     Returns the methods under their current names (an old name such as `adapter` is accepted).
     """
     from peftkit.adapters import available_methods
-    from peftkit.data import BUILTIN_TASKS, is_task_source
+    from peftkit.data import BUILTIN_TASKS, is_task_source, task_names
 
     if not tasks or not methods:
         raise PeftkitError("the grid is empty: give at least one task (--tasks) and one method (--methods)")
     for task in tasks:
         if task not in BUILTIN_TASKS and not is_task_source(task, data_dir):
             raise unknown_choice(
-                "task (or a task folder / .jsonl / .csv file, or a folder in --data-dir)", task, BUILTIN_TASKS
+                "task (or a task folder / .jsonl / .csv file, or a folder in --data-dir)", task, task_names(data_dir)
             )
     known = available_methods()
     methods = [canonical_method(m) for m in methods]
